@@ -1,0 +1,34 @@
+"""dino_rs: DINO self-supervised learning (self-distillation with no labels) in Rust, from Python.
+
+Multi-crop augmentation, datasets and a native loader run on Rust threads with the GIL released;
+arrays are NumPy. See ``help(dino_rs.MultiCropAugmenter)`` to start.
+"""
+
+from ._dino_rs import (
+    DEFAULT_MAX_PIXELS,
+    ArrayDataset,
+    ImageError,
+    ImageFolder,
+    MultiCropAugmenter,
+    MultiCropLoader,
+    __version__,
+    cuda_is_available,
+    get_num_threads,
+    set_num_threads,
+)
+from .demo import bundled_photos, multicrop_grid
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "ArrayDataset",
+    "ImageError",
+    "ImageFolder",
+    "MultiCropAugmenter",
+    "MultiCropLoader",
+    "__version__",
+    "bundled_photos",
+    "cuda_is_available",
+    "get_num_threads",
+    "multicrop_grid",
+    "set_num_threads",
+]

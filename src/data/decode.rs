@@ -1,0 +1,70 @@
+//! Reading image files into packed RGB8, as the official `pil_loader` does (`convert('RGB')`):
+//! grey, alpha, 16-bit and palette images become RGB, EXIF orientation is applied, and images
+//! above a pixel limit are refused from their header alone (decompression bombs).
+
+use std::fs::File;
+use std::io::BufReader;
+use std::path::Path;
+
+use image::{ImageDecoder, ImageError as DecodeError, ImageReader, Limits, RgbImage};
+
+use crate::error::{Error, Result};
+
+/// File extensions treated as images when scanning folders (compared case-insensitively).
+pub const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "bmp", "webp", "tif", "tiff", "gif"];
+
+pub fn has_image_extension(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| IMAGE_EXTENSIONS.iter().any(|x| x.eq_ignore_ascii_case(e)))
+}
+
+fn describe(err: DecodeError) -> String {
+    match err {
+        DecodeError::Unsupported(e) => format!("not a supported image ({e})"),
+        DecodeError::Decoding(e) => format!("corrupt or truncated image ({e})"),
+        DecodeError::Limits(e) => format!("image exceeds the decoder's memory limits ({e})"),
+        DecodeError::IoError(e) => format!("cannot read image data ({e})"),
+        other => other.to_string(),
+    }
+}
+
+/// Decodes the image at `path` to RGB8, refusing images with more than `max_pixels` pixels.
+pub fn load_rgb(path: &Path, max_pixels: u64) -> Result<RgbImage> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    if len == 0 {
+        return Err(Error::image(path, "empty file (0 bytes), not an image"));
+    }
+    let mut reader = ImageReader::new(BufReader::new(file))
+        .with_guessed_format()
+        .map_err(|e| Error::io(path, e))?;
+    if reader.format().is_none() {
+        return Err(Error::image(path, "not a recognised image format"));
+    }
+    let mut limits = Limits::default();
+    // Room for the largest allowed image at 16 bits per RGBA channel plus decoder scratch.
+    limits.max_alloc = Some(max_pixels.saturating_mul(8).saturating_add(64 << 20));
+    reader.limits(limits);
+    let mut decoder = reader
+        .into_decoder()
+        .map_err(|e| Error::image(path, describe(e)))?;
+    let (w, h) = decoder.dimensions();
+    let pixels = w as u64 * h as u64;
+    if pixels > max_pixels {
+        return Err(Error::image(
+            path,
+            format!("image of {w}x{h} = {pixels} pixels exceeds max_pixels={max_pixels} (possible decompression bomb)"),
+        ));
+    }
+    if pixels == 0 {
+        return Err(Error::image(path, format!("image has no pixels ({w}x{h})")));
+    }
+    let orientation = decoder
+        .orientation()
+        .map_err(|e| Error::image(path, describe(e)))?;
+    let mut img =
+        image::DynamicImage::from_decoder(decoder).map_err(|e| Error::image(path, describe(e)))?;
+    img.apply_orientation(orientation);
+    Ok(img.into_rgb8())
+}

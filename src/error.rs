@@ -1,0 +1,59 @@
+//! The crate's error type. Messages name the offending file or shape, because they end up in a
+//! Python traceback where that is the only context a user gets.
+
+use std::path::{Path, PathBuf};
+
+/// Everything that can go wrong in dino_rs.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file that is not a readable image (corrupt, truncated, empty, unsupported, too large).
+    #[error("{}: {message}", path.display())]
+    Image { path: PathBuf, message: String },
+    /// A file system error that is not about image contents (missing folder, permissions, loops).
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// An argument outside its valid range.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// An array or tensor of the wrong shape or layout.
+    #[error("{0}")]
+    Shape(String),
+    /// The work was cancelled (loader dropped or interrupted).
+    #[error("cancelled")]
+    Cancelled,
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn image(path: impl AsRef<Path>, message: impl Into<String>) -> Self {
+        Error::Image {
+            path: path.as_ref().to_path_buf(),
+            message: message.into(),
+        }
+    }
+
+    pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.as_ref().to_path_buf(),
+            source,
+        }
+    }
+
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Error::InvalidArgument(message.into())
+    }
+}
+
+/// Returns `InvalidArgument` unless `cond` holds; keeps argument validation one line per rule.
+pub(crate) fn ensure(cond: bool, message: impl FnOnce() -> String) -> Result<()> {
+    if cond {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(message()))
+    }
+}

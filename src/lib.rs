@@ -1,0 +1,20 @@
+//! # dino_rs
+//!
+//! DINO self-supervised learning (Caron et al. 2021, "Emerging Properties in Self-Supervised
+//! Vision Transformers") in Rust: the official multi-crop augmentation, datasets and a native
+//! loader, with Python bindings behind the `python` feature.
+
+pub mod augment;
+pub mod config;
+pub mod data;
+pub mod error;
+pub mod parallel;
+
+#[cfg(feature = "python")]
+mod python;
+
+pub use augment::{MultiCropAugmenter, ViewKind};
+pub use config::AugmentConfig;
+pub use data::{ArrayDataset, Batch, Dataset, ImageFolder, LoaderConfig, MultiCropLoader};
+pub use error::{Error, Result};
+pub use parallel::{num_threads, set_num_threads};

@@ -1,0 +1,58 @@
+//! The one thread pool dino_rs computes on. Sized by `DINO_RS_NUM_THREADS` (else all cores) and
+//! replaceable at run time by [`set_num_threads`]; rayon's global pool is left to the host program.
+
+use std::sync::{Arc, RwLock};
+
+use rayon::{ThreadPool, ThreadPoolBuilder};
+
+use crate::error::{Error, Result};
+
+static POOL: RwLock<Option<Arc<ThreadPool>>> = RwLock::new(None);
+
+fn default_threads() -> usize {
+    std::env::var("DINO_RS_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+fn build(n: usize) -> Result<Arc<ThreadPool>> {
+    ThreadPoolBuilder::new()
+        .num_threads(n)
+        .thread_name(|i| format!("dino-rs-{i}"))
+        .build()
+        .map(Arc::new)
+        .map_err(|e| Error::invalid(format!("cannot start {n} threads: {e}")))
+}
+
+/// The current pool, created on first use.
+pub fn pool() -> Arc<ThreadPool> {
+    if let Some(p) = POOL.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        return p.clone();
+    }
+    let mut slot = POOL.write().unwrap_or_else(|e| e.into_inner());
+    slot.get_or_insert_with(|| build(default_threads()).expect("a thread pool of the default size"))
+        .clone()
+}
+
+/// Replaces the pool with one of `n` threads; work already running finishes on the old one.
+pub fn set_num_threads(n: usize) -> Result<()> {
+    if n == 0 {
+        return Err(Error::invalid(
+            "number of threads must be at least 1, got 0",
+        ));
+    }
+    let new = build(n)?;
+    *POOL.write().unwrap_or_else(|e| e.into_inner()) = Some(new);
+    Ok(())
+}
+
+pub fn num_threads() -> usize {
+    pool().current_num_threads()
+}
+
+/// Runs `f` on the dino_rs pool.
+pub fn install<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    pool().install(f)
+}

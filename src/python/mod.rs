@@ -1,0 +1,67 @@
+//! The `dino_rs._dino_rs` extension module: one binding file per core module.
+
+mod augment;
+mod data;
+mod errors;
+mod numpy;
+
+use pyo3::prelude::*;
+
+/// Sets the number of threads dino_rs computes on (default: `DINO_RS_NUM_THREADS`, else all cores).
+#[pyfunction]
+fn set_num_threads(n: usize) -> PyResult<()> {
+    Ok(crate::parallel::set_num_threads(n)?)
+}
+
+/// The number of threads dino_rs computes on.
+#[pyfunction]
+fn get_num_threads() -> usize {
+    crate::parallel::num_threads()
+}
+
+/// Whether this build has CUDA support and a CUDA device can be opened.
+#[pyfunction]
+fn cuda_is_available() -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        candle_core::Device::new_cuda(0).is_ok()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        false
+    }
+}
+
+/// Writes a uint8 (H, W, 3) or (H, W) array as a PNG file (used by the demo and plot helpers).
+#[pyfunction]
+fn _write_png(
+    py: Python<'_>,
+    path: std::path::PathBuf,
+    image: &Bound<'_, ::numpy::PyUntypedArray>,
+) -> PyResult<()> {
+    let img = numpy::image_from_array(image)?;
+    py.detach(move || {
+        img.save_with_format(&path, image::ImageFormat::Png)
+            .map_err(|e| (path, e))
+    })
+    .map_err(|(path, e)| {
+        pyo3::exceptions::PyOSError::new_err(format!("{}: cannot write PNG ({e})", path.display()))
+    })
+}
+
+#[pymodule]
+fn _dino_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("ImageError", m.py().get_type::<errors::ImageError>())?;
+    m.add("DEFAULT_MAX_PIXELS", crate::config::DEFAULT_MAX_PIXELS)?;
+    m.add_class::<augment::PyMultiCropAugmenter>()?;
+    m.add_class::<data::PyImageFolder>()?;
+    m.add_class::<data::PyArrayDataset>()?;
+    m.add_class::<data::PyMultiCropLoader>()?;
+    m.add_class::<data::LoaderIterator>()?;
+    m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_is_available, m)?)?;
+    m.add_function(wrap_pyfunction!(_write_png, m)?)?;
+    Ok(())
+}
