@@ -7,7 +7,6 @@ arrays are NumPy. See ``help(dino_rs.MultiCropAugmenter)`` to start.
 from ._dino_rs import (
     DEFAULT_MAX_PIXELS,
     ArrayDataset,
-    ImageError,
     ImageFolder,
     MultiCropAugmenter,
     MultiCropLoader,
@@ -16,6 +15,7 @@ from ._dino_rs import (
     get_num_threads,
     set_num_threads,
 )
+from ._errors import ImageError
 from .demo import bundled_photos, multicrop_grid
 
 __all__ = [

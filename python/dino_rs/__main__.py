@@ -16,7 +16,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     from . import demo as demo_mod
-    from ._dino_rs import ImageError
+    from ._errors import ImageError
 
     try:
         demo_mod.run(args.output, args.images, args.seed)

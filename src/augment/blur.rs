@@ -34,29 +34,59 @@ fn box_taps(radius: f32) -> Vec<(isize, u32)> {
     taps
 }
 
-fn pass_horizontal(src: &[u8], dst: &mut [u8], width: usize, taps: &[(isize, u32)]) {
+/// One horizontal pass over packed RGB rows. The interior is a flat 1-D convolution over the row's
+/// bytes with taps 3 bytes apart, which the compiler vectorises; only the edges clamp.
+#[inline(always)]
+fn pass_horizontal(
+    src: &[u8],
+    dst: &mut [u8],
+    width: usize,
+    taps: &[(isize, u32)],
+    acc: &mut [u32],
+) {
+    let reach = taps
+        .iter()
+        .map(|(k, _)| k.unsigned_abs())
+        .max()
+        .unwrap_or(0);
     let last = width as isize - 1;
     for (srow, drow) in src
         .chunks_exact(width * 3)
         .zip(dst.chunks_exact_mut(width * 3))
     {
-        for x in 0..width as isize {
-            let mut acc = [1u32 << 23; 3];
-            for &(k, w) in taps {
-                let i = (x + k).clamp(0, last) as usize * 3;
-                acc[0] += srow[i] as u32 * w;
-                acc[1] += srow[i + 1] as u32 * w;
-                acc[2] += srow[i + 2] as u32 * w;
+        let edge = |x: usize, drow: &mut [u8]| {
+            for c in 0..3 {
+                let mut acc = 1u32 << 23;
+                for &(k, w) in taps {
+                    acc += srow[(x as isize + k).clamp(0, last) as usize * 3 + c] as u32 * w;
+                }
+                drow[x * 3 + c] = (acc >> 24) as u8;
             }
-            let o = x as usize * 3;
-            drow[o] = (acc[0] >> 24) as u8;
-            drow[o + 1] = (acc[1] >> 24) as u8;
-            drow[o + 2] = (acc[2] >> 24) as u8;
+        };
+        if width <= 2 * reach {
+            (0..width).for_each(|x| edge(x, drow));
+            continue;
+        }
+        (0..reach)
+            .chain(width - reach..width)
+            .for_each(|x| edge(x, drow));
+        let (lo, hi) = (reach * 3, (width - reach) * 3);
+        let acc = &mut acc[..hi - lo];
+        acc.fill(1 << 23);
+        for &(k, w) in taps {
+            let shifted = &srow[(lo as isize + 3 * k) as usize..(hi as isize + 3 * k) as usize];
+            for (a, &v) in acc.iter_mut().zip(shifted) {
+                *a += v as u32 * w;
+            }
+        }
+        for (o, a) in drow[lo..hi].iter_mut().zip(acc.iter()) {
+            *o = (a >> 24) as u8;
         }
     }
 }
 
 /// Row-wise accumulation so the inner loop runs over contiguous memory.
+#[inline(always)]
 fn pass_vertical(
     src: &[u8],
     dst: &mut [u8],
@@ -87,16 +117,40 @@ pub fn gaussian_blur(img: &mut RgbImage, sigma: f32) {
     if sigma <= 0.0 {
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2, checked just above.
+        return unsafe { gaussian_blur_avx2(img, sigma) };
+    }
+    gaussian_blur_impl(img, sigma)
+}
+
+/// The same code compiled for AVX2: 32-bit multiplies are native there (SSE2 emulates them),
+/// which makes the passes about twice as fast; the wheel itself stays baseline x86-64.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn gaussian_blur_avx2(img: &mut RgbImage, sigma: f32) {
+    gaussian_blur_impl(img, sigma)
+}
+
+#[inline(always)]
+fn gaussian_blur_impl(img: &mut RgbImage, sigma: f32) {
     let (width, height) = (img.width() as usize, img.height() as usize);
     let taps = box_taps(box_radius(sigma, PASSES));
     let mut tmp = vec![0u8; img.len()];
     let mut acc = vec![0u32; width * 3];
-    for _ in 0..PASSES {
-        pass_horizontal(img.as_raw(), &mut tmp, width, &taps);
-        img.copy_from_slice(&tmp);
-    }
-    for _ in 0..PASSES {
-        pass_vertical(img.as_raw(), &mut tmp, width, height, &taps, &mut acc);
-        img.copy_from_slice(&tmp);
+    // Passes alternate between the image and `tmp`; an even count (2 * PASSES) ends in the image.
+    let buf: &mut [u8] = img;
+    for pass in 0..2 * PASSES {
+        let (src, dst): (&[u8], &mut [u8]) = if pass % 2 == 0 {
+            (&*buf, &mut tmp)
+        } else {
+            (&tmp, &mut *buf)
+        };
+        if pass < PASSES {
+            pass_horizontal(src, dst, width, &taps, &mut acc);
+        } else {
+            pass_vertical(src, dst, width, height, &taps, &mut acc);
+        }
     }
 }

@@ -16,7 +16,7 @@ pub fn luma(r: u8, g: u8, b: u8) -> u8 {
 /// `Image.blend(degenerate, img, factor)`: degenerate + factor·(img − degenerate), truncated.
 #[inline]
 fn blend(degenerate: f32, value: u8, factor: f32) -> u8 {
-    (degenerate + factor * (value as f32 - degenerate)).clamp(0.0, 255.0) as u8
+    trunc_u8(degenerate + factor * (value as f32 - degenerate))
 }
 
 fn blend_lut(degenerate: f32, factor: f32) -> [u8; 256] {
@@ -46,76 +46,153 @@ pub fn adjust_contrast(img: &mut RgbImage, factor: f32) {
 }
 
 pub fn adjust_saturation(img: &mut RgbImage, factor: f32) {
+    // trunc(l + f·(v − l)) = l + floor(f·(v − l)) for integer l and a non-negative result, so a
+    // 16.16 fixed-point product with an arithmetic shift (a floor) reproduces the float blend.
+    let f = (factor * 65536.0).round() as i32;
     for p in img.chunks_exact_mut(3) {
-        let l = luma(p[0], p[1], p[2]) as f32;
+        let l = luma(p[0], p[1], p[2]) as i32;
         for v in p.iter_mut() {
-            *v = blend(l, *v, factor);
+            *v = (l + ((f * (*v as i32 - l)) >> 16)).clamp(0, 255) as u8;
         }
     }
 }
 
-/// PIL's `RGB -> HSV` conversion (all channels 0..=255).
+/// Truncates to u8 after clamping to 0..=255 (NaN becomes 0). Rust's checked `as` cast
+/// compiles to compare-and-branch sequences that dominate the per-pixel HSV code.
+#[inline(always)]
+#[allow(clippy::manual_clamp)] // clamp() keeps NaN; max() turns it into 0, which the cast needs.
+fn trunc_u8(x: f32) -> u8 {
+    let x = x.max(0.0).min(255.0);
+    // SAFETY: x is finite and within 0..=255 here, so the conversion is defined.
+    unsafe { x.to_int_unchecked::<u8>() }
+}
+
+/// PIL's `RGB -> HSV` conversion (all channels 0..=255), written without data-dependent
+/// branches: channel order is random in photos, so branches mispredict on most pixels.
 #[inline]
 pub fn rgb_to_hsv(r: u8, g: u8, b: u8) -> (u8, u8, u8) {
     let maxc = r.max(g).max(b);
     let minc = r.min(g).min(b);
-    if maxc == minc {
-        return (0, 0, maxc);
-    }
     let cr = (maxc - minc) as f32;
-    let s = cr / maxc as f32;
-    let rc = (maxc - r) as f32 / cr;
-    let gc = (maxc - g) as f32 / cr;
-    let bc = (maxc - b) as f32 / cr;
-    let h = if r == maxc {
-        bc - gc
-    } else if g == maxc {
-        2.0 + rc - bc
-    } else {
-        4.0 + gc - rc
-    };
-    let h = (h / 6.0 + 1.0).rem_euclid(1.0);
-    (
-        ((h * 255.0) as i32).clamp(0, 255) as u8,
-        ((s * 255.0) as i32).clamp(0, 255) as u8,
-        maxc,
-    )
+    // Grey pixels (cr = 0) come out as h = 0, s = 0 like PIL's special case.
+    let inv = if maxc != minc { 1.0 / cr } else { 0.0 };
+    let s = cr / (maxc.max(1) as f32);
+    let rc = (maxc - r) as f32 * inv;
+    let gc = (maxc - g) as f32 * inv;
+    let bc = (maxc - b) as f32 * inv;
+    let h_b = 4.0 + gc - rc;
+    let h_g = if g == maxc { 2.0 + rc - bc } else { h_b };
+    let h = if r == maxc { bc - gc } else { h_g };
+    // fmod(h/6 + 1, 1) with h/6 in (-1/6, 1): one conditional subtraction.
+    let h = h / 6.0 + 1.0;
+    let h = if h >= 1.0 { h - 1.0 } else { h };
+    (trunc_u8(h * 255.0), trunc_u8(s * 255.0), maxc)
 }
 
-/// PIL's `HSV -> RGB` conversion.
+/// For each sector `floor(6h)`, which of (v, t, p, q) becomes R, G and B.
+const SECTORS: [[usize; 3]; 6] = [
+    [0, 1, 2],
+    [3, 0, 2],
+    [2, 0, 1],
+    [2, 3, 0],
+    [1, 2, 0],
+    [0, 2, 3],
+];
+
+/// PIL's `HSV -> RGB` conversion (s = 0 needs no special case: then p = q = t = v).
 #[inline]
 pub fn hsv_to_rgb(h: u8, s: u8, v: u8) -> (u8, u8, u8) {
-    if s == 0 {
-        return (v, v, v);
-    }
-    let hf = h as f32 * 6.0 / 255.0;
-    let i = hf.floor();
-    let f = hf - i;
-    let fs = s as f32 / 255.0;
+    let hf = h as f32 * (6.0 / 255.0);
+    let i = trunc_u8(hf) as usize;
+    let f = hf - i as f32;
+    let fs = s as f32 * (1.0 / 255.0);
     let vf = v as f32;
-    let p = (vf * (1.0 - fs)).round().clamp(0.0, 255.0) as u8;
-    let q = (vf * (1.0 - fs * f)).round().clamp(0.0, 255.0) as u8;
-    let t = (vf * (1.0 - fs * (1.0 - f))).round().clamp(0.0, 255.0) as u8;
-    match (i as i32) % 6 {
-        0 => (v, t, p),
-        1 => (q, v, p),
-        2 => (p, v, t),
-        3 => (p, q, v),
-        4 => (t, p, v),
-        _ => (v, p, q),
-    }
+    // floor(x + 0.5) is round() for these non-negative values, without a libm call.
+    let p = trunc_u8(vf * (1.0 - fs) + 0.5);
+    let q = trunc_u8(vf * (1.0 - fs * f) + 0.5);
+    let t = trunc_u8(vf * (1.0 - fs * (1.0 - f)) + 0.5);
+    let vals = [v, t, p, q];
+    let [ri, gi, bi] = SECTORS[i % 6];
+    (vals[ri], vals[gi], vals[bi])
+}
+
+/// Truncation of a non-negative float that LLVM vectorises (the value is clamped first).
+#[inline(always)]
+#[allow(clippy::manual_clamp)] // clamp() keeps NaN; max() turns it into 0, which the cast needs.
+fn trunc_f(x: f32) -> f32 {
+    let x = x.max(0.0).min(16_777_216.0);
+    // SAFETY: x is finite and within i32's range after the clamp (NaN becomes 0 through max).
+    unsafe { x.to_int_unchecked::<i32>() as f32 }
+}
+
+/// 1.0 where the integer-valued `x` is 0, else 0.0 (for `x` >= 0): a select as arithmetic.
+#[inline(always)]
+fn is_zero(x: f32) -> f32 {
+    (1.0 - x).max(0.0)
+}
+
+/// One pixel of [`adjust_hue`] in f32 arithmetic only (min/max/mul instead of branches, which
+/// mispredict on most pixels of a photo). Same rounding as [`rgb_to_hsv`] → shift → [`hsv_to_rgb`].
+#[inline(always)]
+fn hue_pixel(r: f32, g: f32, b: f32, shift: f32) -> [f32; 3] {
+    let maxc = r.max(g).max(b);
+    let cr = maxc - r.min(g).min(b);
+    // 1/cr, or 0 for grey pixels (cr is a whole number).
+    let inv = cr.min(1.0) / cr.max(1.0);
+    let s8 = trunc_f(cr / maxc.max(1.0) * 255.0);
+    let (rc, gc, bc) = ((maxc - r) * inv, (maxc - g) * inv, (maxc - b) * inv);
+    let er = is_zero(maxc - r);
+    let eg = is_zero(maxc - g) * (1.0 - er);
+    let eb = 1.0 - er - eg;
+    let h = er * (bc - gc) + eg * (2.0 + rc - bc) + eb * (4.0 + gc - rc);
+    let h = h / 6.0 + 1.0;
+    let h = h - trunc_f(h);
+    // Shifted 8-bit hue, wrapped into 0..256 (shift is within ±128).
+    let h8 = trunc_f(h * 255.0).min(255.0) + shift + 256.0;
+    let h8 = h8 - 256.0 * trunc_f(h8 * (1.0 / 256.0));
+    let hf = h8 * (6.0 / 255.0);
+    let i = trunc_f(hf);
+    let f = hf - i;
+    let fs = s8 * (1.0 / 255.0);
+    // Channel n in {5: R, 3: G, 1: B} takes sector m = (n + i) mod 6 of (q, p, p, t, v, v) via
+    // weights c in {f, 1, 1, 1 − f, 0, 0}: out = round(v·(1 − s·c)), exactly PIL's p, q, t or v.
+    let channel = |n: f32| {
+        let m = n + i;
+        let m = m - 6.0 * (m - 5.0).clamp(0.0, 1.0);
+        let c = f * is_zero(m)
+            + is_zero((m - 1.0).abs())
+            + is_zero((m - 2.0).abs())
+            + (1.0 - f) * is_zero((m - 3.0).abs());
+        trunc_f(maxc * (1.0 - fs * c) + 0.5).min(255.0)
+    };
+    [channel(5.0), channel(3.0), channel(1.0)]
 }
 
 /// torchvision `adjust_hue` on PIL: the 8-bit hue channel shifted by `int(factor·255)` with wraparound.
 pub fn adjust_hue(img: &mut RgbImage, factor: f32) {
-    let shift = (factor * 255.0) as i32;
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2, checked just above.
+        return unsafe { adjust_hue_avx2(img, factor) };
+    }
+    adjust_hue_impl(img, factor)
+}
+
+/// [`adjust_hue`] compiled for AVX2 (wider vectors for the per-pixel float arithmetic).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn adjust_hue_avx2(img: &mut RgbImage, factor: f32) {
+    adjust_hue_impl(img, factor)
+}
+
+#[inline(always)]
+fn adjust_hue_impl(img: &mut RgbImage, factor: f32) {
+    let shift = (factor * 255.0) as i32 as f32;
     for p in img.chunks_exact_mut(3) {
-        let (h, s, v) = rgb_to_hsv(p[0], p[1], p[2]);
-        let h = (h as i32 + shift).rem_euclid(256) as u8;
-        let (r, g, b) = hsv_to_rgb(h, s, v);
-        p[0] = r;
-        p[1] = g;
-        p[2] = b;
+        let out = hue_pixel(p[0] as f32, p[1] as f32, p[2] as f32, shift);
+        p[0] = out[0] as u8;
+        p[1] = out[1] as u8;
+        p[2] = out[2] as u8;
     }
 }
 

@@ -2,11 +2,10 @@
 //! grey, alpha, 16-bit and palette images become RGB, EXIF orientation is applied, and images
 //! above a pixel limit are refused from their header alone (decompression bombs).
 
-use std::fs::File;
-use std::io::BufReader;
+use std::io::Cursor;
 use std::path::Path;
 
-use image::{ImageDecoder, ImageError as DecodeError, ImageReader, Limits, RgbImage};
+use image::{ImageDecoder, ImageError as DecodeError, ImageFormat, ImageReader, Limits, RgbImage};
 
 use crate::error::{Error, Result};
 
@@ -24,23 +23,44 @@ fn describe(err: DecodeError) -> String {
         DecodeError::Unsupported(e) => format!("not a supported image ({e})"),
         DecodeError::Decoding(e) => format!("corrupt or truncated image ({e})"),
         DecodeError::Limits(e) => format!("image exceeds the decoder's memory limits ({e})"),
+        DecodeError::IoError(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            format!("corrupt or truncated image ({e})")
+        }
         DecodeError::IoError(e) => format!("cannot read image data ({e})"),
         other => other.to_string(),
     }
 }
 
+/// Whether a JPEG stream has an end-of-image marker after its last start-of-scan. The decoder
+/// silently fills the missing rows of a truncated file with grey; PIL refuses such files.
+/// Entropy-coded data cannot contain either marker (0xFF bytes are stuffed), so the last SOS is
+/// the main image's last scan even when an EXIF thumbnail precedes it.
+fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    let marker = |m: u8| bytes.windows(2).rposition(|w| w[0] == 0xFF && w[1] == m);
+    match (marker(0xDA), marker(0xD9)) {
+        (Some(sos), Some(eoi)) => eoi > sos,
+        _ => false,
+    }
+}
+
 /// Decodes the image at `path` to RGB8, refusing images with more than `max_pixels` pixels.
 pub fn load_rgb(path: &Path, max_pixels: u64) -> Result<RgbImage> {
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
-    if len == 0 {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    if bytes.is_empty() {
         return Err(Error::image(path, "empty file (0 bytes), not an image"));
     }
-    let mut reader = ImageReader::new(BufReader::new(file))
+    let mut reader = ImageReader::new(Cursor::new(&bytes))
         .with_guessed_format()
         .map_err(|e| Error::io(path, e))?;
-    if reader.format().is_none() {
-        return Err(Error::image(path, "not a recognised image format"));
+    match reader.format() {
+        None => return Err(Error::image(path, "not a recognised image format")),
+        Some(ImageFormat::Jpeg) if !jpeg_is_complete(&bytes) => {
+            return Err(Error::image(
+                path,
+                "corrupt or truncated image (JPEG data ends before its end-of-image marker)",
+            ));
+        }
+        Some(_) => {}
     }
     let mut limits = Limits::default();
     // Room for the largest allowed image at 16 bits per RGBA channel plus decoder scratch.

@@ -23,6 +23,17 @@ pub fn decode_all(inputs: Vec<ImageInput>, max_pixels: u64) -> Result<Vec<image:
     parallel::install(|| inputs.into_par_iter().map(|i| i.load(max_pixels)).collect())
 }
 
+/// DINO's multi-crop augmentation (DataAugmentationDINO), every knob a parameter, official defaults.
+///
+/// Two global views (`global_size` px, area `global_scale`) and `n_local` local views (`local_size`
+/// px, area `local_scale`). Each: RandomResizedCrop (bicubic, aspect `ratio`), horizontal flip
+/// (`flip_p`), ColorJitter(`brightness`, `contrast`, `saturation`, `hue`) with `color_jitter_p`,
+/// grayscale (`grayscale_p`), Gaussian blur with sigma in `blur_sigma` and probability
+/// `blur_p` = (global 1, global 2, locals), solarize (`solarize_p`, global 2 only), then
+/// normalisation with `mean`/`std` to float32 (3, S, S). Files above `max_pixels` are refused.
+///
+/// Call it on one image (uint8 array or path) for a list of views, or use `batch`.
+/// A `seed` makes the output byte-identical whatever the thread count.
 #[pyclass(name = "MultiCropAugmenter", module = "dino_rs", frozen)]
 pub struct PyMultiCropAugmenter {
     pub inner: Arc<MultiCropAugmenter>,

@@ -41,6 +41,11 @@ fn get_item<'py>(
     (u8_image_array(py, img)?, label).into_pyobject(py)
 }
 
+/// Every image file under `root`, recursively (jpg, jpeg, png, bmp, webp, tif, tiff, gif).
+///
+/// Classes are the sorted first-level subfolders (torchvision's convention); images directly under
+/// `root` are unlabelled (label -1). Items are `(uint8 (H, W, 3), label)`; files larger than
+/// `max_pixels` raise `dino_rs.ImageError` when read.
 #[pyclass(name = "ImageFolder", module = "dino_rs", frozen)]
 pub struct PyImageFolder {
     pub inner: Arc<ImageFolder>,
@@ -92,6 +97,7 @@ impl PyImageFolder {
     }
 }
 
+/// Images already in memory: a uint8 array (N, H, W) or (N, H, W, 3), with optional labels.
 #[pyclass(name = "ArrayDataset", module = "dino_rs", frozen)]
 pub struct PyArrayDataset {
     pub inner: Arc<ArrayDataset>,
@@ -170,6 +176,13 @@ fn dataset_of(obj: &Bound<'_, PyAny>) -> PyResult<Arc<dyn Dataset>> {
     )))
 }
 
+/// Batches of multi-crop views: decoding and augmentation on native threads, `prefetch` batches ahead.
+///
+/// Iterating yields `(globals (2, B, 3, G, G), locals (n_local, B, 3, L, L))` float32 arrays. Each
+/// `iter()` starts a new epoch (a fresh shuffle from `seed` and the epoch number; set `epoch` to
+/// resume). `on_error="skip"` skips unreadable images and warns once per epoch with the count;
+/// `"raise"` raises `dino_rs.ImageError` naming the file. Breaking out of the loop, deleting the
+/// iterator or Ctrl-C stops the background work.
 #[pyclass(name = "MultiCropLoader", module = "dino_rs")]
 pub struct PyMultiCropLoader {
     inner: MultiCropLoader,

@@ -1,7 +1,6 @@
 //! Rust errors to specific Python exceptions: bad files raise `dino_rs.ImageError` (an OSError
 //! carrying `.filename`), bad arguments and shapes raise ValueError.
 
-use pyo3::create_exception;
 use pyo3::exceptions::{
     PyFileNotFoundError, PyKeyboardInterrupt, PyOSError, PyPermissionError, PyValueError,
 };
@@ -9,28 +8,20 @@ use pyo3::prelude::*;
 
 use crate::error::Error;
 
-create_exception!(
-    dino_rs,
-    ImageError,
-    PyOSError,
-    "A file could not be read as an image (corrupt, truncated, empty, unsupported or too large). `filename` names it."
-);
+// Defined in Python (dino_rs/_errors.py) so that `str(e)` reads "path: what is wrong" while
+// `e.filename` still names the file, which OSError's own __str__ cannot do without an errno.
+pyo3::import_exception!(dino_rs._errors, ImageError);
 
 impl From<Error> for PyErr {
     fn from(err: Error) -> PyErr {
-        let message = err.to_string();
         match err {
-            Error::Image { path, .. } => Python::attach(|py| {
-                let e = ImageError::new_err(message);
-                let _ = e
-                    .value(py)
-                    .setattr("filename", path.to_string_lossy().as_ref());
-                e
-            }),
+            Error::Image { path, message } => {
+                ImageError::new_err((None::<i32>, message, path.to_string_lossy().into_owned()))
+            }
             Error::Io { path, source } => {
                 let args = (
                     source.raw_os_error().unwrap_or(0),
-                    message,
+                    source.to_string(),
                     path.to_string_lossy().into_owned(),
                 );
                 match source.kind() {
@@ -39,7 +30,7 @@ impl From<Error> for PyErr {
                     _ => PyOSError::new_err(args),
                 }
             }
-            Error::InvalidArgument(_) | Error::Shape(_) => PyValueError::new_err(message),
+            Error::InvalidArgument(m) | Error::Shape(m) => PyValueError::new_err(m),
             Error::Cancelled => PyKeyboardInterrupt::new_err("cancelled"),
         }
     }

@@ -52,7 +52,6 @@ fn _write_png(
 #[pymodule]
 fn _dino_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
-    m.add("ImageError", m.py().get_type::<errors::ImageError>())?;
     m.add("DEFAULT_MAX_PIXELS", crate::config::DEFAULT_MAX_PIXELS)?;
     m.add_class::<augment::PyMultiCropAugmenter>()?;
     m.add_class::<data::PyImageFolder>()?;

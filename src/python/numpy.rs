@@ -63,9 +63,10 @@ fn u8_array(arr: &Bound<'_, PyUntypedArray>, what: &str) -> PyResult<(Vec<u8>, V
         ))
     })?;
     let ro = typed.readonly();
+    // as_slice also accepts Fortran-ordered memory; only C order can be copied as is.
     let data = match ro.as_slice() {
-        Ok(s) => s.to_vec(),
-        Err(_) => ro.as_array().iter().copied().collect(),
+        Ok(s) if arr.is_c_contiguous() => s.to_vec(),
+        _ => ro.as_array().iter().copied().collect(),
     };
     Ok((data, shape))
 }

@@ -1,0 +1,134 @@
+"""Type stubs for the Rust extension module ``dino_rs._dino_rs``."""
+
+import os
+from typing import Any, Iterator, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import numpy.typing as npt
+
+__version__: str
+DEFAULT_MAX_PIXELS: int
+
+_Path = Union[str, "os.PathLike[str]"]
+_Image = Union[_Path, npt.ArrayLike]
+_Batch = Union[npt.NDArray[np.uint8], Sequence[_Image]]
+_F32 = npt.NDArray[np.float32]
+
+def set_num_threads(n: int) -> None:
+    """Sets the number of threads dino_rs computes on (default: DINO_RS_NUM_THREADS, else all cores)."""
+
+def get_num_threads() -> int:
+    """The number of threads dino_rs computes on."""
+
+def cuda_is_available() -> bool:
+    """Whether this build has CUDA support and a CUDA device can be opened."""
+
+def _write_png(path: _Path, image: npt.NDArray[np.uint8]) -> None: ...
+
+class MultiCropAugmenter:
+    """DINO's multi-crop augmentation (DataAugmentationDINO), every knob a parameter, official defaults.
+
+    Two global views (``global_size``, scale ``global_scale``) and ``n_local`` local views
+    (``local_size``, scale ``local_scale``), each RandomResizedCrop (bicubic) + flip + colour jitter
+    + grayscale + Gaussian blur (probabilities ``blur_p`` for global 1, global 2, locals) +
+    solarize (global 2 only) + normalisation with ``mean``/``std``.
+    """
+
+    def __init__(
+        self,
+        global_size: int = 224,
+        local_size: int = 96,
+        n_local: int = 8,
+        global_scale: Tuple[float, float] = (0.4, 1.0),
+        local_scale: Tuple[float, float] = (0.05, 0.4),
+        flip_p: float = 0.5,
+        color_jitter_p: float = 0.8,
+        brightness: float = 0.4,
+        contrast: float = 0.4,
+        saturation: float = 0.2,
+        hue: float = 0.1,
+        grayscale_p: float = 0.2,
+        blur_p: Tuple[float, float, float] = (1.0, 0.1, 0.5),
+        blur_sigma: Tuple[float, float] = (0.1, 2.0),
+        solarize_p: float = 0.2,
+        mean: Sequence[float] = (0.485, 0.456, 0.406),
+        std: Sequence[float] = (0.229, 0.224, 0.225),
+        ratio: Tuple[float, float] = (0.75, 4.0 / 3.0),
+        max_pixels: int = ...,
+    ) -> None: ...
+    def __call__(self, image: _Image, seed: Optional[int] = None) -> list[_F32]:
+        """The 2 + n_local views of one image, globals first, each float32 (3, S, S)."""
+    def batch(self, images: _Batch, seed: Optional[int] = None) -> Tuple[_F32, _F32]:
+        """(globals (2, B, 3, G, G), locals (n_local, B, 3, L, L)) float32; decoded and augmented in parallel."""
+    def get_params(self) -> dict[str, Any]:
+        """The constructor arguments of this augmenter."""
+    @property
+    def global_size(self) -> int: ...
+    @property
+    def local_size(self) -> int: ...
+    @property
+    def n_local(self) -> int: ...
+    @property
+    def n_views(self) -> int: ...
+
+class ImageFolder:
+    """Every image under ``root`` (recursive); classes are the sorted first-level subfolders,
+    images directly under ``root`` get label -1."""
+
+    def __init__(self, root: _Path, max_pixels: int = ...) -> None: ...
+    @property
+    def root(self) -> str: ...
+    @property
+    def paths(self) -> list[str]: ...
+    @property
+    def labels(self) -> npt.NDArray[np.int64]: ...
+    @property
+    def classes(self) -> list[str]: ...
+    def __len__(self) -> int: ...
+    def __getitem__(self, index: int) -> Tuple[npt.NDArray[np.uint8], int]: ...
+
+class ArrayDataset:
+    """Images in memory: uint8 (N, H, W) or (N, H, W, 3), optional integer labels."""
+
+    def __init__(self, images: npt.NDArray[np.uint8], labels: Optional[Sequence[int]] = None) -> None: ...
+    @property
+    def labels(self) -> Optional[npt.NDArray[np.int64]]: ...
+    @property
+    def shape(self) -> Tuple[int, int, int, int]: ...
+    def __len__(self) -> int: ...
+    def __getitem__(self, index: int) -> Tuple[npt.NDArray[np.uint8], int]: ...
+
+class _LoaderIterator(Iterator[Tuple[_F32, _F32]]):
+    def __iter__(self) -> "_LoaderIterator": ...
+    def __next__(self) -> Tuple[_F32, _F32]: ...
+    def close(self) -> None:
+        """Stops the background work now."""
+
+class MultiCropLoader:
+    """Shuffled batches of multi-crop views, decoded and augmented on native threads, ``prefetch``
+    batches ahead. Each ``iter()`` is a new epoch. ``on_error="skip"`` skips unreadable files
+    (with one warning per epoch); ``"raise"`` raises ``dino_rs.ImageError``."""
+
+    def __init__(
+        self,
+        dataset: Union[ImageFolder, ArrayDataset, npt.NDArray[np.uint8]],
+        augmenter: MultiCropAugmenter,
+        batch_size: int = 64,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        seed: int = 0,
+        prefetch: int = 4,
+        on_error: str = "raise",
+    ) -> None: ...
+    def __len__(self) -> int: ...
+    def __iter__(self) -> _LoaderIterator: ...
+    @property
+    def epoch(self) -> int: ...
+    @epoch.setter
+    def epoch(self, value: int) -> None: ...
+    @property
+    def batch_size(self) -> int: ...
+    @property
+    def dataset(self) -> Union[ImageFolder, ArrayDataset, npt.NDArray[np.uint8]]: ...
+    @property
+    def augmenter(self) -> MultiCropAugmenter: ...

@@ -1,0 +1,164 @@
+"""The package surface: exports, version, threads, CUDA flag, CLI demo, typing marker."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import dino_rs
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def test_all_names_exist():
+    assert len(dino_rs.__all__) == len(set(dino_rs.__all__))
+    for name in dino_rs.__all__:
+        assert hasattr(dino_rs, name), name
+    for name in (
+        "MultiCropAugmenter",
+        "ImageFolder",
+        "ArrayDataset",
+        "MultiCropLoader",
+        "ImageError",
+        "set_num_threads",
+        "get_num_threads",
+        "cuda_is_available",
+        "bundled_photos",
+        "__version__",
+    ):
+        assert name in dino_rs.__all__, name
+
+
+def test_classes_live_in_dino_rs():
+    for cls in (dino_rs.MultiCropAugmenter, dino_rs.ImageFolder, dino_rs.ArrayDataset, dino_rs.MultiCropLoader):
+        assert isinstance(cls, type)
+        assert cls.__module__ == "dino_rs"
+
+
+def test_version():
+    assert isinstance(dino_rs.__version__, str)
+    assert re.fullmatch(r"\d+\.\d+\.\d+([.\-+].*)?", dino_rs.__version__)
+    assert dino_rs.__version__ == importlib.metadata.version("dino-rs")
+
+
+def test_cuda_not_available_on_cpu_build():
+    assert dino_rs.cuda_is_available() is False
+
+
+def test_num_threads_round_trip():
+    before = dino_rs.get_num_threads()
+    assert isinstance(before, int) and before >= 1
+    try:
+        for n in (1, 3, 2):
+            dino_rs.set_num_threads(n)
+            assert dino_rs.get_num_threads() == n
+    finally:
+        dino_rs.set_num_threads(before)
+    assert dino_rs.get_num_threads() == before
+
+
+def test_num_threads_env_variable():
+    code = "import dino_rs; print(dino_rs.get_num_threads())"
+    env = {**os.environ, "DINO_RS_NUM_THREADS": "3"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "3"
+
+
+def test_bundled_photos():
+    photos = dino_rs.bundled_photos()
+    assert len(photos) == 4
+    assert photos == sorted(photos)
+    for p in photos:
+        assert p.endswith(".jpg")
+        with Image.open(p) as im:
+            assert im.format == "JPEG"
+            assert im.size == (500, 375)
+
+
+def test_multicrop_grid_shape(photos):
+    aug = dino_rs.MultiCropAugmenter(global_size=32, local_size=16, n_local=4)
+    grid = dino_rs.multicrop_grid(photos[:2], aug, seed=0, pad=4)
+    # width: pad + 2 (G + pad) + ceil(n_local / 2) (L + pad); height: pad + rows (max(G, 2L + pad) + pad)
+    assert grid.shape == (4 + 2 * (36 + 4), 4 + 2 * 36 + 2 * 20, 3)
+    assert grid.dtype == np.uint8
+    assert (grid[:4] == 255).all()  # top padding is white
+    assert grid[4:36, 4:36].std() > 5  # a real picture in the first global view
+
+
+def test_demo_cli_writes_png(tmp_path):
+    out = tmp_path / "views.png"
+    result = subprocess.run(
+        [sys.executable, "-m", "dino_rs", "demo", "--output", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "wrote" in result.stdout and str(out) in result.stdout
+    assert "4 photos -> 40 views" in result.stdout
+    assert out.read_bytes()[:8] == PNG_SIGNATURE
+    with Image.open(out) as im:
+        assert im.format == "PNG"
+        assert im.mode == "RGB"
+        # Defaults 224 / 96 / 8 locals, pad 4: width 4 + 2 * 228 + 4 * 100, height 4 + 4 * 228.
+        assert im.size == (860, 916)
+        arr = np.asarray(im)
+    assert arr[4:228, 4:228].std() > 10
+
+
+def test_demo_cli_with_images_and_bad_image(tmp_path, photos):
+    out = tmp_path / "two.png"
+    result = subprocess.run(
+        [sys.executable, "-m", "dino_rs", "demo", "--output", str(out), "--images", photos[0], photos[1], "--seed", "3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    with Image.open(out) as im:
+        assert im.size == (860, 4 + 2 * 228)
+
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not a jpeg")
+    result = subprocess.run(
+        [sys.executable, "-m", "dino_rs", "demo", "--output", str(tmp_path / "x.png"), "--images", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "dino-rs: error:" in result.stderr
+    assert str(bad) in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_demo_cli_requires_a_command():
+    result = subprocess.run([sys.executable, "-m", "dino_rs"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "demo" in result.stderr
+
+
+def test_py_typed_marker_installed():
+    pkg = Path(dino_rs.__file__).parent
+    assert (pkg / "py.typed").is_file()
+    stub = pkg / "_dino_rs.pyi"
+    if stub.exists():
+        text = stub.read_text()
+        for name in ("MultiCropAugmenter", "ImageFolder", "ArrayDataset", "MultiCropLoader"):
+            assert f"class {name}" in text, name
+
+
+def test_extension_module_is_compiled():
+    ext = dino_rs._dino_rs
+    assert Path(ext.__file__).suffix in (".so", ".pyd")
