@@ -112,45 +112,25 @@ fn pass_vertical(
     }
 }
 
-/// Blurs `img` in place with a Gaussian of standard deviation `sigma` (PIL's "radius").
-pub fn gaussian_blur(img: &mut RgbImage, sigma: f32) {
-    if sigma <= 0.0 {
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2, checked just above.
-        return unsafe { gaussian_blur_avx2(img, sigma) };
-    }
-    gaussian_blur_impl(img, sigma)
-}
-
-/// The same code compiled for AVX2: 32-bit multiplies are native there (SSE2 emulates them),
-/// which makes the passes about twice as fast; the wheel itself stays baseline x86-64.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn gaussian_blur_avx2(img: &mut RgbImage, sigma: f32) {
-    gaussian_blur_impl(img, sigma)
-}
-
-#[inline(always)]
-fn gaussian_blur_impl(img: &mut RgbImage, sigma: f32) {
-    let (width, height) = (img.width() as usize, img.height() as usize);
-    let taps = box_taps(box_radius(sigma, PASSES));
-    let mut tmp = vec![0u8; img.len()];
-    let mut acc = vec![0u32; width * 3];
-    // Passes alternate between the image and `tmp`; an even count (2 * PASSES) ends in the image.
-    let buf: &mut [u8] = img;
-    for pass in 0..2 * PASSES {
-        let (src, dst): (&[u8], &mut [u8]) = if pass % 2 == 0 {
-            (&*buf, &mut tmp)
-        } else {
-            (&tmp, &mut *buf)
-        };
-        if pass < PASSES {
-            pass_horizontal(src, dst, width, &taps, &mut acc);
-        } else {
-            pass_vertical(src, dst, width, height, &taps, &mut acc);
+avx2_multiversion! {
+    /// Blurs `img` in place with a Gaussian of standard deviation `sigma` (PIL's "radius").
+    pub fn gaussian_blur(img: &mut RgbImage, sigma: f32) {
+        if sigma <= 0.0 {
+            return;
+        }
+        let (width, height) = (img.width() as usize, img.height() as usize);
+        let taps = box_taps(box_radius(sigma, PASSES));
+        let mut tmp = vec![0u8; img.len()];
+        let mut acc = vec![0u32; width * 3];
+        // Passes alternate between the image and `tmp`; an even count (2 * PASSES) ends in the image.
+        let buf: &mut [u8] = img;
+        for pass in 0..2 * PASSES {
+            let (src, dst): (&[u8], &mut [u8]) = if pass % 2 == 0 { (&*buf, &mut tmp) } else { (&tmp, &mut *buf) };
+            if pass < PASSES {
+                pass_horizontal(src, dst, width, &taps, &mut acc);
+            } else {
+                pass_vertical(src, dst, width, height, &taps, &mut acc);
+            }
         }
     }
 }

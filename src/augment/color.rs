@@ -32,6 +32,7 @@ pub fn adjust_brightness(img: &mut RgbImage, factor: f32) {
     img.iter_mut().for_each(|v| *v = lut[*v as usize]);
 }
 
+avx2_multiversion! {
 pub fn adjust_contrast(img: &mut RgbImage, factor: f32) {
     let n = (img.width() * img.height()) as u64;
     let sum: u64 = img
@@ -44,7 +45,9 @@ pub fn adjust_contrast(img: &mut RgbImage, factor: f32) {
     let lut = blend_lut(mean, factor);
     img.iter_mut().for_each(|v| *v = lut[*v as usize]);
 }
+}
 
+avx2_multiversion! {
 pub fn adjust_saturation(img: &mut RgbImage, factor: f32) {
     // trunc(l + f·(v − l)) = l + floor(f·(v − l)) for integer l and a non-negative result, so a
     // 16.16 fixed-point product with an arithmetic shift (a floor) reproduces the float blend.
@@ -55,6 +58,7 @@ pub fn adjust_saturation(img: &mut RgbImage, factor: f32) {
             *v = (l + ((f * (*v as i32 - l)) >> 16)).clamp(0, 255) as u8;
         }
     }
+}
 }
 
 /// Truncates to u8 after clamping to 0..=255 (NaN becomes 0). Rust's checked `as` cast
@@ -168,31 +172,27 @@ fn hue_pixel(r: f32, g: f32, b: f32, shift: f32) -> [f32; 3] {
     [channel(5.0), channel(3.0), channel(1.0)]
 }
 
-/// torchvision `adjust_hue` on PIL: the 8-bit hue channel shifted by `int(factor·255)` with wraparound.
-pub fn adjust_hue(img: &mut RgbImage, factor: f32) {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2, checked just above.
-        return unsafe { adjust_hue_avx2(img, factor) };
-    }
-    adjust_hue_impl(img, factor)
-}
+/// Pixels per planar block in [`adjust_hue`]: enough for full vectors, small enough for L1.
+const HUE_BLOCK: usize = 64;
 
-/// [`adjust_hue`] compiled for AVX2 (wider vectors for the per-pixel float arithmetic).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn adjust_hue_avx2(img: &mut RgbImage, factor: f32) {
-    adjust_hue_impl(img, factor)
-}
-
-#[inline(always)]
-fn adjust_hue_impl(img: &mut RgbImage, factor: f32) {
-    let shift = (factor * 255.0) as i32 as f32;
-    for p in img.chunks_exact_mut(3) {
-        let out = hue_pixel(p[0] as f32, p[1] as f32, p[2] as f32, shift);
-        p[0] = out[0] as u8;
-        p[1] = out[1] as u8;
-        p[2] = out[2] as u8;
+avx2_multiversion! {
+    /// torchvision `adjust_hue` on PIL: the 8-bit hue channel shifted by `int(factor·255)` with
+    /// wraparound. Pixels are split into planar f32 blocks so [`hue_pixel`] runs vectorised.
+    pub fn adjust_hue(img: &mut RgbImage, factor: f32) {
+        let shift = (factor * 255.0) as i32 as f32;
+        let (mut r, mut g, mut b) = ([0f32; HUE_BLOCK], [0f32; HUE_BLOCK], [0f32; HUE_BLOCK]);
+        for chunk in img.chunks_mut(3 * HUE_BLOCK) {
+            let n = chunk.len() / 3;
+            for (j, p) in chunk.chunks_exact(3).enumerate() {
+                (r[j], g[j], b[j]) = (p[0] as f32, p[1] as f32, p[2] as f32);
+            }
+            for j in 0..HUE_BLOCK {
+                [r[j], g[j], b[j]] = hue_pixel(r[j], g[j], b[j], shift);
+            }
+            for (j, p) in chunk.chunks_exact_mut(3).enumerate().take(n) {
+                p.copy_from_slice(&[trunc_u8(r[j]), trunc_u8(g[j]), trunc_u8(b[j])]);
+            }
+        }
     }
 }
 
