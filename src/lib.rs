@@ -8,7 +8,13 @@ pub mod augment;
 pub mod config;
 pub mod data;
 pub mod error;
+pub mod loss;
+pub mod model;
+pub mod optim;
 pub mod parallel;
+pub mod schedule;
+pub mod teacher;
+pub mod train;
 
 #[cfg(feature = "python")]
 mod python;

@@ -1,0 +1,116 @@
+//! The DINO loss (official `DINOLoss`): cross-entropy between the sharpened, centred teacher
+//! distribution of each global view and the student distribution of every other view, averaged
+//! over view pairs and the batch; the centre follows an EMA of the teacher's batch mean.
+
+use candle_core::{Result, Tensor, D};
+
+use crate::schedule::teacher_temp_schedule;
+
+#[derive(Debug, Clone)]
+pub struct DinoLoss {
+    pub ncrops: usize,
+    pub student_temp: f64,
+    pub center_momentum: f64,
+    teacher_temps: Vec<f64>,
+    /// (1, out_dim), starts at zero.
+    pub center: Tensor,
+}
+
+impl DinoLoss {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        out_dim: usize,
+        ncrops: usize,
+        warmup_teacher_temp: f64,
+        teacher_temp: f64,
+        warmup_teacher_temp_epochs: usize,
+        nepochs: usize,
+        student_temp: f64,
+        center_momentum: f64,
+        device: &candle_core::Device,
+    ) -> Result<Self> {
+        if ncrops < 2 {
+            candle_core::bail!("DINO loss needs at least the 2 global crops, got ncrops={ncrops}");
+        }
+        Ok(Self {
+            ncrops,
+            student_temp,
+            center_momentum,
+            teacher_temps: teacher_temp_schedule(
+                warmup_teacher_temp,
+                teacher_temp,
+                warmup_teacher_temp_epochs,
+                nepochs,
+            ),
+            center: Tensor::zeros((1, out_dim), candle_core::DType::F32, device)?,
+        })
+    }
+
+    /// The teacher temperature used at `epoch` (the last value past the schedule's end).
+    pub fn teacher_temp(&self, epoch: usize) -> f64 {
+        *self
+            .teacher_temps
+            .get(epoch)
+            .or(self.teacher_temps.last())
+            .unwrap_or(&0.04)
+    }
+
+    /// The loss for student outputs `(ncrops·B, D)` and teacher outputs `(2·B, D)`; differentiable
+    /// in the student only. Does not touch the centre: call [`DinoLoss::update_center`] after.
+    pub fn loss(&self, student_out: &Tensor, teacher_out: &Tensor, epoch: usize) -> Result<Tensor> {
+        let (rows, _) = student_out.dims2()?;
+        let b = rows / self.ncrops;
+        if b * self.ncrops != rows || teacher_out.dim(0)? != 2 * b {
+            candle_core::bail!(
+                "DINO loss expects student rows = ncrops·B ({}·B) and teacher rows = 2·B, got {} and {}",
+                self.ncrops,
+                rows,
+                teacher_out.dim(0)?
+            );
+        }
+        let log_p = candle_nn::ops::log_softmax(&(student_out / self.student_temp)?, D::Minus1)?;
+        let q = candle_nn::ops::softmax(
+            &(teacher_out.broadcast_sub(&self.center)? / self.teacher_temp(epoch))?,
+            D::Minus1,
+        )?
+        .detach();
+        let mut total: Option<Tensor> = None;
+        let mut terms = 0usize;
+        for iq in 0..2 {
+            let qi = q.narrow(0, iq * b, b)?;
+            for v in (0..self.ncrops).filter(|&v| v != iq) {
+                let term = (qi
+                    .mul(&log_p.narrow(0, v * b, b)?)?
+                    .sum(D::Minus1)?
+                    .mean_all()?
+                    * -1.0)?;
+                total = Some(match total {
+                    Some(t) => (t + term)?,
+                    None => term,
+                });
+                terms += 1;
+            }
+        }
+        total.expect("ncrops >= 2 gives at least one term") / terms as f64
+    }
+
+    /// center ← m·center + (1 − m)·mean(teacher_out over the batch).
+    pub fn update_center(&mut self, teacher_out: &Tensor) -> Result<()> {
+        let batch_center = teacher_out.detach().sum_keepdim(0)? / teacher_out.dim(0)? as f64;
+        self.center = ((&self.center * self.center_momentum)?
+            + (batch_center? * (1.0 - self.center_momentum))?)?;
+        Ok(())
+    }
+
+    /// The loss followed by the centre update, as the official `forward` does.
+    pub fn forward(
+        &mut self,
+        student_out: &Tensor,
+        teacher_out: &Tensor,
+        epoch: usize,
+    ) -> Result<Tensor> {
+        let loss = self.loss(student_out, teacher_out, epoch)?;
+        self.update_center(teacher_out)?;
+        Ok(loss)
+    }
+}

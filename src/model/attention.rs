@@ -1,0 +1,51 @@
+//! Multi-head self-attention as in the official ViT (`qkv` with bias, scaled dot product,
+//! `proj`). Softmax is candle-nn's composed `ops::softmax`, which has a backward pass (the fused
+//! `softmax_last_dim` does not).
+
+use candle_core::{Module, Result, Tensor, D};
+use candle_nn::{Linear, VarBuilder};
+
+use super::linear::linear;
+
+#[derive(Debug, Clone)]
+pub struct Attention {
+    qkv: Linear,
+    proj: Linear,
+    num_heads: usize,
+    scale: f64,
+}
+
+impl Attention {
+    pub fn new(dim: usize, num_heads: usize, vb: VarBuilder) -> Result<Self> {
+        let head_dim = dim / num_heads;
+        Ok(Self {
+            qkv: linear(dim, 3 * dim, true, vb.pp("qkv"))?,
+            proj: linear(dim, dim, true, vb.pp("proj"))?,
+            num_heads,
+            scale: (head_dim as f64).powf(-0.5),
+        })
+    }
+
+    /// Returns the output (B, N, D) and the attention weights (B, heads, N, N).
+    pub fn forward_with_attention(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (b, n, c) = x.dims3()?;
+        let h = self.num_heads;
+        let qkv = self
+            .qkv
+            .forward(x)?
+            .reshape((b, n, 3, h, c / h))?
+            .permute((2, 0, 3, 1, 4))?;
+        let q = (qkv.get(0)?.contiguous()? * self.scale)?;
+        let k = qkv.get(1)?.contiguous()?;
+        let v = qkv.get(2)?.contiguous()?;
+        let attn = candle_nn::ops::softmax(&q.matmul(&k.t()?)?, D::Minus1)?;
+        let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?;
+        Ok((self.proj.forward(&out)?, attn))
+    }
+}
+
+impl Module for Attention {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.forward_with_attention(x)?.0)
+    }
+}

@@ -1,0 +1,113 @@
+//! The DINO projection head (official `DINOHead`): an MLP (in → hidden → … → bottleneck, GELU),
+//! L2 normalisation, and a weight-normalised linear layer without bias to `out_dim`. With
+//! `norm_last_layer` the weight's norm (`weight_g`) stays fixed at 1 and is not trained.
+
+use candle_core::{Module, Result, Tensor, D};
+use candle_nn::{Init, Linear, VarBuilder};
+
+use super::linear::linear;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeadConfig {
+    pub in_dim: usize,
+    pub out_dim: usize,
+    pub hidden_dim: usize,
+    pub bottleneck_dim: usize,
+    pub nlayers: usize,
+    pub norm_last_layer: bool,
+}
+
+impl HeadConfig {
+    pub fn new(in_dim: usize, out_dim: usize) -> Self {
+        Self {
+            in_dim,
+            out_dim,
+            hidden_dim: 2048,
+            bottleneck_dim: 256,
+            nlayers: 3,
+            norm_last_layer: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DinoHead {
+    mlp: Vec<Linear>,
+    weight_g: Tensor,
+    weight_v: Tensor,
+}
+
+/// `F.normalize(x, dim=-1)`: x / max(‖x‖, 1e-12).
+pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
+    let norm = x
+        .sqr()?
+        .sum_keepdim(D::Minus1)?
+        .sqrt()?
+        .clamp(1e-12, f64::INFINITY)?;
+    x.broadcast_div(&norm)
+}
+
+impl DinoHead {
+    pub fn new(c: &HeadConfig, vb: VarBuilder) -> Result<Self> {
+        let nlayers = c.nlayers.max(1);
+        let vm = vb.pp("mlp");
+        let mut mlp = Vec::with_capacity(nlayers);
+        if nlayers == 1 {
+            mlp.push(linear(c.in_dim, c.bottleneck_dim, true, vm.pp("0"))?);
+        } else {
+            // Sequential indices skip the GELUs: 0, 2, 4, ...
+            mlp.push(linear(c.in_dim, c.hidden_dim, true, vm.pp("0"))?);
+            for i in 1..nlayers - 1 {
+                mlp.push(linear(c.hidden_dim, c.hidden_dim, true, vm.pp(2 * i))?);
+            }
+            mlp.push(linear(
+                c.hidden_dim,
+                c.bottleneck_dim,
+                true,
+                vm.pp(2 * (nlayers - 1)),
+            )?);
+        }
+        let vl = vb.pp("last_layer");
+        // nn.Linear's default init (the official code leaves the last layer to it).
+        let bound = 1.0 / (c.bottleneck_dim as f64).sqrt();
+        let weight_v = vl.get_with_hints(
+            (c.out_dim, c.bottleneck_dim),
+            "weight_v",
+            Init::Uniform {
+                lo: -bound,
+                up: bound,
+            },
+        )?;
+        let weight_g = vl.get_with_hints((c.out_dim, 1), "weight_g", Init::Const(1.0))?;
+        Ok(Self {
+            mlp,
+            weight_g,
+            weight_v,
+        })
+    }
+
+    /// The bottleneck features after the MLP and L2 normalisation.
+    pub fn bottleneck(&self, x: &Tensor) -> Result<Tensor> {
+        let mut x = x.clone();
+        for (i, layer) in self.mlp.iter().enumerate() {
+            x = layer.forward(&x)?;
+            if i + 1 < self.mlp.len() {
+                x = x.gelu_erf()?;
+            }
+        }
+        l2_normalize(&x)
+    }
+
+    /// The last layer's effective weight g · v / ‖v‖ (norm over each output row).
+    pub fn last_layer_weight(&self) -> Result<Tensor> {
+        let norm = self.weight_v.sqr()?.sum_keepdim(1)?.sqrt()?;
+        self.weight_v
+            .broadcast_mul(&self.weight_g.broadcast_div(&norm)?)
+    }
+}
+
+impl Module for DinoHead {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.bottleneck(x)?.matmul(&self.last_layer_weight()?.t()?)
+    }
+}

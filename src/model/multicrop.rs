@@ -1,0 +1,39 @@
+//! `MultiCropWrapper`: each group of equal-resolution crops goes through the backbone as one
+//! batch; the head runs once on the concatenated features.
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::VarBuilder;
+use rand::Rng;
+
+use super::head::{DinoHead, HeadConfig};
+use super::vit::{VisionTransformer, VitConfig};
+
+#[derive(Debug, Clone)]
+pub struct MultiCropWrapper {
+    pub backbone: VisionTransformer,
+    pub head: DinoHead,
+}
+
+impl MultiCropWrapper {
+    /// Parameters are named `backbone.*` and `head.*`, as in the official training checkpoints.
+    pub fn new(vit: &VitConfig, head: &HeadConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            backbone: VisionTransformer::new(vit, vb.pp("backbone"))?,
+            head: DinoHead::new(head, vb.pp("head"))?,
+        })
+    }
+
+    /// `groups` are (n·B, 3, S, S) batches of crops sharing a resolution; returns head outputs
+    /// for all of them in order. With `rng`, the backbone applies stochastic depth.
+    pub fn forward_t<R: Rng + ?Sized>(
+        &self,
+        groups: &[&Tensor],
+        mut rng: Option<&mut R>,
+    ) -> Result<Tensor> {
+        let feats = groups
+            .iter()
+            .map(|g| self.backbone.forward_t(g, rng.as_deref_mut()))
+            .collect::<Result<Vec<_>>>()?;
+        self.head.forward(&Tensor::cat(&feats, 0)?)
+    }
+}

@@ -1,0 +1,241 @@
+//! The Vision Transformer backbone of DINO (the official `vision_transformer.py`): conv patch
+//! embedding, CLS token, learned position embedding resized per crop size, pre-norm blocks with
+//! stochastic depth, final LayerNorm; the output is the CLS token.
+
+use candle_core::{Module, Result, Tensor, D};
+use candle_nn::{Init, VarBuilder};
+use rand::Rng;
+
+use super::block::{Block, DropPathMasks, LN_EPS};
+use super::layer_norm::LayerNorm;
+use super::linear::TRUNC_NORMAL_STD;
+use super::patch_embed::PatchEmbed;
+use super::pos_embed;
+
+/// Backbone hyper-parameters. Presets follow the official `vit_tiny/small/base`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VitConfig {
+    pub img_size: usize,
+    pub patch_size: usize,
+    pub in_chans: usize,
+    pub embed_dim: usize,
+    pub depth: usize,
+    pub num_heads: usize,
+    pub mlp_ratio: f64,
+    pub drop_path_rate: f64,
+}
+
+impl VitConfig {
+    pub fn custom(
+        embed_dim: usize,
+        depth: usize,
+        num_heads: usize,
+        patch_size: usize,
+        img_size: usize,
+    ) -> Self {
+        Self {
+            img_size,
+            patch_size,
+            in_chans: 3,
+            embed_dim,
+            depth,
+            num_heads,
+            mlp_ratio: 4.0,
+            drop_path_rate: 0.0,
+        }
+    }
+    pub fn vit_tiny(patch_size: usize) -> Self {
+        Self::custom(192, 12, 3, patch_size, 224)
+    }
+    pub fn vit_small(patch_size: usize) -> Self {
+        Self::custom(384, 12, 6, patch_size, 224)
+    }
+    pub fn vit_base(patch_size: usize) -> Self {
+        Self::custom(768, 12, 12, patch_size, 224)
+    }
+    pub fn preset(arch: &str, patch_size: usize) -> Option<Self> {
+        match arch {
+            "vit_tiny" => Some(Self::vit_tiny(patch_size)),
+            "vit_small" => Some(Self::vit_small(patch_size)),
+            "vit_base" => Some(Self::vit_base(patch_size)),
+            _ => None,
+        }
+    }
+    pub fn num_patches(&self) -> usize {
+        (self.img_size / self.patch_size).pow(2)
+    }
+    pub fn validate(&self) -> crate::Result<()> {
+        use crate::error::ensure;
+        ensure(
+            self.patch_size > 0
+                && self.img_size >= self.patch_size
+                && self.img_size % self.patch_size == 0,
+            || {
+                format!(
+                    "img_size ({}) must be a positive multiple of patch_size ({})",
+                    self.img_size, self.patch_size
+                )
+            },
+        )?;
+        ensure(
+            self.embed_dim > 0 && self.depth > 0 && self.num_heads > 0,
+            || "embed_dim, depth and num_heads must be positive".into(),
+        )?;
+        ensure(self.embed_dim % self.num_heads == 0, || {
+            format!(
+                "embed_dim ({}) must be divisible by num_heads ({})",
+                self.embed_dim, self.num_heads
+            )
+        })?;
+        ensure((0.0..1.0).contains(&self.drop_path_rate), || {
+            format!(
+                "drop_path_rate must be in [0, 1), got {}",
+                self.drop_path_rate
+            )
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct VisionTransformer {
+    patch_embed: PatchEmbed,
+    cls_token: Tensor,
+    pos_embed: Tensor,
+    blocks: Vec<Block>,
+    norm: LayerNorm,
+    config: VitConfig,
+}
+
+impl VisionTransformer {
+    pub fn new(config: &VitConfig, vb: VarBuilder) -> Result<Self> {
+        let d = config.embed_dim;
+        let patch_embed =
+            PatchEmbed::new(config.patch_size, config.in_chans, d, vb.pp("patch_embed"))?;
+        let tn = Init::Randn {
+            mean: 0.0,
+            stdev: TRUNC_NORMAL_STD,
+        };
+        let pos_embed = vb.get_with_hints((1, config.num_patches() + 1, d), "pos_embed", tn)?;
+        let cls_token = vb.get_with_hints((1, 1, d), "cls_token", tn)?;
+        let blocks = (0..config.depth)
+            .map(|i| {
+                Block::new(
+                    d,
+                    config.num_heads,
+                    config.mlp_ratio,
+                    vb.pp(format!("blocks.{i}")),
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let norm = LayerNorm::new(d, LN_EPS, vb.pp("norm"))?;
+        Ok(Self {
+            patch_embed,
+            cls_token,
+            pos_embed,
+            blocks,
+            norm,
+            config: config.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &VitConfig {
+        &self.config
+    }
+
+    /// The position embedding for an `h`×`w` pixel crop, `(1, 1 + h/p·w/p, D)`.
+    pub fn interpolate_pos_encoding(&self, h: usize, w: usize) -> Result<Tensor> {
+        let p = self.config.patch_size;
+        let n = self.pos_embed.dim(1)? - 1;
+        let cls = self.pos_embed.narrow(1, 0, 1)?;
+        let patches = self.pos_embed.narrow(1, 1, n)?;
+        Tensor::cat(&[&cls, &pos_embed::interpolate(&patches, h / p, w / p)?], 1)
+    }
+
+    /// Tokens before the first block: CLS + patch embeddings + position embedding.
+    pub fn prepare_tokens(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, _, h, w) = x.dims4()?;
+        let p = self.config.patch_size;
+        if h % p != 0 || w % p != 0 {
+            candle_core::bail!("crop size {h}x{w} is not a multiple of the patch size {p}");
+        }
+        let patches = self.patch_embed.forward(x)?;
+        let cls = self.cls_token.broadcast_as((b, 1, self.config.embed_dim))?;
+        Tensor::cat(&[&cls, &patches], 1)?.broadcast_add(&self.interpolate_pos_encoding(h, w)?)
+    }
+
+    /// CLS features `(B, D)`. With `rng`, stochastic depth is applied (training the student).
+    pub fn forward_t<R: Rng + ?Sized>(&self, x: &Tensor, rng: Option<&mut R>) -> Result<Tensor> {
+        let mut tokens = self.prepare_tokens(x)?;
+        let b = tokens.dim(0)?;
+        let masks: Vec<Option<DropPathMasks>> = match rng {
+            Some(rng) if self.config.drop_path_rate > 0.0 => (0..self.blocks.len())
+                .map(|i| self.drop_path_masks(i, b, rng, x.device()).map(Some))
+                .collect::<Result<_>>()?,
+            _ => Vec::new(),
+        };
+        for (i, block) in self.blocks.iter().enumerate() {
+            tokens = block.forward_masked(&tokens, masks.get(i).and_then(|m| m.as_ref()))?;
+        }
+        self.norm.forward(&tokens)?.narrow(1, 0, 1)?.squeeze(1)
+    }
+
+    /// Stochastic-depth rate of block `i`: linear from 0 to `drop_path_rate` (torch.linspace).
+    fn drop_rate(&self, i: usize) -> f64 {
+        let depth = self.blocks.len();
+        if depth <= 1 {
+            return 0.0;
+        }
+        self.config.drop_path_rate * i as f64 / (depth - 1) as f64
+    }
+
+    fn drop_path_masks<R: Rng + ?Sized>(
+        &self,
+        i: usize,
+        b: usize,
+        rng: &mut R,
+        dev: &candle_core::Device,
+    ) -> Result<DropPathMasks> {
+        let keep = 1.0 - self.drop_rate(i);
+        let mut mask = || -> Result<Tensor> {
+            let v: Vec<f32> = (0..b)
+                .map(|_| ((keep + rng.random::<f64>()).floor() / keep) as f32)
+                .collect();
+            Tensor::from_vec(v, (b, 1, 1), dev)
+        };
+        Ok(DropPathMasks {
+            attn: mask()?,
+            mlp: mask()?,
+        })
+    }
+
+    /// The last block's self-attention `(B, heads, 1+N, 1+N)` (official `get_last_selfattention`).
+    pub fn last_self_attention(&self, x: &Tensor) -> Result<Tensor> {
+        let mut tokens = self.prepare_tokens(x)?;
+        let (last, rest) = self
+            .blocks
+            .split_last()
+            .expect("a ViT has at least one block");
+        for block in rest {
+            tokens = block.forward(&tokens)?;
+        }
+        last.attention(&tokens)
+    }
+
+    /// CLS→patch attention of the last block per head, `(B, heads, h/p, w/p)`.
+    pub fn cls_attention_maps(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, _, h, w) = x.dims4()?;
+        let p = self.config.patch_size;
+        let attn = self.last_self_attention(x)?;
+        let heads = attn.dim(1)?;
+        let n = attn.dim(D::Minus1)? - 1;
+        attn.narrow(2, 0, 1)?
+            .narrow(3, 1, n)?
+            .reshape((b, heads, h / p, w / p))
+    }
+}
+
+impl Module for VisionTransformer {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_t::<rand_chacha::ChaCha8Rng>(x, None)
+    }
+}

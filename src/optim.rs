@@ -1,0 +1,131 @@
+//! AdamW as PyTorch computes it (`torch.optim.AdamW`, single-tensor path), with DINO's two
+//! parameter groups: weights decay, biases and 1-D parameters (LayerNorm, …) do not. Learning
+//! rate and weight decay are set per step from the schedules. Also DINO's per-parameter gradient
+//! clipping (`utils.clip_gradients`).
+
+use std::collections::HashMap;
+
+use candle_core::{Result, Tensor, Var};
+
+/// One optimised parameter and its Adam state.
+struct Slot {
+    name: String,
+    var: Var,
+    decay: bool,
+    m: Tensor,
+    v: Tensor,
+    step: u64,
+}
+
+pub struct AdamW {
+    slots: Vec<Slot>,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+}
+
+/// The official `get_params_groups` rule: no weight decay for biases and 1-D parameters.
+pub fn decays(name: &str, var: &Var) -> bool {
+    !(name.ends_with(".bias") || var.rank() <= 1)
+}
+
+impl AdamW {
+    /// `params` in a stable order (name, variable); the decay group follows [`decays`].
+    pub fn new(params: Vec<(String, Var)>) -> Result<Self> {
+        let slots = params
+            .into_iter()
+            .map(|(name, var)| {
+                let decay = decays(&name, &var);
+                Ok(Slot {
+                    m: var.zeros_like()?,
+                    v: var.zeros_like()?,
+                    name,
+                    var,
+                    decay,
+                    step: 0,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            slots,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+        })
+    }
+
+    /// One update with `grads` by parameter name. Parameters without a gradient are skipped
+    /// entirely (no decay, no state change), as PyTorch does for `grad is None`.
+    pub fn step(
+        &mut self,
+        grads: &HashMap<String, Tensor>,
+        lr: f64,
+        weight_decay: f64,
+    ) -> Result<()> {
+        let (b1, b2) = (self.beta1, self.beta2);
+        for s in self.slots.iter_mut() {
+            let Some(g) = grads.get(&s.name) else {
+                continue;
+            };
+            s.step += 1;
+            let wd = if s.decay { weight_decay } else { 0.0 };
+            let p = (s.var.as_tensor() * (1.0 - lr * wd))?;
+            // lerp(m, g, 1 − β1) = m + (1 − β1)·(g − m)
+            // Detached: the state must not keep a chain of autograd ops from step to step.
+            s.m = (&s.m + ((g - &s.m)? * (1.0 - b1))?)?.detach();
+            s.v = ((&s.v * b2)? + (g.sqr()? * (1.0 - b2))?)?.detach();
+            let bc1 = 1.0 - b1.powi(s.step as i32);
+            let bc2_sqrt = (1.0 - b2.powi(s.step as i32)).sqrt();
+            let denom = ((s.v.sqrt()? / bc2_sqrt)? + self.eps)?;
+            let update = (s.m.div(&denom)? * (lr / bc1))?;
+            s.var.set(&(p - update)?)?;
+        }
+        Ok(())
+    }
+
+    /// Adam moments and step counts by parameter name, for checkpoints.
+    pub fn state(&self) -> Vec<(String, Tensor, Tensor, u64)> {
+        self.slots
+            .iter()
+            .map(|s| (s.name.clone(), s.m.clone(), s.v.clone(), s.step))
+            .collect()
+    }
+
+    /// Restores [`AdamW::state`] output; unknown names are an error.
+    pub fn load_state(&mut self, state: Vec<(String, Tensor, Tensor, u64)>) -> Result<()> {
+        let mut by_name: HashMap<String, (Tensor, Tensor, u64)> = state
+            .into_iter()
+            .map(|(n, m, v, t)| (n, (m, v, t)))
+            .collect();
+        for s in self.slots.iter_mut() {
+            if let Some((m, v, t)) = by_name.remove(&s.name) {
+                if m.shape() != s.var.shape() || v.shape() != s.var.shape() {
+                    candle_core::bail!("optimiser state for {} has the wrong shape", s.name);
+                }
+                (s.m, s.v, s.step) = (m, v, t);
+            }
+        }
+        if let Some(name) = by_name.keys().next() {
+            candle_core::bail!("optimiser state for unknown parameter {name}");
+        }
+        Ok(())
+    }
+}
+
+/// Scales each gradient whose L2 norm exceeds `clip` down to `clip` (coefficient clip/(norm+1e-6)).
+/// Returns the norms before clipping, by name.
+pub fn clip_gradients(
+    grads: &mut HashMap<String, Tensor>,
+    clip: f64,
+) -> Result<HashMap<String, f64>> {
+    let mut norms = HashMap::with_capacity(grads.len());
+    for (name, g) in grads.iter_mut() {
+        let norm = g.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()? as f64;
+        let coef = clip / (norm + 1e-6);
+        if coef < 1.0 {
+            *g = (&*g * coef)?;
+        }
+        norms.insert(name.clone(), norm);
+    }
+    Ok(norms)
+}
