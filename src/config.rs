@@ -72,11 +72,7 @@ fn check_prob(name: &str, p: f32) -> Result<()> {
 fn check_range(name: &str, (lo, hi): (f32, f32), min: f32, max: f32) -> Result<()> {
     ensure(
         lo.is_finite() && hi.is_finite() && min <= lo && lo <= hi && hi <= max,
-        || {
-            format!(
-                "{name} must be (low, high) with {min} <= low <= high <= {max}, got ({lo}, {hi})"
-            )
-        },
+        || format!("{name} must be (low, high) with {min} <= low <= high <= {max}, got ({lo}, {hi})"),
     )
 }
 
@@ -121,9 +117,7 @@ impl AugmentConfig {
             ("contrast", self.contrast),
             ("saturation", self.saturation),
         ] {
-            ensure(v.is_finite() && v >= 0.0, || {
-                format!("{name} must be >= 0, got {v}")
-            })?;
+            ensure(v.is_finite() && v >= 0.0, || format!("{name} must be >= 0, got {v}"))?;
         }
         ensure((0.0..=0.5).contains(&self.hue), || {
             format!("hue must be in [0, 0.5], got {}", self.hue)
@@ -135,8 +129,6 @@ impl AugmentConfig {
         ensure(self.std.iter().all(|s| s.is_finite() && *s > 0.0), || {
             format!("std must be positive and finite, got {:?}", self.std)
         })?;
-        ensure(self.max_pixels > 0, || {
-            "max_pixels must be positive".to_string()
-        })
+        ensure(self.max_pixels > 0, || "max_pixels must be positive".to_string())
     }
 }

@@ -79,11 +79,7 @@ impl DinoLoss {
         for iq in 0..2 {
             let qi = q.narrow(0, iq * b, b)?;
             for v in (0..self.ncrops).filter(|&v| v != iq) {
-                let term = (qi
-                    .mul(&log_p.narrow(0, v * b, b)?)?
-                    .sum(D::Minus1)?
-                    .mean_all()?
-                    * -1.0)?;
+                let term = (qi.mul(&log_p.narrow(0, v * b, b)?)?.sum(D::Minus1)?.mean_all()? * -1.0)?;
                 total = Some(match total {
                     Some(t) => (t + term)?,
                     None => term,
@@ -97,18 +93,12 @@ impl DinoLoss {
     /// center ← m·center + (1 − m)·mean(teacher_out over the batch).
     pub fn update_center(&mut self, teacher_out: &Tensor) -> Result<()> {
         let batch_center = teacher_out.detach().sum_keepdim(0)? / teacher_out.dim(0)? as f64;
-        self.center = ((&self.center * self.center_momentum)?
-            + (batch_center? * (1.0 - self.center_momentum))?)?;
+        self.center = ((&self.center * self.center_momentum)? + (batch_center? * (1.0 - self.center_momentum))?)?;
         Ok(())
     }
 
     /// The loss followed by the centre update, as the official `forward` does.
-    pub fn forward(
-        &mut self,
-        student_out: &Tensor,
-        teacher_out: &Tensor,
-        epoch: usize,
-    ) -> Result<Tensor> {
+    pub fn forward(&mut self, student_out: &Tensor, teacher_out: &Tensor, epoch: usize) -> Result<Tensor> {
         let loss = self.loss(student_out, teacher_out, epoch)?;
         self.update_center(teacher_out)?;
         Ok(loss)

@@ -56,12 +56,7 @@ impl AdamW {
 
     /// One update with `grads` by parameter name. Parameters without a gradient are skipped
     /// entirely (no decay, no state change), as PyTorch does for `grad is None`.
-    pub fn step(
-        &mut self,
-        grads: &HashMap<String, Tensor>,
-        lr: f64,
-        weight_decay: f64,
-    ) -> Result<()> {
+    pub fn step(&mut self, grads: &HashMap<String, Tensor>, lr: f64, weight_decay: f64) -> Result<()> {
         let (b1, b2) = (self.beta1, self.beta2);
         for s in self.slots.iter_mut() {
             let Some(g) = grads.get(&s.name) else {
@@ -93,10 +88,8 @@ impl AdamW {
 
     /// Restores [`AdamW::state`] output; unknown names are an error.
     pub fn load_state(&mut self, state: Vec<(String, Tensor, Tensor, u64)>) -> Result<()> {
-        let mut by_name: HashMap<String, (Tensor, Tensor, u64)> = state
-            .into_iter()
-            .map(|(n, m, v, t)| (n, (m, v, t)))
-            .collect();
+        let mut by_name: HashMap<String, (Tensor, Tensor, u64)> =
+            state.into_iter().map(|(n, m, v, t)| (n, (m, v, t))).collect();
         for s in self.slots.iter_mut() {
             if let Some((m, v, t)) = by_name.remove(&s.name) {
                 if m.shape() != s.var.shape() || v.shape() != s.var.shape() {
@@ -114,10 +107,7 @@ impl AdamW {
 
 /// Scales each gradient whose L2 norm exceeds `clip` down to `clip` (coefficient clip/(norm+1e-6)).
 /// Returns the norms before clipping, by name.
-pub fn clip_gradients(
-    grads: &mut HashMap<String, Tensor>,
-    clip: f64,
-) -> Result<HashMap<String, f64>> {
+pub fn clip_gradients(grads: &mut HashMap<String, Tensor>, clip: f64) -> Result<HashMap<String, f64>> {
     let mut norms = HashMap::with_capacity(grads.len());
     for (name, g) in grads.iter_mut() {
         let norm = g.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()? as f64;

@@ -39,9 +39,7 @@ pub fn pool() -> Arc<ThreadPool> {
 /// Replaces the pool with one of `n` threads; work already running finishes on the old one.
 pub fn set_num_threads(n: usize) -> Result<()> {
     if n == 0 {
-        return Err(Error::invalid(
-            "number of threads must be at least 1, got 0",
-        ));
+        return Err(Error::invalid("number of threads must be at least 1, got 0"));
     }
     let new = build(n)?;
     *POOL.write().unwrap_or_else(|e| e.into_inner()) = Some(new);

@@ -34,10 +34,7 @@ pub fn cosine_scheduler(
     };
     let rest = total - warmup_iters;
     schedule.extend((0..rest).map(|i| {
-        final_value
-            + 0.5
-                * (base_value - final_value)
-                * (1.0 + (std::f64::consts::PI * i as f64 / rest as f64).cos())
+        final_value + 0.5 * (base_value - final_value) * (1.0 + (std::f64::consts::PI * i as f64 / rest as f64).cos())
     }));
     schedule
 }
@@ -49,11 +46,7 @@ pub fn teacher_temp_schedule(
     warmup_epochs: usize,
     nepochs: usize,
 ) -> Vec<f64> {
-    let mut s = linspace(
-        warmup_teacher_temp,
-        teacher_temp,
-        warmup_epochs.min(nepochs),
-    );
+    let mut s = linspace(warmup_teacher_temp, teacher_temp, warmup_epochs.min(nepochs));
     s.resize(nepochs.max(s.len()), teacher_temp);
     s
 }

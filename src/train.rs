@@ -4,6 +4,7 @@
 //! scheduled momentum, centre update.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use candle_core::{Device, Result, Tensor};
 use rand::SeedableRng;
@@ -66,7 +67,7 @@ impl Default for TrainConfig {
 /// Student and EMA teacher (same architecture; the teacher has no stochastic depth).
 pub struct Dino {
     pub vit: VitConfig,
-    pub head: HeadConfig,
+    pub head: Option<HeadConfig>,
     pub student_store: ParamStore,
     pub teacher_store: ParamStore,
     pub student: MultiCropWrapper,
@@ -79,7 +80,7 @@ impl Dino {
     /// `weights` (names `backbone.*` / `head.*`) when given.
     pub fn new(
         vit: VitConfig,
-        head: HeadConfig,
+        head: Option<HeadConfig>,
         seed: u64,
         weights: Option<HashMap<String, Tensor>>,
         device: &Device,
@@ -88,7 +89,7 @@ impl Dino {
             Some(w) => ParamStore::from_tensors(w, seed)?,
             None => ParamStore::new(seed),
         };
-        let student = MultiCropWrapper::new(&vit, &head, student_store.var_builder(device))?;
+        let student = MultiCropWrapper::new(&vit, head.as_ref(), student_store.var_builder(device))?;
         let copies = student_store
             .tensors()
             .into_iter()
@@ -99,8 +100,7 @@ impl Dino {
             drop_path_rate: 0.0,
             ..vit.clone()
         };
-        let teacher =
-            MultiCropWrapper::new(&teacher_vit, &head, teacher_store.var_builder(device))?;
+        let teacher = MultiCropWrapper::new(&teacher_vit, head.as_ref(), teacher_store.var_builder(device))?;
         Ok(Self {
             vit,
             head,
@@ -117,7 +117,9 @@ impl Dino {
         self.student_store
             .vars()
             .into_iter()
-            .filter(|(n, _)| !(self.head.norm_last_layer && n.ends_with("last_layer.weight_g")))
+            .filter(|(n, _)| {
+                !(self.head.as_ref().is_some_and(|h| h.norm_last_layer) && n.ends_with("last_layer.weight_g"))
+            })
             .collect()
     }
 }
@@ -134,6 +136,14 @@ pub struct StepStats {
     pub teacher_temp: f64,
 }
 
+/// Gradients of one iteration, ready to be applied.
+pub struct Computed {
+    pub grads: HashMap<String, Tensor>,
+    pub loss: f64,
+    pub teacher_out: Tensor,
+    pub epoch: usize,
+}
+
 /// A non-finite loss: the step was not applied.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NonFiniteLoss {
@@ -142,7 +152,7 @@ pub struct NonFiniteLoss {
 }
 
 pub struct DinoTrainer {
-    pub dino: Dino,
+    pub dino: Arc<Dino>,
     pub config: TrainConfig,
     pub loss: DinoLoss,
     pub optimizer: AdamW,
@@ -158,23 +168,17 @@ fn at(schedule: &[f64], it: usize) -> f64 {
 }
 
 impl DinoTrainer {
-    pub fn new(dino: Dino, config: TrainConfig, seed: u64) -> Result<Self> {
+    pub fn new(dino: Arc<Dino>, config: TrainConfig, seed: u64) -> Result<Self> {
+        let Some(head) = dino.head.as_ref() else {
+            candle_core::bail!("this model has no DINO head (a backbone loaded on its own): it cannot be trained");
+        };
         let c = &config;
         let lr = c.lr * c.batch_size as f64 / 256.0;
-        let lr_schedule =
-            cosine_scheduler(lr, c.min_lr, c.epochs, c.niter_per_ep, c.warmup_epochs, 0.0);
-        let wd_schedule = cosine_scheduler(
-            c.weight_decay,
-            c.weight_decay_end,
-            c.epochs,
-            c.niter_per_ep,
-            0,
-            0.0,
-        );
-        let momentum_schedule =
-            cosine_scheduler(c.momentum_teacher, 1.0, c.epochs, c.niter_per_ep, 0, 0.0);
+        let lr_schedule = cosine_scheduler(lr, c.min_lr, c.epochs, c.niter_per_ep, c.warmup_epochs, 0.0);
+        let wd_schedule = cosine_scheduler(c.weight_decay, c.weight_decay_end, c.epochs, c.niter_per_ep, 0, 0.0);
+        let momentum_schedule = cosine_scheduler(c.momentum_teacher, 1.0, c.epochs, c.niter_per_ep, 0, 0.0);
         let loss = DinoLoss::new(
-            dino.head.out_dim,
+            head.out_dim,
             2 + c.n_local,
             c.warmup_teacher_temp,
             c.teacher_temp,
@@ -200,23 +204,16 @@ impl DinoTrainer {
     }
 
     /// One iteration on `globals` (2·B, 3, G, G) and `locals` (n_local·B, 3, L, L), crops view-major.
-    pub fn step(
+    /// Forward, loss, backward and clipping for the next iteration, without changing anything.
+    /// The gradients are those after clipping and before the frozen last layer is dropped.
+    pub fn compute(
         &mut self,
         globals: &Tensor,
         locals: Option<&Tensor>,
-    ) -> Result<std::result::Result<StepStats, NonFiniteLoss>> {
+    ) -> Result<std::result::Result<Computed, NonFiniteLoss>> {
         let it = self.iteration;
         let epoch = it / self.config.niter_per_ep.max(1);
-        let (lr, wd, m) = (
-            at(&self.lr_schedule, it),
-            at(&self.wd_schedule, it),
-            at(&self.momentum_schedule, it),
-        );
-        let teacher_out = self
-            .dino
-            .teacher
-            .forward_t::<ChaCha8Rng>(&[globals], None)?
-            .detach();
+        let teacher_out = self.dino.teacher.forward_t::<ChaCha8Rng>(&[globals], None)?.detach();
         let groups: Vec<&Tensor> = std::iter::once(globals).chain(locals).collect();
         let student_out = self.dino.student.forward_t(&groups, Some(&mut self.rng))?;
         let loss = self.loss.loss(&student_out, &teacher_out, epoch)?;
@@ -237,6 +234,28 @@ impl DinoTrainer {
         if self.config.clip_grad > 0.0 {
             clip_gradients(&mut grads, self.config.clip_grad)?;
         }
+        Ok(Ok(Computed {
+            grads,
+            loss: value,
+            teacher_out,
+            epoch,
+        }))
+    }
+
+    /// Applies [`DinoTrainer::compute`]'s result: AdamW, EMA teacher, centre, next iteration.
+    pub fn apply(&mut self, computed: Computed) -> Result<StepStats> {
+        let it = self.iteration;
+        let Computed {
+            mut grads,
+            loss,
+            teacher_out,
+            epoch,
+        } = computed;
+        let (lr, wd, m) = (
+            at(&self.lr_schedule, it),
+            at(&self.wd_schedule, it),
+            at(&self.momentum_schedule, it),
+        );
         if epoch < self.config.freeze_last_layer {
             grads.retain(|n, _| !n.contains("last_layer"));
         }
@@ -244,14 +263,27 @@ impl DinoTrainer {
         ema_update(&self.dino.teacher_store, &self.dino.student_store, m)?;
         self.loss.update_center(&teacher_out)?;
         self.iteration += 1;
-        Ok(Ok(StepStats {
+        Ok(StepStats {
             iteration: it,
             epoch,
-            loss: value,
+            loss,
             lr,
             wd,
             momentum: m,
             teacher_temp: self.loss.teacher_temp(epoch),
-        }))
+        })
+    }
+
+    /// One iteration on `globals` (2·B, 3, G, G) and `locals` (n_local·B, 3, L, L), crops view-major.
+    /// A non-finite loss leaves every weight, the optimiser and the centre untouched.
+    pub fn step(
+        &mut self,
+        globals: &Tensor,
+        locals: Option<&Tensor>,
+    ) -> Result<std::result::Result<StepStats, NonFiniteLoss>> {
+        match self.compute(globals, locals)? {
+            Ok(c) => self.apply(c).map(Ok),
+            Err(e) => Ok(Err(e)),
+        }
     }
 }

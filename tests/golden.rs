@@ -19,22 +19,15 @@ struct Golden {
 
 impl Golden {
     fn load() -> Self {
-        let t = candle_core::safetensors::load(format!("{DIR}/golden.safetensors"), &Device::Cpu)
-            .unwrap();
-        let j =
-            serde_json::from_str(&std::fs::read_to_string(format!("{DIR}/golden.json")).unwrap())
-                .unwrap();
+        let t = candle_core::safetensors::load(format!("{DIR}/golden.safetensors"), &Device::Cpu).unwrap();
+        let j = serde_json::from_str(&std::fs::read_to_string(format!("{DIR}/golden.json")).unwrap()).unwrap();
         Self { t, j }
     }
     fn get(&self, k: &str) -> &Tensor {
-        self.t
-            .get(k)
-            .unwrap_or_else(|| panic!("fixture {k} missing"))
+        self.t.get(k).unwrap_or_else(|| panic!("fixture {k} missing"))
     }
     fn c(&self, k: &str) -> f64 {
-        self.j["config"][k]
-            .as_f64()
-            .unwrap_or_else(|| panic!("config {k}"))
+        self.j["config"][k].as_f64().unwrap_or_else(|| panic!("config {k}"))
     }
     fn u(&self, k: &str) -> usize {
         self.c(k) as usize
@@ -66,15 +59,17 @@ impl Golden {
             norm_last_layer: true,
         }
     }
-    fn dino(&self) -> Dino {
-        Dino::new(
-            self.vit(),
-            self.head(),
-            0,
-            Some(self.prefixed("student.")),
-            &Device::Cpu,
+    fn dino(&self) -> std::sync::Arc<Dino> {
+        std::sync::Arc::new(
+            Dino::new(
+                self.vit(),
+                Some(self.head()),
+                0,
+                Some(self.prefixed("student.")),
+                &Device::Cpu,
+            )
+            .unwrap(),
         )
-        .unwrap()
     }
 }
 
@@ -107,12 +102,7 @@ fn backbone_matches_for_global_local_and_rectangular_crops() {
         ("input.local", "backbone.local"),
         ("input.rect", "backbone.rect"),
     ] {
-        assert_close(
-            output,
-            &vit.forward(g.get(input)).unwrap(),
-            g.get(output),
-            2e-5,
-        );
+        assert_close(output, &vit.forward(g.get(input)).unwrap(), g.get(output), 2e-5);
     }
     assert_close(
         "pos_embed.local",
@@ -144,14 +134,10 @@ fn backbone_matches_for_global_local_and_rectangular_crops() {
 fn head_and_multicrop_wrapper_match() {
     let g = Golden::load();
     let dino = g.dino();
-    let feats = dino
-        .student
-        .backbone
-        .forward(g.get("input.global"))
-        .unwrap();
+    let feats = dino.student.backbone.forward(g.get("input.global")).unwrap();
     assert_close(
         "head.global",
-        &dino.student.head.forward(&feats).unwrap(),
+        &dino.student.head.as_ref().unwrap().forward(&feats).unwrap(),
         g.get("head.global"),
         2e-5,
     );
@@ -168,11 +154,7 @@ fn head_and_multicrop_wrapper_match() {
 }
 
 fn floats(v: &Value) -> Vec<f64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect()
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
 }
 
 #[test]
@@ -182,25 +164,11 @@ fn schedules_match_the_official_cosine_scheduler() {
     let cases = [
         (
             "lr_schedule",
-            cosine_scheduler(
-                g.c("lr_scaled"),
-                g.c("min_lr"),
-                epochs,
-                nit,
-                g.u("warmup_epochs"),
-                0.0,
-            ),
+            cosine_scheduler(g.c("lr_scaled"), g.c("min_lr"), epochs, nit, g.u("warmup_epochs"), 0.0),
         ),
         (
             "wd_schedule",
-            cosine_scheduler(
-                g.c("weight_decay"),
-                g.c("weight_decay_end"),
-                epochs,
-                nit,
-                0,
-                0.0,
-            ),
+            cosine_scheduler(g.c("weight_decay"), g.c("weight_decay_end"), epochs, nit, 0, 0.0),
         ),
         (
             "momentum_schedule",
@@ -220,10 +188,7 @@ fn schedules_match_the_official_cosine_scheduler() {
         let theirs = floats(&g.j[name]);
         assert_eq!(ours.len(), theirs.len(), "{name} length");
         for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
-            assert!(
-                (a - b).abs() <= 1e-12 * b.abs().max(1e-12),
-                "{name}[{i}]: {a} vs {b}"
-            );
+            assert!((a - b).abs() <= 1e-12 * b.abs().max(1e-12), "{name}[{i}]: {a} vs {b}");
         }
     }
 }
@@ -248,11 +213,7 @@ fn dino_loss_and_centering_match_across_the_temperature_warmup() {
     let g = Golden::load();
     let (s, t) = (g.get("student.out"), g.get("teacher.out"));
     for (epoch, expected) in floats(&g.j["loss_by_epoch"]).into_iter().enumerate() {
-        let value = loss_for(&g)
-            .forward(s, t, epoch)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap() as f64;
+        let value = loss_for(&g).forward(s, t, epoch).unwrap().to_scalar::<f32>().unwrap() as f64;
         assert!(
             (value - expected).abs() <= 1e-5 * expected.abs(),
             "epoch {epoch}: {value} vs {expected}"
@@ -263,16 +224,8 @@ fn dino_loss_and_centering_match_across_the_temperature_warmup() {
         .into_iter()
         .map(|e| e as usize)
         .collect();
-    for (i, (epoch, expected)) in epochs
-        .into_iter()
-        .zip(floats(&g.j["loss_sequence"]))
-        .enumerate()
-    {
-        let value = loss
-            .forward(s, t, epoch)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap() as f64;
+    for (i, (epoch, expected)) in epochs.into_iter().zip(floats(&g.j["loss_sequence"])).enumerate() {
+        let value = loss.forward(s, t, epoch).unwrap().to_scalar::<f32>().unwrap() as f64;
         assert!(
             (value - expected).abs() <= 1e-5 * expected.abs(),
             "call {i}: {value} vs {expected}"
@@ -302,10 +255,7 @@ fn assert_updates_match(
     );
     for (name, expected) in theirs {
         let ours_t = &ours[name];
-        let (d_ours, d_theirs) = (
-            (ours_t - &before[name]).unwrap(),
-            (expected - &before[name]).unwrap(),
-        );
+        let (d_ours, d_theirs) = ((ours_t - &before[name]).unwrap(), (expected - &before[name]).unwrap());
         let scale = d_theirs
             .abs()
             .unwrap()
@@ -378,12 +328,7 @@ fn two_full_training_steps_match_student_teacher_and_center() {
         assert!((stats.lr - g.j[format!("{tag}.lr")].as_f64().unwrap()).abs() < 1e-15);
         let student = trainer.dino.student_store.tensors();
         let teacher = trainer.dino.teacher_store.tensors();
-        assert_updates_match(
-            tag,
-            &before,
-            &student,
-            &g.prefixed(&format!("{tag}.student.")),
-        );
+        assert_updates_match(tag, &before, &student, &g.prefixed(&format!("{tag}.student.")));
         assert_updates_match(
             &format!("{tag} teacher"),
             &teacher_before,
@@ -403,21 +348,18 @@ fn two_full_training_steps_match_student_teacher_and_center() {
 
 #[test]
 fn official_pth_and_safetensors_backbones_load_with_the_same_keys() {
-    let pth: HashMap<String, Tensor> =
-        candle_core::pickle::read_all(format!("{DIR}/vit_tiny_p4.pth"))
-            .unwrap()
-            .into_iter()
-            .collect();
-    let st = candle_core::safetensors::load(format!("{DIR}/vit_tiny_p4.safetensors"), &Device::Cpu)
-        .unwrap();
+    let pth: HashMap<String, Tensor> = candle_core::pickle::read_all(format!("{DIR}/vit_tiny_p4.pth"))
+        .unwrap()
+        .into_iter()
+        .collect();
+    let st = candle_core::safetensors::load(format!("{DIR}/vit_tiny_p4.safetensors"), &Device::Cpu).unwrap();
     assert_eq!(pth.len(), st.len());
     for (k, v) in &st {
         assert_close(k, &pth[k], v, 0.0);
     }
     let g = Golden::load();
     let store = _dino_rs::model::ParamStore::from_tensors(pth, 0).unwrap();
-    let vit =
-        _dino_rs::model::VisionTransformer::new(&g.vit(), store.var_builder(&Device::Cpu)).unwrap();
+    let vit = _dino_rs::model::VisionTransformer::new(&g.vit(), store.var_builder(&Device::Cpu)).unwrap();
     assert_close(
         "pth backbone",
         &vit.forward(g.get("input.global")).unwrap(),
@@ -431,18 +373,13 @@ fn adamw_matches_torch_with_weight_decay_over_three_steps() {
     let g = Golden::load();
     let w = candle_core::Var::from_tensor(g.get("adamw.init.w")).unwrap();
     let b = candle_core::Var::from_tensor(g.get("adamw.init.b")).unwrap();
-    let mut opt =
-        _dino_rs::optim::AdamW::new(vec![("w".into(), w.clone()), ("b.bias".into(), b.clone())])
-            .unwrap();
+    let mut opt = _dino_rs::optim::AdamW::new(vec![("w".into(), w.clone()), ("b.bias".into(), b.clone())]).unwrap();
     let lrs = floats(&g.j["adamw"]["lr"]);
     let wds = floats(&g.j["adamw"]["weight_decay_group0"]);
     for k in 1..=3 {
         let grads: HashMap<String, Tensor> = [
             ("w".to_string(), g.get(&format!("adamw.grad_{k}.w")).clone()),
-            (
-                "b.bias".to_string(),
-                g.get(&format!("adamw.grad_{k}.b")).clone(),
-            ),
+            ("b.bias".to_string(), g.get(&format!("adamw.grad_{k}.b")).clone()),
         ]
         .into();
         opt.step(&grads, lrs[k - 1], wds[k - 1]).unwrap();

@@ -12,8 +12,7 @@ pub fn box_radius(sigma: f32, passes: u32) -> f32 {
     let sigma2 = sigma * sigma / passes as f32;
     let big_l = (12.0 * sigma2 + 1.0).sqrt();
     let l = ((big_l - 1.0) / 2.0).floor();
-    let a =
-        (2.0 * l + 1.0) * (l * (l + 1.0) - 3.0 * sigma2) / (6.0 * (sigma2 - (l + 1.0) * (l + 1.0)));
+    let a = (2.0 * l + 1.0) * (l * (l + 1.0) - 3.0 * sigma2) / (6.0 * (sigma2 - (l + 1.0) * (l + 1.0)));
     l + a
 }
 
@@ -37,23 +36,10 @@ fn box_taps(radius: f32) -> Vec<(isize, u32)> {
 /// One horizontal pass over packed RGB rows. The interior is a flat 1-D convolution over the row's
 /// bytes with taps 3 bytes apart, which the compiler vectorises; only the edges clamp.
 #[inline(always)]
-fn pass_horizontal(
-    src: &[u8],
-    dst: &mut [u8],
-    width: usize,
-    taps: &[(isize, u32)],
-    acc: &mut [u32],
-) {
-    let reach = taps
-        .iter()
-        .map(|(k, _)| k.unsigned_abs())
-        .max()
-        .unwrap_or(0);
+fn pass_horizontal(src: &[u8], dst: &mut [u8], width: usize, taps: &[(isize, u32)], acc: &mut [u32]) {
+    let reach = taps.iter().map(|(k, _)| k.unsigned_abs()).max().unwrap_or(0);
     let last = width as isize - 1;
-    for (srow, drow) in src
-        .chunks_exact(width * 3)
-        .zip(dst.chunks_exact_mut(width * 3))
-    {
+    for (srow, drow) in src.chunks_exact(width * 3).zip(dst.chunks_exact_mut(width * 3)) {
         let edge = |x: usize, drow: &mut [u8]| {
             for c in 0..3 {
                 let mut acc = 1u32 << 23;
@@ -67,9 +53,7 @@ fn pass_horizontal(
             (0..width).for_each(|x| edge(x, drow));
             continue;
         }
-        (0..reach)
-            .chain(width - reach..width)
-            .for_each(|x| edge(x, drow));
+        (0..reach).chain(width - reach..width).for_each(|x| edge(x, drow));
         let (lo, hi) = (reach * 3, (width - reach) * 3);
         let acc = &mut acc[..hi - lo];
         acc.fill(1 << 23);
@@ -87,14 +71,7 @@ fn pass_horizontal(
 
 /// Row-wise accumulation so the inner loop runs over contiguous memory.
 #[inline(always)]
-fn pass_vertical(
-    src: &[u8],
-    dst: &mut [u8],
-    width: usize,
-    height: usize,
-    taps: &[(isize, u32)],
-    acc: &mut [u32],
-) {
+fn pass_vertical(src: &[u8], dst: &mut [u8], width: usize, height: usize, taps: &[(isize, u32)], acc: &mut [u32]) {
     let stride = width * 3;
     let last = height as isize - 1;
     for y in 0..height as isize {

@@ -94,14 +94,7 @@ pub fn rgb_to_hsv(r: u8, g: u8, b: u8) -> (u8, u8, u8) {
 }
 
 /// For each sector `floor(6h)`, which of (v, t, p, q) becomes R, G and B.
-const SECTORS: [[usize; 3]; 6] = [
-    [0, 1, 2],
-    [3, 0, 2],
-    [2, 0, 1],
-    [2, 3, 0],
-    [1, 2, 0],
-    [0, 2, 3],
-];
+const SECTORS: [[usize; 3]; 6] = [[0, 1, 2], [3, 0, 2], [2, 0, 1], [2, 3, 0], [1, 2, 0], [0, 2, 3]];
 
 /// PIL's `HSV -> RGB` conversion (s = 0 needs no special case: then p = q = t = v).
 #[inline]
@@ -163,10 +156,8 @@ fn hue_pixel(r: f32, g: f32, b: f32, shift: f32) -> [f32; 3] {
     let channel = |n: f32| {
         let m = n + i;
         let m = m - 6.0 * (m - 5.0).clamp(0.0, 1.0);
-        let c = f * is_zero(m)
-            + is_zero((m - 1.0).abs())
-            + is_zero((m - 2.0).abs())
-            + (1.0 - f) * is_zero((m - 3.0).abs());
+        let c =
+            f * is_zero(m) + is_zero((m - 1.0).abs()) + is_zero((m - 2.0).abs()) + (1.0 - f) * is_zero((m - 3.0).abs());
         trunc_f(maxc * (1.0 - fs * c) + 0.5).min(255.0)
     };
     [channel(5.0), channel(3.0), channel(1.0)]
@@ -239,22 +230,14 @@ impl ColorJitter {
     pub fn sample<R: Rng + ?Sized>(&self, rng: &mut R) -> Vec<ColorOp> {
         let mut order = [0usize, 1, 2, 3];
         order.shuffle(rng);
-        let factor = |rng: &mut R, s: f32| {
-            (1.0 - s).max(0.0) + rng.random::<f32>() * (1.0 + s - (1.0 - s).max(0.0))
-        };
+        let factor = |rng: &mut R, s: f32| (1.0 - s).max(0.0) + rng.random::<f32>() * (1.0 + s - (1.0 - s).max(0.0));
         let mut ops = Vec::with_capacity(4);
         for k in order {
             match k {
-                0 if self.brightness > 0.0 => {
-                    ops.push(ColorOp::Brightness(factor(rng, self.brightness)))
-                }
+                0 if self.brightness > 0.0 => ops.push(ColorOp::Brightness(factor(rng, self.brightness))),
                 1 if self.contrast > 0.0 => ops.push(ColorOp::Contrast(factor(rng, self.contrast))),
-                2 if self.saturation > 0.0 => {
-                    ops.push(ColorOp::Saturation(factor(rng, self.saturation)))
-                }
-                3 if self.hue > 0.0 => {
-                    ops.push(ColorOp::Hue((rng.random::<f32>() * 2.0 - 1.0) * self.hue))
-                }
+                2 if self.saturation > 0.0 => ops.push(ColorOp::Saturation(factor(rng, self.saturation))),
+                3 if self.hue > 0.0 => ops.push(ColorOp::Hue((rng.random::<f32>() * 2.0 - 1.0) * self.hue)),
                 _ => {}
             }
         }

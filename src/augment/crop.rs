@@ -55,10 +55,7 @@ impl RandomResizedCrop {
         let (w, h) = if in_ratio < lo {
             (width, ((width as f64 / lo).round() as u32).clamp(1, height))
         } else if in_ratio > hi {
-            (
-                ((height as f64 * hi).round() as u32).clamp(1, width),
-                height,
-            )
+            (((height as f64 * hi).round() as u32).clamp(1, width), height)
         } else {
             (width, height)
         };
@@ -80,12 +77,7 @@ pub fn resized_crop(resizer: &mut Resizer, src: &RgbImage, bbox: CropBox, size: 
     let mut dst = RgbImage::new(size, size);
     let options = ResizeOptions::new()
         .resize_alg(ResizeAlg::Convolution(FilterType::CatmullRom))
-        .crop(
-            bbox.left as f64,
-            bbox.top as f64,
-            bbox.width as f64,
-            bbox.height as f64,
-        );
+        .crop(bbox.left as f64, bbox.top as f64, bbox.width as f64, bbox.height as f64);
     resizer
         .resize(src, &mut dst, &options)
         .expect("source and destination are both RGB8 and the crop box lies inside the source");

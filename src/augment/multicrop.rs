@@ -55,11 +55,7 @@ impl MultiCropAugmenter {
     pub fn new(config: AugmentConfig) -> Result<Self> {
         config.validate()?;
         Ok(Self {
-            global_crop: RandomResizedCrop::new(
-                config.global_size,
-                config.global_scale,
-                config.ratio,
-            ),
+            global_crop: RandomResizedCrop::new(config.global_size, config.global_scale, config.ratio),
             local_crop: RandomResizedCrop::new(config.local_size, config.local_scale, config.ratio),
             jitter: ColorJitter {
                 brightness: config.brightness,
@@ -176,10 +172,7 @@ impl MultiCropAugmenter {
     pub fn batch(&self, images: &[&RgbImage], seed: u64, keys: &[u64]) -> (Vec<f32>, Vec<f32>) {
         assert_eq!(images.len(), keys.len(), "one key per image");
         let b = images.len();
-        let (glen, llen) = (
-            self.view_len(ViewKind::Global1),
-            self.view_len(ViewKind::Local),
-        );
+        let (glen, llen) = (self.view_len(ViewKind::Global1), self.view_len(ViewKind::Local));
         let mut globals = vec![0.0f32; 2 * b * glen];
         let mut locals = vec![0.0f32; self.config.n_local * b * llen];
         let global_jobs = globals

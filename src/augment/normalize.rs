@@ -22,11 +22,7 @@ impl Normalize {
     /// Writes `img` into `out` (length 3·H·W) in CHW order.
     pub fn apply(&self, img: &RgbImage, out: &mut [f32]) {
         let plane = (img.width() * img.height()) as usize;
-        assert_eq!(
-            out.len(),
-            3 * plane,
-            "output slice must hold 3 planes of the image"
-        );
+        assert_eq!(out.len(), 3 * plane, "output slice must hold 3 planes of the image");
         let (r, rest) = out.split_at_mut(plane);
         let (g, b) = rest.split_at_mut(plane);
         for (i, px) in img.as_raw().chunks_exact(3).enumerate() {

@@ -6,12 +6,7 @@ use super::Dataset;
 use crate::error::{Error, Result};
 
 /// Packs an H×W×C (C = 1 or 3) uint8 pixel block into an RGB image, replicating grey.
-pub fn rgb_from_pixels(
-    pixels: &[u8],
-    height: usize,
-    width: usize,
-    channels: usize,
-) -> Result<RgbImage> {
+pub fn rgb_from_pixels(pixels: &[u8], height: usize, width: usize, channels: usize) -> Result<RgbImage> {
     if height == 0 || width == 0 {
         return Err(Error::Shape(format!(
             "image must have at least one pixel, got shape ({height}, {width})"
@@ -48,9 +43,7 @@ impl ArrayDataset {
     pub fn new(data: Vec<u8>, shape: [usize; 4], labels: Option<Vec<i64>>) -> Result<Self> {
         let [n, h, w, c] = shape;
         if n == 0 {
-            return Err(Error::Shape(
-                "ArrayDataset needs at least one image, got N=0".into(),
-            ));
+            return Err(Error::Shape("ArrayDataset needs at least one image, got N=0".into()));
         }
         if h == 0 || w == 0 || (c != 1 && c != 3) {
             return Err(Error::Shape(format!(
@@ -68,11 +61,7 @@ impl ArrayDataset {
                 return Err(Error::Shape(format!("{} labels for {n} images", l.len())));
             }
         }
-        Ok(Self {
-            data,
-            shape,
-            labels,
-        })
+        Ok(Self { data, shape, labels })
     }
 
     pub fn shape(&self) -> [usize; 4] {

@@ -66,9 +66,7 @@ pub fn load_rgb(path: &Path, max_pixels: u64) -> Result<RgbImage> {
     // Room for the largest allowed image at 16 bits per RGBA channel plus decoder scratch.
     limits.max_alloc = Some(max_pixels.saturating_mul(8).saturating_add(64 << 20));
     reader.limits(limits);
-    let mut decoder = reader
-        .into_decoder()
-        .map_err(|e| Error::image(path, describe(e)))?;
+    let mut decoder = reader.into_decoder().map_err(|e| Error::image(path, describe(e)))?;
     let (w, h) = decoder.dimensions();
     let pixels = w as u64 * h as u64;
     if pixels > max_pixels {
@@ -80,11 +78,8 @@ pub fn load_rgb(path: &Path, max_pixels: u64) -> Result<RgbImage> {
     if pixels == 0 {
         return Err(Error::image(path, format!("image has no pixels ({w}x{h})")));
     }
-    let orientation = decoder
-        .orientation()
-        .map_err(|e| Error::image(path, describe(e)))?;
-    let mut img =
-        image::DynamicImage::from_decoder(decoder).map_err(|e| Error::image(path, describe(e)))?;
+    let orientation = decoder.orientation().map_err(|e| Error::image(path, describe(e)))?;
+    let mut img = image::DynamicImage::from_decoder(decoder).map_err(|e| Error::image(path, describe(e)))?;
     img.apply_orientation(orientation);
     Ok(img.into_rgb8())
 }

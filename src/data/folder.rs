@@ -28,10 +28,7 @@ impl ImageFolder {
             return Err(Error::io(&root, std::io::Error::other("not a directory")));
         }
         let mut files = Vec::new();
-        for entry in walkdir::WalkDir::new(&root)
-            .follow_links(true)
-            .sort_by_file_name()
-        {
+        for entry in walkdir::WalkDir::new(&root).follow_links(true).sort_by_file_name() {
             let entry = entry.map_err(|e| {
                 let path = e.path().unwrap_or(&root).to_path_buf();
                 let message = if e.loop_ancestor().is_some() {
@@ -62,24 +59,11 @@ impl ImageFolder {
             let rel = p.strip_prefix(&root).ok()?;
             let mut parts = rel.components();
             let first = parts.next()?;
-            parts
-                .next()
-                .map(|_| first.as_os_str().to_string_lossy().into_owned())
+            parts.next().map(|_| first.as_os_str().to_string_lossy().into_owned())
         };
-        let classes: BTreeMap<String, i64> = files
-            .iter()
-            .filter_map(|p| class_of(p))
-            .map(|c| (c, 0))
-            .collect();
-        let classes: BTreeMap<String, i64> = classes
-            .into_keys()
-            .enumerate()
-            .map(|(i, c)| (c, i as i64))
-            .collect();
-        let labels = files
-            .iter()
-            .map(|p| class_of(p).map_or(-1, |c| classes[&c]))
-            .collect();
+        let classes: BTreeMap<String, i64> = files.iter().filter_map(|p| class_of(p)).map(|c| (c, 0)).collect();
+        let classes: BTreeMap<String, i64> = classes.into_keys().enumerate().map(|(i, c)| (c, i as i64)).collect();
+        let labels = files.iter().map(|p| class_of(p).map_or(-1, |c| classes[&c])).collect();
         Ok(Self {
             root,
             paths: files,

@@ -74,17 +74,9 @@ pub struct MultiCropLoader {
 }
 
 impl MultiCropLoader {
-    pub fn new(
-        dataset: Arc<dyn Dataset>,
-        augmenter: Arc<MultiCropAugmenter>,
-        config: LoaderConfig,
-    ) -> Result<Self> {
-        ensure(config.batch_size > 0, || {
-            "batch_size must be at least 1, got 0".into()
-        })?;
-        ensure(config.prefetch > 0, || {
-            "prefetch must be at least 1, got 0".into()
-        })?;
+    pub fn new(dataset: Arc<dyn Dataset>, augmenter: Arc<MultiCropAugmenter>, config: LoaderConfig) -> Result<Self> {
+        ensure(config.batch_size > 0, || "batch_size must be at least 1, got 0".into())?;
+        ensure(config.prefetch > 0, || "prefetch must be at least 1, got 0".into())?;
         let n = dataset.len();
         ensure(n > 0, || "the dataset is empty".into())?;
         ensure(!config.drop_last || n >= config.batch_size, || {
@@ -128,10 +120,7 @@ impl MultiCropLoader {
     pub fn epoch_order(&self, epoch: u64) -> Vec<usize> {
         let mut order: Vec<usize> = (0..self.dataset.len()).collect();
         if self.config.shuffle {
-            order.shuffle(&mut ChaCha8Rng::seed_from_u64(mix_seed(
-                self.config.seed,
-                epoch,
-            )));
+            order.shuffle(&mut ChaCha8Rng::seed_from_u64(mix_seed(self.config.seed, epoch)));
         }
         order
     }
@@ -238,8 +227,7 @@ impl Producer {
         let indices: Vec<usize> = items.iter().map(|(i, _)| *i).collect();
         let images: Vec<&RgbImage> = items.iter().map(|(_, img)| img).collect();
         let keys: Vec<u64> = indices.iter().map(|&i| i as u64).collect();
-        let (globals, locals) =
-            parallel::install(|| self.loader.augmenter.batch(&images, self.aug_seed, &keys));
+        let (globals, locals) = parallel::install(|| self.loader.augmenter.batch(&images, self.aug_seed, &keys));
         Batch {
             globals,
             locals,

@@ -42,16 +42,8 @@ impl Block {
     }
 
     pub fn forward_masked(&self, x: &Tensor, masks: Option<&DropPathMasks>) -> Result<Tensor> {
-        let x = residual(
-            x,
-            self.attn.forward(&self.norm1.forward(x)?)?,
-            masks.map(|m| &m.attn),
-        )?;
-        residual(
-            &x,
-            self.mlp.forward(&self.norm2.forward(&x)?)?,
-            masks.map(|m| &m.mlp),
-        )
+        let x = residual(x, self.attn.forward(&self.norm1.forward(x)?)?, masks.map(|m| &m.attn))?;
+        residual(&x, self.mlp.forward(&self.norm2.forward(&x)?)?, masks.map(|m| &m.mlp))
     }
 
     /// The attention weights this block computes for `x` (the official `get_last_selfattention`).

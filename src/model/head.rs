@@ -39,11 +39,7 @@ pub struct DinoHead {
 
 /// `F.normalize(x, dim=-1)`: x / max(‖x‖, 1e-12).
 pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
-    let norm = x
-        .sqr()?
-        .sum_keepdim(D::Minus1)?
-        .sqrt()?
-        .clamp(1e-12, f64::INFINITY)?;
+    let norm = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::INFINITY)?;
     x.broadcast_div(&norm)
 }
 
@@ -60,12 +56,7 @@ impl DinoHead {
             for i in 1..nlayers - 1 {
                 mlp.push(linear(c.hidden_dim, c.hidden_dim, true, vm.pp(2 * i))?);
             }
-            mlp.push(linear(
-                c.hidden_dim,
-                c.bottleneck_dim,
-                true,
-                vm.pp(2 * (nlayers - 1)),
-            )?);
+            mlp.push(linear(c.hidden_dim, c.bottleneck_dim, true, vm.pp(2 * (nlayers - 1)))?);
         }
         let vl = vb.pp("last_layer");
         // nn.Linear's default init (the official code leaves the last layer to it).
@@ -73,10 +64,7 @@ impl DinoHead {
         let weight_v = vl.get_with_hints(
             (c.out_dim, c.bottleneck_dim),
             "weight_v",
-            Init::Uniform {
-                lo: -bound,
-                up: bound,
-            },
+            Init::Uniform { lo: -bound, up: bound },
         )?;
         let weight_g = vl.get_with_hints((c.out_dim, 1), "weight_g", Init::Const(1.0))?;
         Ok(Self {
@@ -101,8 +89,7 @@ impl DinoHead {
     /// The last layer's effective weight g · v / ‖v‖ (norm over each output row).
     pub fn last_layer_weight(&self) -> Result<Tensor> {
         let norm = self.weight_v.sqr()?.sum_keepdim(1)?.sqrt()?;
-        self.weight_v
-            .broadcast_mul(&self.weight_g.broadcast_div(&norm)?)
+        self.weight_v.broadcast_mul(&self.weight_g.broadcast_div(&norm)?)
     }
 }
 

@@ -11,29 +11,30 @@ use super::vit::{VisionTransformer, VitConfig};
 #[derive(Debug, Clone)]
 pub struct MultiCropWrapper {
     pub backbone: VisionTransformer,
-    pub head: DinoHead,
+    /// None for a backbone loaded on its own (features and attention only, no training).
+    pub head: Option<DinoHead>,
 }
 
 impl MultiCropWrapper {
     /// Parameters are named `backbone.*` and `head.*`, as in the official training checkpoints.
-    pub fn new(vit: &VitConfig, head: &HeadConfig, vb: VarBuilder) -> Result<Self> {
-        Ok(Self {
-            backbone: VisionTransformer::new(vit, vb.pp("backbone"))?,
-            head: DinoHead::new(head, vb.pp("head"))?,
-        })
+    pub fn new(vit: &VitConfig, head: Option<&HeadConfig>, vb: VarBuilder) -> Result<Self> {
+        let backbone = VisionTransformer::new(vit, vb.pp("backbone"))?;
+        let head = head.map(|h| DinoHead::new(h, vb.pp("head"))).transpose()?;
+        Ok(Self { backbone, head })
     }
 
     /// `groups` are (n·B, 3, S, S) batches of crops sharing a resolution; returns head outputs
     /// for all of them in order. With `rng`, the backbone applies stochastic depth.
-    pub fn forward_t<R: Rng + ?Sized>(
-        &self,
-        groups: &[&Tensor],
-        mut rng: Option<&mut R>,
-    ) -> Result<Tensor> {
+    pub fn forward_t<R: Rng + ?Sized>(&self, groups: &[&Tensor], mut rng: Option<&mut R>) -> Result<Tensor> {
         let feats = groups
             .iter()
             .map(|g| self.backbone.forward_t(g, rng.as_deref_mut()))
             .collect::<Result<Vec<_>>>()?;
-        self.head.forward(&Tensor::cat(&feats, 0)?)
+        match &self.head {
+            Some(head) => head.forward(&Tensor::cat(&feats, 0)?),
+            None => {
+                candle_core::bail!("this model has no DINO head (a backbone loaded on its own): it cannot be trained")
+            }
+        }
     }
 }

@@ -15,24 +15,12 @@ pub struct PatchEmbed {
 }
 
 impl PatchEmbed {
-    pub fn new(
-        patch_size: usize,
-        in_chans: usize,
-        embed_dim: usize,
-        vb: VarBuilder,
-    ) -> Result<Self> {
+    pub fn new(patch_size: usize, in_chans: usize, embed_dim: usize, vb: VarBuilder) -> Result<Self> {
         let vb = vb.pp("proj");
         // PyTorch's Conv2d default init (the official code leaves it): U(±1/sqrt(fan_in)).
         let bound = 1.0 / ((in_chans * patch_size * patch_size) as f64).sqrt();
-        let init = Init::Uniform {
-            lo: -bound,
-            up: bound,
-        };
-        let weight = vb.get_with_hints(
-            (embed_dim, in_chans, patch_size, patch_size),
-            "weight",
-            init,
-        )?;
+        let init = Init::Uniform { lo: -bound, up: bound };
+        let weight = vb.get_with_hints((embed_dim, in_chans, patch_size, patch_size), "weight", init)?;
         let bias = vb.get_with_hints(embed_dim, "bias", init)?;
         Ok(Self {
             weight,
@@ -55,9 +43,7 @@ impl Module for PatchEmbed {
             .permute((0, 2, 4, 1, 3, 5))?
             .contiguous()?
             .reshape((b * gh * gw, c * p * p))?;
-        let weight = self
-            .weight
-            .reshape((self.embed_dim, self.in_chans * p * p))?;
+        let weight = self.weight.reshape((self.embed_dim, self.in_chans * p * p))?;
         patches
             .matmul(&weight.t()?)?
             .broadcast_add(&self.bias)?

@@ -52,14 +52,8 @@ pub fn interpolate(patch_pos: &Tensor, out_h: usize, out_w: usize) -> Result<Ten
     let wx = Tensor::from_vec(bicubic_matrix(s, out_w, scale(out_w)), (out_w, s), dev)?;
     let wy = Tensor::from_vec(bicubic_matrix(s, out_h, scale(out_h)), (out_h, s), dev)?;
     // Along the width first, then the height: the order PyTorch's kernel accumulates in.
-    let grid = patch_pos
-        .reshape((s, s, dim))?
-        .transpose(1, 2)?
-        .contiguous()?; // (h, D, w)
+    let grid = patch_pos.reshape((s, s, dim))?.transpose(1, 2)?.contiguous()?; // (h, D, w)
     let along_w = grid.broadcast_matmul(&wx.t()?)?; // (h, D, out_w)
-    let rows = along_w
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape((s, out_w * dim))?;
+    let rows = along_w.transpose(1, 2)?.contiguous()?.reshape((s, out_w * dim))?;
     wy.matmul(&rows)?.reshape((1, out_h * out_w, dim))
 }

@@ -84,23 +84,15 @@ impl ParamStore {
 
 struct StoreBackend<'a>(&'a ParamStore);
 
-fn init_tensor(
-    init: Init,
-    shape: &Shape,
-    rng: &mut ChaCha8Rng,
-    dev: &Device,
-) -> candle_core::Result<Tensor> {
+fn init_tensor(init: Init, shape: &Shape, rng: &mut ChaCha8Rng, dev: &Device) -> candle_core::Result<Tensor> {
     let n = shape.elem_count();
     let data: Vec<f32> = match init {
         Init::Const(v) => vec![v as f32; n],
         Init::Randn { mean, stdev } => {
-            let normal =
-                Normal::new(mean, stdev).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            let normal = Normal::new(mean, stdev).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
             (0..n).map(|_| normal.sample(rng) as f32).collect()
         }
-        Init::Uniform { lo, up } => (0..n)
-            .map(|_| (lo + (up - lo) * rng.random::<f64>()) as f32)
-            .collect(),
+        Init::Uniform { lo, up } => (0..n).map(|_| (lo + (up - lo) * rng.random::<f64>()) as f32).collect(),
         Init::Kaiming { .. } => {
             return Err(candle_core::Error::Msg(
                 "Kaiming init is not used by dino_rs layers".into(),
@@ -111,14 +103,7 @@ fn init_tensor(
 }
 
 impl candle_nn::var_builder::SimpleBackend for StoreBackend<'_> {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        h: Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
+    fn get(&self, s: Shape, name: &str, h: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         let mut inner = self.0.lock();
         if let Some(v) = inner.vars.get(name) {
             if v.shape() != &s {
@@ -137,17 +122,10 @@ impl candle_nn::var_builder::SimpleBackend for StoreBackend<'_> {
         var.as_tensor().to_dtype(dtype)
     }
 
-    fn get_unchecked(
-        &self,
-        name: &str,
-        dtype: DType,
-        _dev: &Device,
-    ) -> candle_core::Result<Tensor> {
+    fn get_unchecked(&self, name: &str, dtype: DType, _dev: &Device) -> candle_core::Result<Tensor> {
         match self.0.lock().vars.get(name) {
             Some(v) => v.as_tensor().to_dtype(dtype),
-            None => Err(candle_core::Error::Msg(format!(
-                "parameter {name} is missing"
-            ))),
+            None => Err(candle_core::Error::Msg(format!("parameter {name} is missing"))),
         }
     }
 

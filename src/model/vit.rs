@@ -26,13 +26,7 @@ pub struct VitConfig {
 }
 
 impl VitConfig {
-    pub fn custom(
-        embed_dim: usize,
-        depth: usize,
-        num_heads: usize,
-        patch_size: usize,
-        img_size: usize,
-    ) -> Self {
+    pub fn custom(embed_dim: usize, depth: usize, num_heads: usize, patch_size: usize, img_size: usize) -> Self {
         Self {
             img_size,
             patch_size,
@@ -67,9 +61,7 @@ impl VitConfig {
     pub fn validate(&self) -> crate::Result<()> {
         use crate::error::ensure;
         ensure(
-            self.patch_size > 0
-                && self.img_size >= self.patch_size
-                && self.img_size % self.patch_size == 0,
+            self.patch_size > 0 && self.img_size >= self.patch_size && self.img_size % self.patch_size == 0,
             || {
                 format!(
                     "img_size ({}) must be a positive multiple of patch_size ({})",
@@ -77,10 +69,9 @@ impl VitConfig {
                 )
             },
         )?;
-        ensure(
-            self.embed_dim > 0 && self.depth > 0 && self.num_heads > 0,
-            || "embed_dim, depth and num_heads must be positive".into(),
-        )?;
+        ensure(self.embed_dim > 0 && self.depth > 0 && self.num_heads > 0, || {
+            "embed_dim, depth and num_heads must be positive".into()
+        })?;
         ensure(self.embed_dim % self.num_heads == 0, || {
             format!(
                 "embed_dim ({}) must be divisible by num_heads ({})",
@@ -88,10 +79,7 @@ impl VitConfig {
             )
         })?;
         ensure((0.0..1.0).contains(&self.drop_path_rate), || {
-            format!(
-                "drop_path_rate must be in [0, 1), got {}",
-                self.drop_path_rate
-            )
+            format!("drop_path_rate must be in [0, 1), got {}", self.drop_path_rate)
         })
     }
 }
@@ -109,8 +97,7 @@ pub struct VisionTransformer {
 impl VisionTransformer {
     pub fn new(config: &VitConfig, vb: VarBuilder) -> Result<Self> {
         let d = config.embed_dim;
-        let patch_embed =
-            PatchEmbed::new(config.patch_size, config.in_chans, d, vb.pp("patch_embed"))?;
+        let patch_embed = PatchEmbed::new(config.patch_size, config.in_chans, d, vb.pp("patch_embed"))?;
         let tn = Init::Randn {
             mean: 0.0,
             stdev: TRUNC_NORMAL_STD,
@@ -118,14 +105,7 @@ impl VisionTransformer {
         let pos_embed = vb.get_with_hints((1, config.num_patches() + 1, d), "pos_embed", tn)?;
         let cls_token = vb.get_with_hints((1, 1, d), "cls_token", tn)?;
         let blocks = (0..config.depth)
-            .map(|i| {
-                Block::new(
-                    d,
-                    config.num_heads,
-                    config.mlp_ratio,
-                    vb.pp(format!("blocks.{i}")),
-                )
-            })
+            .map(|i| Block::new(d, config.num_heads, config.mlp_ratio, vb.pp(format!("blocks.{i}"))))
             .collect::<Result<Vec<_>>>()?;
         let norm = LayerNorm::new(d, LN_EPS, vb.pp("norm"))?;
         Ok(Self {
@@ -211,10 +191,7 @@ impl VisionTransformer {
     /// The last block's self-attention `(B, heads, 1+N, 1+N)` (official `get_last_selfattention`).
     pub fn last_self_attention(&self, x: &Tensor) -> Result<Tensor> {
         let mut tokens = self.prepare_tokens(x)?;
-        let (last, rest) = self
-            .blocks
-            .split_last()
-            .expect("a ViT has at least one block");
+        let (last, rest) = self.blocks.split_last().expect("a ViT has at least one block");
         for block in rest {
             tokens = block.forward(&tokens)?;
         }
@@ -228,9 +205,7 @@ impl VisionTransformer {
         let attn = self.last_self_attention(x)?;
         let heads = attn.dim(1)?;
         let n = attn.dim(D::Minus1)? - 1;
-        attn.narrow(2, 0, 1)?
-            .narrow(3, 1, n)?
-            .reshape((b, heads, h / p, w / p))
+        attn.narrow(2, 0, 1)?.narrow(3, 1, n)?.reshape((b, heads, h / p, w / p))
     }
 }
 

@@ -16,11 +16,7 @@ use crate::data::loader::Next;
 use crate::data::{ArrayDataset, Dataset, EpochIter, ImageFolder, LoaderConfig, MultiCropLoader};
 
 fn check_index(index: isize, len: usize) -> PyResult<usize> {
-    let i = if index < 0 {
-        index + len as isize
-    } else {
-        index
-    };
+    let i = if index < 0 { index + len as isize } else { index };
     if i < 0 || i as usize >= len {
         return Err(PyIndexError::new_err(format!(
             "index {index} out of range for a dataset of {len} images"
@@ -30,11 +26,7 @@ fn check_index(index: isize, len: usize) -> PyResult<usize> {
 }
 
 /// `(image uint8 (H, W, 3), label)` of item `index`, decoded off the GIL.
-fn get_item<'py>(
-    py: Python<'py>,
-    ds: Arc<dyn Dataset>,
-    index: isize,
-) -> PyResult<Bound<'py, PyTuple>> {
+fn get_item<'py>(py: Python<'py>, ds: Arc<dyn Dataset>, index: isize) -> PyResult<Bound<'py, PyTuple>> {
     let i = check_index(index, ds.len())?;
     let label = ds.label(i);
     let img = py.detach(move || ds.load(i))?;
@@ -57,9 +49,7 @@ impl PyImageFolder {
     #[pyo3(signature = (root, max_pixels=DEFAULT_MAX_PIXELS))]
     fn new(py: Python<'_>, root: std::path::PathBuf, max_pixels: u64) -> PyResult<Self> {
         let inner = py.detach(move || ImageFolder::new(root, max_pixels))?;
-        Ok(Self {
-            inner: Arc::new(inner),
-        })
+        Ok(Self { inner: Arc::new(inner) })
     }
     #[getter]
     fn root(&self) -> String {
@@ -105,9 +95,7 @@ pub struct PyArrayDataset {
 
 fn array_dataset(images: &Bound<'_, PyAny>, labels: Option<Vec<i64>>) -> PyResult<ArrayDataset> {
     let arr = images.cast::<PyUntypedArray>().map_err(|_| {
-        PyTypeError::new_err(
-            "ArrayDataset expects a uint8 numpy array of shape (N, H, W) or (N, H, W, 3)",
-        )
+        PyTypeError::new_err("ArrayDataset expects a uint8 numpy array of shape (N, H, W) or (N, H, W, 3)")
     })?;
     let shape = numpy::PyUntypedArrayMethods::shape(arr).to_vec();
     if shape.len() != 3 && shape.len() != 4 {
@@ -295,11 +283,7 @@ pub struct LoaderIterator {
 
 impl LoaderIterator {
     fn finish(&self) -> Option<EpochIter> {
-        let mut it = self
-            .inner
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()?;
+        let mut it = self.inner.lock().unwrap_or_else(|e| e.into_inner()).take()?;
         it.finish();
         Some(it)
     }
@@ -358,11 +342,7 @@ impl LoaderIterator {
 }
 
 impl LoaderIterator {
-    fn to_arrays<'py>(
-        &self,
-        py: Python<'py>,
-        batch: crate::data::Batch,
-    ) -> PyResult<Bound<'py, PyTuple>> {
+    fn to_arrays<'py>(&self, py: Python<'py>, batch: crate::data::Batch) -> PyResult<Bound<'py, PyTuple>> {
         let (b, g, l) = (batch.len(), self.global_size, self.local_size);
         let globals: Bound<'py, PyArrayDyn<f32>> = f32_array(py, batch.globals, &[2, b, 3, g, g])?;
         let locals = f32_array(py, batch.locals, &[self.n_local, b, 3, l, l])?;

@@ -1,9 +1,7 @@
 //! Rust errors to specific Python exceptions: bad files raise `dino_rs.ImageError` (an OSError
 //! carrying `.filename`), bad arguments and shapes raise ValueError.
 
-use pyo3::exceptions::{
-    PyFileNotFoundError, PyKeyboardInterrupt, PyOSError, PyPermissionError, PyValueError,
-};
+use pyo3::exceptions::{PyFileNotFoundError, PyKeyboardInterrupt, PyOSError, PyPermissionError, PyValueError};
 use pyo3::prelude::*;
 
 use crate::error::Error;

@@ -34,19 +34,13 @@ fn cuda_is_available() -> bool {
 
 /// Writes a uint8 (H, W, 3) or (H, W) array as a PNG file (used by the demo and plot helpers).
 #[pyfunction]
-fn _write_png(
-    py: Python<'_>,
-    path: std::path::PathBuf,
-    image: &Bound<'_, ::numpy::PyUntypedArray>,
-) -> PyResult<()> {
+fn _write_png(py: Python<'_>, path: std::path::PathBuf, image: &Bound<'_, ::numpy::PyUntypedArray>) -> PyResult<()> {
     let img = numpy::image_from_array(image)?;
     py.detach(move || {
         img.save_with_format(&path, image::ImageFormat::Png)
             .map_err(|e| (path, e))
     })
-    .map_err(|(path, e)| {
-        pyo3::exceptions::PyOSError::new_err(format!("{}: cannot write PNG ({e})", path.display()))
-    })
+    .map_err(|(path, e)| pyo3::exceptions::PyOSError::new_err(format!("{}: cannot write PNG ({e})", path.display())))
 }
 
 #[pymodule]

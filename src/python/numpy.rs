@@ -32,11 +32,7 @@ impl ImageInput {
 fn shape_str(shape: &[usize]) -> String {
     format!(
         "({})",
-        shape
-            .iter()
-            .map(|s| s.to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
+        shape.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", ")
     )
 }
 
@@ -134,10 +130,7 @@ pub fn batch_inputs(obj: &Bound<'_, PyAny>) -> PyResult<Vec<ImageInput>> {
             })
             .collect();
     }
-    if obj.is_instance_of::<PyList>()
-        || obj.is_instance_of::<PyTuple>()
-        || obj.hasattr("__len__")?
-    {
+    if obj.is_instance_of::<PyList>() || obj.is_instance_of::<PyTuple>() || obj.hasattr("__len__")? {
         return obj.try_iter()?.map(|item| image_input(&item?)).collect();
     }
     Err(PyValueError::new_err(format!(
@@ -147,19 +140,14 @@ pub fn batch_inputs(obj: &Bound<'_, PyAny>) -> PyResult<Vec<ImageInput>> {
 }
 
 /// A float32 array of `shape` owning `data` (no copy).
-pub fn f32_array<'py>(
-    py: Python<'py>,
-    data: Vec<f32>,
-    shape: &[usize],
-) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
-    let arr = ArrayD::from_shape_vec(IxDyn(shape), data)
-        .map_err(|e| PyErr::from(Error::Shape(e.to_string())))?;
+pub fn f32_array<'py>(py: Python<'py>, data: Vec<f32>, shape: &[usize]) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+    let arr = ArrayD::from_shape_vec(IxDyn(shape), data).map_err(|e| PyErr::from(Error::Shape(e.to_string())))?;
     Ok(arr.into_pyarray(py))
 }
 
 pub fn u8_image_array<'py>(py: Python<'py>, img: RgbImage) -> PyResult<Bound<'py, PyArrayDyn<u8>>> {
     let shape = [img.height() as usize, img.width() as usize, 3];
-    let arr = ArrayD::from_shape_vec(IxDyn(&shape), img.into_raw())
-        .map_err(|e| PyErr::from(Error::Shape(e.to_string())))?;
+    let arr =
+        ArrayD::from_shape_vec(IxDyn(&shape), img.into_raw()).map_err(|e| PyErr::from(Error::Shape(e.to_string())))?;
     Ok(arr.into_pyarray(py))
 }
