@@ -22,6 +22,12 @@ pub enum Error {
     /// An array or tensor of the wrong shape or layout.
     #[error("{0}")]
     Shape(String),
+    /// A file that is not a usable checkpoint or weights file (truncated, wrong architecture, ...).
+    #[error("{}: {message}", path.display())]
+    Checkpoint { path: PathBuf, message: String },
+    /// A numerical / tensor-library failure.
+    #[error("{0}")]
+    Tensor(#[from] candle_core::Error),
     /// The work was cancelled (loader dropped or interrupted).
     #[error("cancelled")]
     Cancelled,
@@ -41,6 +47,13 @@ impl Error {
         Error::Io {
             path: path.as_ref().to_path_buf(),
             source,
+        }
+    }
+
+    pub fn checkpoint(path: impl AsRef<Path>, message: impl Into<String>) -> Self {
+        Error::Checkpoint {
+            path: path.as_ref().to_path_buf(),
+            message: message.into(),
         }
     }
 

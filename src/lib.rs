@@ -5,8 +5,10 @@
 //! loader, with Python bindings behind the `python` feature.
 
 pub mod augment;
+pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod dino;
 pub mod error;
 pub mod loss;
 pub mod model;
@@ -18,6 +20,12 @@ pub mod train;
 
 #[cfg(feature = "python")]
 mod python;
+
+// Training allocates and frees many tensor-sized buffers per step; with glibc's malloc the large
+// ones go back to the kernel each time and every step pays page faults zeroing them again
+// (30% of a CPU step, measured with perf). mimalloc keeps them pooled.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 pub use augment::{MultiCropAugmenter, ViewKind};
 pub use config::AugmentConfig;

@@ -6,18 +6,18 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use candle_core::{Device, Result, Tensor};
+use candle_core::{Result, Tensor};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
+use crate::dino::Dino;
 use crate::loss::DinoLoss;
-use crate::model::{HeadConfig, MultiCropWrapper, ParamStore, VitConfig};
 use crate::optim::{clip_gradients, AdamW};
 use crate::schedule::cosine_scheduler;
 use crate::teacher::ema_update;
 
 /// The training recipe (official `main_dino.py` defaults).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TrainConfig {
     pub epochs: usize,
     /// Base learning rate for a total batch of 256 (scaled linearly with the batch size).
@@ -61,66 +61,6 @@ impl Default for TrainConfig {
             niter_per_ep: 1,
             n_local: 8,
         }
-    }
-}
-
-/// Student and EMA teacher (same architecture; the teacher has no stochastic depth).
-pub struct Dino {
-    pub vit: VitConfig,
-    pub head: Option<HeadConfig>,
-    pub student_store: ParamStore,
-    pub teacher_store: ParamStore,
-    pub student: MultiCropWrapper,
-    pub teacher: MultiCropWrapper,
-    pub device: Device,
-}
-
-impl Dino {
-    /// A freshly initialised student (seeded) and a teacher starting as its copy; or both from
-    /// `weights` (names `backbone.*` / `head.*`) when given.
-    pub fn new(
-        vit: VitConfig,
-        head: Option<HeadConfig>,
-        seed: u64,
-        weights: Option<HashMap<String, Tensor>>,
-        device: &Device,
-    ) -> Result<Self> {
-        let student_store = match weights {
-            Some(w) => ParamStore::from_tensors(w, seed)?,
-            None => ParamStore::new(seed),
-        };
-        let student = MultiCropWrapper::new(&vit, head.as_ref(), student_store.var_builder(device))?;
-        let copies = student_store
-            .tensors()
-            .into_iter()
-            .map(|(n, t)| Ok((n, t.copy()?)))
-            .collect::<Result<HashMap<_, _>>>()?;
-        let teacher_store = ParamStore::from_tensors(copies, seed)?;
-        let teacher_vit = VitConfig {
-            drop_path_rate: 0.0,
-            ..vit.clone()
-        };
-        let teacher = MultiCropWrapper::new(&teacher_vit, head.as_ref(), teacher_store.var_builder(device))?;
-        Ok(Self {
-            vit,
-            head,
-            student_store,
-            teacher_store,
-            student,
-            teacher,
-            device: device.clone(),
-        })
-    }
-
-    /// Student parameters the optimiser updates (all but a fixed `weight_g`), in creation order.
-    pub fn trainable(&self) -> Vec<(String, candle_core::Var)> {
-        self.student_store
-            .vars()
-            .into_iter()
-            .filter(|(n, _)| {
-                !(self.head.as_ref().is_some_and(|h| h.norm_last_layer) && n.ends_with("last_layer.weight_g"))
-            })
-            .collect()
     }
 }
 
@@ -285,5 +225,84 @@ impl DinoTrainer {
             Ok(c) => self.apply(c).map(Ok),
             Err(e) => Ok(Err(e)),
         }
+    }
+}
+
+impl DinoTrainer {
+    /// Everything needed to continue exactly: both networks, Adam moments and step counts, the
+    /// centre, the iteration, the stochastic-depth RNG position, and `extra` (caller's JSON).
+    pub fn save(&self, path: &std::path::Path, extra: serde_json::Value) -> crate::Result<()> {
+        let mut tensors = self.dino.named_tensors();
+        let mut steps = serde_json::Map::new();
+        for (name, m, v, t) in self.optimizer.state() {
+            tensors.push((format!("optim.m.{name}"), m));
+            tensors.push((format!("optim.v.{name}"), v));
+            steps.insert(name, t.into());
+        }
+        tensors.push(("center".into(), self.loss.center.clone()));
+        let rng = serde_json::json!({
+            "seed": self.rng.get_seed().to_vec(),
+            "stream": self.rng.get_stream(),
+            "word_pos": self.rng.get_word_pos().to_string(),
+        });
+        let meta = serde_json::json!({
+            "format": "dino_rs.trainer", "version": 1, "vit": self.dino.vit, "head": self.dino.head,
+            "train": self.config, "iteration": self.iteration, "optim_steps": steps, "rng": rng, "extra": extra,
+        });
+        crate::checkpoint::save(path, &tensors, &meta)
+    }
+
+    /// A trainer saved by [`DinoTrainer::save`], and its `extra` JSON.
+    pub fn load(path: &std::path::Path, device: &candle_core::Device) -> crate::Result<(Self, serde_json::Value)> {
+        use crate::error::Error;
+        let bad = |m: String| Error::checkpoint(path, m);
+        let (mut tensors, meta) = crate::checkpoint::load(path)?;
+        if meta["format"] != "dino_rs.trainer" {
+            return Err(bad("not a dino_rs trainer checkpoint (saved by Trainer.save)".into()));
+        }
+        let config: TrainConfig = serde_json::from_value(meta["train"].clone()).map_err(|e| bad(e.to_string()))?;
+        let center = tensors
+            .remove("center")
+            .ok_or_else(|| bad("the centre is missing".into()))?;
+        let mut optim = Vec::new();
+        let steps = meta["optim_steps"].as_object().cloned().unwrap_or_default();
+        for (name, t) in steps {
+            let m = tensors
+                .remove(&format!("optim.m.{name}"))
+                .ok_or_else(|| bad(format!("optimiser state of {name} missing")))?;
+            let v = tensors
+                .remove(&format!("optim.v.{name}"))
+                .ok_or_else(|| bad(format!("optimiser state of {name} missing")))?;
+            optim.push((
+                name,
+                m.to_device(device)?,
+                v.to_device(device)?,
+                t.as_u64().unwrap_or(0),
+            ));
+        }
+        let dino = Arc::new(crate::dino::Dino::from_saved(path, tensors, &meta, device)?);
+        let mut trainer = Self::new(dino, config, 0)?;
+        trainer.optimizer.load_state(optim).map_err(|e| bad(e.to_string()))?;
+        if center.shape() != trainer.loss.center.shape() {
+            return Err(bad(format!(
+                "centre has shape {:?}, expected {:?}",
+                center.dims(),
+                trainer.loss.center.dims()
+            )));
+        }
+        trainer.loss.center = center.to_device(device)?;
+        trainer.iteration = meta["iteration"]
+            .as_u64()
+            .ok_or_else(|| bad("iteration missing".into()))? as usize;
+        let seed: Vec<u8> = serde_json::from_value(meta["rng"]["seed"].clone()).map_err(|e| bad(e.to_string()))?;
+        let seed: [u8; 32] = seed.try_into().map_err(|_| bad("bad RNG state".into()))?;
+        trainer.rng = ChaCha8Rng::from_seed(seed);
+        trainer.rng.set_stream(meta["rng"]["stream"].as_u64().unwrap_or(0));
+        let pos: u128 = meta["rng"]["word_pos"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| bad("bad RNG state".into()))?;
+        trainer.rng.set_word_pos(pos);
+        Ok((trainer, meta["extra"].clone()))
     }
 }

@@ -6,20 +6,28 @@ arrays are NumPy. See ``help(dino_rs.MultiCropAugmenter)`` to start.
 
 from ._dino_rs import (
     DEFAULT_MAX_PIXELS,
+    DINO,
     ArrayDataset,
+    DINOLoss,
     ImageFolder,
     MultiCropAugmenter,
     MultiCropLoader,
     __version__,
+    cosine_scheduler,
     cuda_is_available,
     get_num_threads,
+    load_backbone,
     set_num_threads,
 )
 from ._errors import ImageError
 from .demo import bundled_photos, multicrop_grid
+from .trainer import Trainer
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
+    "DINO",
+    "DINOLoss",
+    "Trainer",
     "ArrayDataset",
     "ImageError",
     "ImageFolder",
@@ -27,8 +35,10 @@ __all__ = [
     "MultiCropLoader",
     "__version__",
     "bundled_photos",
+    "cosine_scheduler",
     "cuda_is_available",
     "get_num_threads",
+    "load_backbone",
     "multicrop_grid",
     "set_num_threads",
 ]

@@ -29,6 +29,7 @@ macro_rules! avx2_multiversion {
 pub mod blur;
 pub mod color;
 pub mod crop;
+pub mod eval;
 pub mod flip;
 pub mod multicrop;
 pub mod normalize;

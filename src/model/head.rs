@@ -7,7 +7,7 @@ use candle_nn::{Init, Linear, VarBuilder};
 
 use super::linear::linear;
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct HeadConfig {
     pub in_dim: usize,
     pub out_dim: usize,

@@ -16,6 +16,9 @@ struct Inner {
     vars: HashMap<String, Var>,
     order: Vec<String>,
     rng: ChaCha8Rng,
+    /// Loaded stores refuse to invent missing parameters.
+    strict: bool,
+    used: std::collections::HashSet<String>,
 }
 
 /// Named variables with deterministic initialisation.
@@ -30,15 +33,21 @@ impl ParamStore {
                 vars: HashMap::new(),
                 order: Vec::new(),
                 rng: ChaCha8Rng::seed_from_u64(seed),
+                strict: false,
+                used: Default::default(),
             }),
         }
     }
 
-    /// A store whose variables start from `tensors` (names not present are initialised).
+    /// A store holding exactly `tensors`: a layer asking for a name not present is an error
+    /// (loading must never silently initialise a missing weight).
     pub fn from_tensors(tensors: HashMap<String, Tensor>, seed: u64) -> candle_core::Result<Self> {
         let store = Self::new(seed);
         {
             let mut inner = store.lock();
+            inner.strict = true;
+            let mut tensors: Vec<_> = tensors.into_iter().collect();
+            tensors.sort_by(|a, b| a.0.cmp(&b.0));
             for (name, t) in tensors {
                 inner
                     .vars
@@ -61,6 +70,19 @@ impl ParamStore {
             .iter()
             .filter_map(|n| inner.vars.get(n).map(|v| (n.clone(), v.clone())))
             .collect()
+    }
+
+    /// Loaded names that no layer asked for (a sign of another architecture), sorted.
+    pub fn unused(&self) -> Vec<String> {
+        let inner = self.lock();
+        let mut v: Vec<String> = inner
+            .order
+            .iter()
+            .filter(|n| !inner.used.contains(*n))
+            .cloned()
+            .collect();
+        v.sort();
+        v
     }
 
     pub fn get(&self, name: &str) -> Option<Var> {
@@ -105,6 +127,7 @@ fn init_tensor(init: Init, shape: &Shape, rng: &mut ChaCha8Rng, dev: &Device) ->
 impl candle_nn::var_builder::SimpleBackend for StoreBackend<'_> {
     fn get(&self, s: Shape, name: &str, h: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         let mut inner = self.0.lock();
+        inner.used.insert(name.to_string());
         if let Some(v) = inner.vars.get(name) {
             if v.shape() != &s {
                 return Err(candle_core::Error::Msg(format!(
@@ -114,6 +137,12 @@ impl candle_nn::var_builder::SimpleBackend for StoreBackend<'_> {
                 )));
             }
             return v.as_tensor().to_dtype(dtype);
+        }
+        if inner.strict {
+            return Err(candle_core::Error::Msg(format!(
+                "weight {name} (shape {:?}) is missing",
+                s.dims()
+            )));
         }
         let t = init_tensor(h, &s, &mut inner.rng, dev)?;
         let var = Var::from_tensor(&t)?;

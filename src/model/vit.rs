@@ -13,7 +13,7 @@ use super::patch_embed::PatchEmbed;
 use super::pos_embed;
 
 /// Backbone hyper-parameters. Presets follow the official `vit_tiny/small/base`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct VitConfig {
     pub img_size: usize,
     pub patch_size: usize,
@@ -61,7 +61,7 @@ impl VitConfig {
     pub fn validate(&self) -> crate::Result<()> {
         use crate::error::ensure;
         ensure(
-            self.patch_size > 0 && self.img_size >= self.patch_size && self.img_size % self.patch_size == 0,
+            self.patch_size > 0 && self.img_size >= self.patch_size && self.img_size.is_multiple_of(self.patch_size),
             || {
                 format!(
                     "img_size ({}) must be a positive multiple of patch_size ({})",
@@ -72,7 +72,7 @@ impl VitConfig {
         ensure(self.embed_dim > 0 && self.depth > 0 && self.num_heads > 0, || {
             "embed_dim, depth and num_heads must be positive".into()
         })?;
-        ensure(self.embed_dim % self.num_heads == 0, || {
+        ensure(self.embed_dim.is_multiple_of(self.num_heads), || {
             format!(
                 "embed_dim ({}) must be divisible by num_heads ({})",
                 self.embed_dim, self.num_heads
@@ -135,7 +135,7 @@ impl VisionTransformer {
     pub fn prepare_tokens(&self, x: &Tensor) -> Result<Tensor> {
         let (b, _, h, w) = x.dims4()?;
         let p = self.config.patch_size;
-        if h % p != 0 || w % p != 0 {
+        if !h.is_multiple_of(p) || !w.is_multiple_of(p) {
             candle_core::bail!("crop size {h}x{w} is not a multiple of the patch size {p}");
         }
         let patches = self.patch_embed.forward(x)?;

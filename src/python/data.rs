@@ -148,7 +148,7 @@ impl PyArrayDataset {
 }
 
 /// The dataset argument of the loader: one of ours, or a uint8 array wrapped as an ArrayDataset.
-fn dataset_of(obj: &Bound<'_, PyAny>) -> PyResult<Arc<dyn Dataset>> {
+pub(crate) fn dataset_of(obj: &Bound<'_, PyAny>) -> PyResult<Arc<dyn Dataset>> {
     if let Ok(f) = obj.cast::<PyImageFolder>() {
         return Ok(f.get().inner.clone());
     }
@@ -173,7 +173,7 @@ fn dataset_of(obj: &Bound<'_, PyAny>) -> PyResult<Arc<dyn Dataset>> {
 /// iterator or Ctrl-C stops the background work.
 #[pyclass(name = "MultiCropLoader", module = "dino_rs")]
 pub struct PyMultiCropLoader {
-    inner: MultiCropLoader,
+    pub(crate) inner: MultiCropLoader,
     dataset: Py<PyAny>,
     augmenter: Py<PyMultiCropAugmenter>,
     epoch: u64,

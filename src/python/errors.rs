@@ -29,6 +29,8 @@ impl From<Error> for PyErr {
                 }
             }
             Error::InvalidArgument(m) | Error::Shape(m) => PyValueError::new_err(m),
+            e @ Error::Checkpoint { .. } => PyValueError::new_err(e.to_string()),
+            Error::Tensor(e) => pyo3::exceptions::PyRuntimeError::new_err(e.to_string()),
             Error::Cancelled => PyKeyboardInterrupt::new_err("cancelled"),
         }
     }

@@ -3,7 +3,9 @@
 mod augment;
 mod data;
 mod errors;
+mod model;
 mod numpy;
+mod train;
 
 use pyo3::prelude::*;
 
@@ -52,6 +54,11 @@ fn _dino_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<data::PyArrayDataset>()?;
     m.add_class::<data::PyMultiCropLoader>()?;
     m.add_class::<data::LoaderIterator>()?;
+    m.add_class::<model::PyDino>()?;
+    m.add_class::<model::PyDinoLoss>()?;
+    m.add_class::<train::PyTrainer>()?;
+    m.add_function(wrap_pyfunction!(model::load_backbone, m)?)?;
+    m.add_function(wrap_pyfunction!(model::cosine_scheduler, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_is_available, m)?)?;

@@ -151,3 +151,36 @@ pub fn u8_image_array<'py>(py: Python<'py>, img: RgbImage) -> PyResult<Bound<'py
         ArrayD::from_shape_vec(IxDyn(&shape), img.into_raw()).map_err(|e| PyErr::from(Error::Shape(e.to_string())))?;
     Ok(arr.into_pyarray(py))
 }
+
+/// A float32 array as a candle tensor on `device` (other float dtypes are refused by name).
+pub fn f32_tensor(obj: &Bound<'_, PyAny>, what: &str, device: &candle_core::Device) -> PyResult<candle_core::Tensor> {
+    let arr = as_ndarray(obj)?;
+    let shape = arr.shape().to_vec();
+    let typed = arr.cast::<PyArrayDyn<f32>>().map_err(|_| {
+        PyValueError::new_err(format!(
+            "{what} must be float32, got dtype {} with shape {}",
+            arr.dtype(),
+            shape_str(&shape)
+        ))
+    })?;
+    let ro = typed.readonly();
+    let data: Vec<f32> = match ro.as_slice() {
+        Ok(s) if arr.is_c_contiguous() => s.to_vec(),
+        _ => ro.as_array().iter().copied().collect(),
+    };
+    if data.iter().any(|v| !v.is_finite()) {
+        return Err(PyValueError::new_err(format!("{what} contains NaN or infinite values")));
+    }
+    candle_core::Tensor::from_vec(data, shape, device).map_err(|e| PyErr::from(Error::from(e)))
+}
+
+/// A candle tensor as a float32 NumPy array.
+pub fn tensor_array<'py>(py: Python<'py>, t: &candle_core::Tensor) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+    let shape = t.dims().to_vec();
+    let data = t
+        .to_dtype(candle_core::DType::F32)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1::<f32>())
+        .map_err(|e| PyErr::from(Error::from(e)))?;
+    f32_array(py, data, &shape)
+}

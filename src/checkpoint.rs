@@ -1,0 +1,93 @@
+//! Reading and writing weights: safetensors with a JSON metadata entry (ours), official PyTorch
+//! `.pth` files (read with candle's pickle support, no torch), atomic writes (temp file + rename)
+//! so an interrupted save leaves the previous file intact.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+
+use crate::error::{Error, Result};
+
+/// Metadata key holding our JSON document in a safetensors header.
+pub const META_KEY: &str = "dino_rs";
+
+/// Writes `tensors` and `meta` (JSON) to `path` atomically.
+pub fn save(path: &Path, tensors: &[(String, Tensor)], meta: &serde_json::Value) -> Result<()> {
+    let metadata = HashMap::from([(META_KEY.to_string(), meta.to_string())]);
+    let contiguous = tensors
+        .iter()
+        .map(|(n, t)| Ok((n.clone(), t.to_device(&Device::Cpu)?.contiguous()?)))
+        .collect::<Result<Vec<_>>>()?;
+    let bytes = safetensors::serialize(contiguous.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata))
+        .map_err(|e| Error::checkpoint(path, format!("cannot serialise: {e}")))?;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::invalid(format!("{} is not a file path", path.display())))?;
+    let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
+    let write = || -> std::io::Result<()> {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io(path, e)
+    })
+}
+
+/// Reads a safetensors file: its tensors and our JSON metadata (Null when absent).
+pub fn load(path: &Path) -> Result<(HashMap<String, Tensor>, serde_json::Value)> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| Error::checkpoint(path, format!("not a safetensors file ({e})")))?;
+    let meta = match header.metadata().as_ref().and_then(|m| m.get(META_KEY)) {
+        Some(s) => serde_json::from_str(s).map_err(|e| Error::checkpoint(path, format!("corrupt metadata ({e})")))?,
+        None => serde_json::Value::Null,
+    };
+    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
+        .map_err(|e| Error::checkpoint(path, format!("corrupt or truncated tensors ({e})")))?;
+    Ok((tensors, meta))
+}
+
+/// Weights from a `.pth` (PyTorch pickle) or safetensors file, by content.
+pub fn load_weights(path: &Path) -> Result<HashMap<String, Tensor>> {
+    let mut head = [0u8; 4];
+    {
+        use std::io::Read;
+        let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let n = f.read(&mut head).map_err(|e| Error::io(path, e))?;
+        if n == 0 {
+            return Err(Error::checkpoint(path, "empty file, not a checkpoint"));
+        }
+    }
+    // torch.save writes a zip archive ("PK\x03\x04"); legacy pickles start with 0x80.
+    if head.starts_with(b"PK") || head[0] == 0x80 {
+        let mut last = None;
+        for key in [
+            None,
+            Some("teacher"),
+            Some("state_dict"),
+            Some("model"),
+            Some("student"),
+        ] {
+            match candle_core::pickle::read_all_with_key(path, key) {
+                Ok(v) if !v.is_empty() => return Ok(v.into_iter().collect()),
+                Ok(_) => {}
+                Err(e) => last = Some(e),
+            }
+        }
+        let why = last.map_or("no tensors found".to_string(), |e| e.to_string());
+        return Err(Error::checkpoint(
+            path,
+            format!("cannot read PyTorch checkpoint ({why})"),
+        ));
+    }
+    Ok(load(path)?.0)
+}

@@ -1,0 +1,455 @@
+//! `dino_rs.DINO`, `dino_rs.load_backbone`, `dino_rs.DINOLoss` and `dino_rs.cosine_scheduler`.
+
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
+use numpy::{IntoPyArray, PyArray1, PyArrayDyn};
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use rayon::prelude::*;
+
+use super::data::{dataset_of, PyArrayDataset, PyImageFolder};
+use super::numpy::{batch_inputs, f32_tensor, tensor_array, ImageInput};
+use crate::augment::eval::EvalTransform;
+use crate::config::{DEFAULT_MAX_PIXELS, IMAGENET_MEAN, IMAGENET_STD};
+use crate::dino::Dino;
+use crate::error::{Error, Result};
+use crate::loss::DinoLoss;
+use crate::model::{HeadConfig, VitConfig};
+use crate::parallel;
+
+/// "cpu", "cuda", "cuda:N" or "auto" (CUDA when this build has it and a device opens).
+pub fn parse_device(device: &str) -> PyResult<Device> {
+    let cuda_index = match device {
+        "cpu" => return Ok(Device::Cpu),
+        "auto" => {
+            #[cfg(feature = "cuda")]
+            if let Ok(d) = Device::new_cuda(0) {
+                return Ok(d);
+            }
+            return Ok(Device::Cpu);
+        }
+        "cuda" => 0,
+        d if d.starts_with("cuda:") => d[5..].parse::<usize>().map_err(|_| {
+            PyValueError::new_err(format!("device must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {d:?}"))
+        })?,
+        d => {
+            return Err(PyValueError::new_err(format!(
+                "device must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {d:?}"
+            )))
+        }
+    };
+    #[cfg(feature = "cuda")]
+    {
+        Device::new_cuda(cuda_index)
+            .map_err(|e| PyRuntimeError::new_err(format!("cannot open CUDA device {cuda_index}: {e}")))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        Err(PyRuntimeError::new_err(format!(
+            "device 'cuda:{cuda_index}' requested but this build of dino_rs has no CUDA support (build with the `cuda` feature)"
+        )))
+    }
+}
+
+fn device_name(d: &Device) -> String {
+    match d {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(_) => "cuda".into(),
+        _ => "other".into(),
+    }
+}
+
+/// A DINO model: a ViT student and its EMA teacher, each with a DINO head.
+///
+/// `arch` is "vit_tiny", "vit_small" or "vit_base" (the official presets); `embed_dim`, `depth`
+/// and `num_heads` override the preset for a custom ViT. Weights are initialised from `seed`
+/// (identical on every machine). Crops given to the methods are float32 (N, 3, H, W), already
+/// normalised, with H and W multiples of `patch_size`.
+#[pyclass(name = "DINO", module = "dino_rs", frozen)]
+pub struct PyDino {
+    pub inner: Arc<Dino>,
+    pub seed: u64,
+}
+
+impl PyDino {
+    fn eval_transform(&self) -> EvalTransform {
+        EvalTransform::new(self.inner.vit.img_size as u32, IMAGENET_MEAN, IMAGENET_STD)
+    }
+
+    /// Features of images decoded and eval-transformed in chunks of `batch_size` (GIL released).
+    fn embed_images(
+        &self,
+        load: &(dyn Fn(usize) -> Result<image::RgbImage> + Sync),
+        n: usize,
+        batch_size: usize,
+    ) -> Result<Vec<f32>> {
+        let t = self.eval_transform();
+        let s = t.size as usize;
+        let d = self.inner.vit.embed_dim;
+        let mut out = Vec::with_capacity(n * d);
+        for start in (0..n).step_by(batch_size.max(1)) {
+            let end = (start + batch_size).min(n);
+            let mut pixels = vec![0f32; (end - start) * 3 * s * s];
+            parallel::install(|| {
+                pixels
+                    .par_chunks_mut(3 * s * s)
+                    .enumerate()
+                    .try_for_each(|(i, chunk)| -> Result<()> {
+                        t.apply(&load(start + i)?, chunk);
+                        Ok(())
+                    })
+            })?;
+            let crops = Tensor::from_vec(pixels, (end - start, 3, s, s), &self.inner.device)?;
+            out.extend(self.inner.features(&crops, true)?.flatten_all()?.to_vec1::<f32>()?);
+        }
+        Ok(out)
+    }
+}
+
+#[pymethods]
+impl PyDino {
+    #[new]
+    #[pyo3(signature = (arch="vit_small", patch_size=16, img_size=224, out_dim=65536, hidden_dim=2048,
+        bottleneck_dim=256, norm_last_layer=true, drop_path_rate=0.1, device="auto", seed=0,
+        embed_dim=None, depth=None, num_heads=None, nlayers=3))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        arch: &str,
+        patch_size: usize,
+        img_size: usize,
+        out_dim: usize,
+        hidden_dim: usize,
+        bottleneck_dim: usize,
+        norm_last_layer: bool,
+        drop_path_rate: f64,
+        device: &str,
+        seed: u64,
+        embed_dim: Option<usize>,
+        depth: Option<usize>,
+        num_heads: Option<usize>,
+        nlayers: usize,
+    ) -> PyResult<Self> {
+        let mut vit = VitConfig::preset(arch, patch_size).ok_or_else(|| {
+            PyValueError::new_err(format!(
+                "arch must be 'vit_tiny', 'vit_small' or 'vit_base', got {arch:?}"
+            ))
+        })?;
+        vit.img_size = img_size;
+        vit.drop_path_rate = drop_path_rate;
+        vit.embed_dim = embed_dim.unwrap_or(vit.embed_dim);
+        vit.depth = depth.unwrap_or(vit.depth);
+        vit.num_heads = num_heads.unwrap_or(vit.num_heads);
+        vit.validate()?;
+        if out_dim == 0 || hidden_dim == 0 || bottleneck_dim == 0 || nlayers == 0 {
+            return Err(PyValueError::new_err(
+                "out_dim, hidden_dim, bottleneck_dim and nlayers must be positive",
+            ));
+        }
+        let head = HeadConfig {
+            in_dim: vit.embed_dim,
+            out_dim,
+            hidden_dim,
+            bottleneck_dim,
+            nlayers,
+            norm_last_layer,
+        };
+        let device = parse_device(device)?;
+        let dino = py
+            .detach(move || Dino::new(vit, Some(head), seed, None, &device))
+            .map_err(Error::from)?;
+        Ok(Self {
+            inner: Arc::new(dino),
+            seed,
+        })
+    }
+
+    /// CLS features (N, embed_dim) of normalised float32 crops (N, 3, H, W); teacher by default.
+    #[pyo3(signature = (crops, teacher=true, batch_size=256))]
+    fn forward_backbone<'py>(
+        &self,
+        py: Python<'py>,
+        crops: &Bound<'py, PyAny>,
+        teacher: bool,
+        batch_size: usize,
+    ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+        let x = f32_tensor(crops, "crops", &self.inner.device)?;
+        let dino = self.inner.clone();
+        let out = py.detach(move || -> Result<Tensor> {
+            let n = x.dims().first().copied().unwrap_or(0);
+            if x.rank() != 4 {
+                return Err(Error::Shape(format!("crops must be (N, 3, H, W), got {:?}", x.dims())));
+            }
+            let parts = (0..n)
+                .step_by(batch_size.max(1))
+                .map(|s| dino.features(&x.narrow(0, s, batch_size.min(n - s))?, teacher))
+                .collect::<Result<Vec<_>>>()?;
+            if parts.is_empty() {
+                return Ok(Tensor::zeros(
+                    (0, dino.vit.embed_dim),
+                    candle_core::DType::F32,
+                    &dino.device,
+                )?);
+            }
+            Ok(Tensor::cat(&parts, 0)?)
+        })?;
+        tensor_array(py, &out)
+    }
+
+    /// Last-block CLS→patch attention (N, heads, H/p, W/p) of normalised crops.
+    #[pyo3(signature = (crops, teacher=true))]
+    fn attention<'py>(
+        &self,
+        py: Python<'py>,
+        crops: &Bound<'py, PyAny>,
+        teacher: bool,
+    ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+        let x = f32_tensor(crops, "crops", &self.inner.device)?;
+        let dino = self.inner.clone();
+        let out = py.detach(move || dino.attention(&x, teacher))?;
+        tensor_array(py, &out)
+    }
+
+    /// Teacher CLS features (N, embed_dim) with DINO's eval transform (resize to 256/224 of
+    /// img_size, bicubic; centre crop; normalise). `images`: uint8 array batch, list of arrays or
+    /// paths, an ImageFolder or an ArrayDataset.
+    #[pyo3(signature = (images, batch_size=128))]
+    fn embed<'py>(
+        &self,
+        py: Python<'py>,
+        images: &Bound<'py, PyAny>,
+        batch_size: usize,
+    ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+        if batch_size == 0 {
+            return Err(PyValueError::new_err("batch_size must be at least 1"));
+        }
+        let d = self.inner.vit.embed_dim;
+        let (data, n) = if images.cast::<PyImageFolder>().is_ok() || images.cast::<PyArrayDataset>().is_ok() {
+            let ds = dataset_of(images)?;
+            let n = ds.len();
+            (py.detach(|| self.embed_images(&|i| ds.load(i), n, batch_size))?, n)
+        } else {
+            let inputs: Vec<std::sync::Mutex<Option<ImageInput>>> = batch_inputs(images)?
+                .into_iter()
+                .map(|i| std::sync::Mutex::new(Some(i)))
+                .collect();
+            let n = inputs.len();
+            let load = |i: usize| {
+                let input = inputs[i]
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take()
+                    .expect("each image is loaded once");
+                input.load(DEFAULT_MAX_PIXELS)
+            };
+            (py.detach(|| self.embed_images(&load, n, batch_size))?, n)
+        };
+        super::numpy::f32_array(py, data, &[n, d])
+    }
+
+    /// Saves student, teacher and configuration to a safetensors file.
+    fn save(&self, py: Python<'_>, path: std::path::PathBuf) -> PyResult<()> {
+        Ok(py.detach(|| self.inner.save(&path))?)
+    }
+
+    /// Loads a model written by `save` (or a Trainer checkpoint).
+    #[staticmethod]
+    #[pyo3(signature = (path, device="auto"))]
+    fn load(py: Python<'_>, path: std::path::PathBuf, device: &str) -> PyResult<Self> {
+        let device = parse_device(device)?;
+        let dino = py.detach(|| Dino::load(&path, &device))?;
+        Ok(Self {
+            inner: Arc::new(dino),
+            seed: 0,
+        })
+    }
+
+    /// Writes the teacher backbone as safetensors with the official DINO key names.
+    fn export_backbone(&self, py: Python<'_>, path: std::path::PathBuf) -> PyResult<()> {
+        Ok(py.detach(|| self.inner.export_backbone(&path))?)
+    }
+
+    #[getter]
+    fn embed_dim(&self) -> usize {
+        self.inner.vit.embed_dim
+    }
+    #[getter]
+    fn depth(&self) -> usize {
+        self.inner.vit.depth
+    }
+    #[getter]
+    fn num_heads(&self) -> usize {
+        self.inner.vit.num_heads
+    }
+    #[getter]
+    fn patch_size(&self) -> usize {
+        self.inner.vit.patch_size
+    }
+    #[getter]
+    fn img_size(&self) -> usize {
+        self.inner.vit.img_size
+    }
+    #[getter]
+    fn out_dim(&self) -> Option<usize> {
+        self.inner.head.as_ref().map(|h| h.out_dim)
+    }
+    #[getter]
+    fn device(&self) -> String {
+        device_name(&self.inner.device)
+    }
+    /// The architecture as a dict (`vit` and `head` entries).
+    #[getter]
+    fn config<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let json = serde_json::json!({"vit": self.inner.vit, "head": self.inner.head}).to_string();
+        py.import("json")?.call_method1("loads", (json,))
+    }
+    fn __repr__(&self) -> String {
+        let v = &self.inner.vit;
+        format!(
+            "DINO(embed_dim={}, depth={}, num_heads={}, patch_size={}, img_size={}, out_dim={:?}, device={:?})",
+            v.embed_dim,
+            v.depth,
+            v.num_heads,
+            v.patch_size,
+            v.img_size,
+            self.out_dim(),
+            self.device()
+        )
+    }
+}
+
+/// A backbone from official DINO weights (a `.pth` state dict such as dino_deitsmall16_pretrain.pth,
+/// a full training checkpoint, or safetensors with the same keys), read without torch. The
+/// architecture is inferred from the shapes; `num_heads` defaults to embed_dim // 64. The model
+/// can embed and show attention but has no head to train.
+#[pyfunction]
+#[pyo3(signature = (path, num_heads=None, device="auto"))]
+pub fn load_backbone(
+    py: Python<'_>,
+    path: std::path::PathBuf,
+    num_heads: Option<usize>,
+    device: &str,
+) -> PyResult<PyDino> {
+    let device = parse_device(device)?;
+    let dino = py.detach(|| Dino::load_backbone(&path, num_heads, &device))?;
+    Ok(PyDino {
+        inner: Arc::new(dino),
+        seed: 0,
+    })
+}
+
+/// The DINO loss with centring, on NumPy arrays: `loss(student_out (ncrops·B, D), teacher_out
+/// (2·B, D), epoch)` returns the loss and updates `center` (1, D) as the official `DINOLoss` does.
+#[pyclass(name = "DINOLoss", module = "dino_rs")]
+pub struct PyDinoLoss {
+    inner: DinoLoss,
+}
+
+#[pymethods]
+impl PyDinoLoss {
+    #[new]
+    #[pyo3(signature = (out_dim, ncrops, warmup_teacher_temp=0.04, teacher_temp=0.04, warmup_teacher_temp_epochs=0,
+        nepochs=100, student_temp=0.1, center_momentum=0.9))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        out_dim: usize,
+        ncrops: usize,
+        warmup_teacher_temp: f64,
+        teacher_temp: f64,
+        warmup_teacher_temp_epochs: usize,
+        nepochs: usize,
+        student_temp: f64,
+        center_momentum: f64,
+    ) -> PyResult<Self> {
+        for (name, v) in [
+            ("warmup_teacher_temp", warmup_teacher_temp),
+            ("teacher_temp", teacher_temp),
+            ("student_temp", student_temp),
+        ] {
+            if !(v > 0.0 && v.is_finite()) {
+                return Err(PyValueError::new_err(format!("{name} must be positive, got {v}")));
+            }
+        }
+        if !(0.0..=1.0).contains(&center_momentum) || out_dim == 0 || nepochs == 0 {
+            return Err(PyValueError::new_err(
+                "center_momentum must be in [0, 1]; out_dim and nepochs positive",
+            ));
+        }
+        let inner = DinoLoss::new(
+            out_dim,
+            ncrops,
+            warmup_teacher_temp,
+            teacher_temp,
+            warmup_teacher_temp_epochs,
+            nepochs,
+            student_temp,
+            center_momentum,
+            &Device::Cpu,
+        )
+        .map_err(|e| PyValueError::new_err(e.to_string()))?;
+        Ok(Self { inner })
+    }
+
+    fn __call__(
+        &mut self,
+        student_out: &Bound<'_, PyAny>,
+        teacher_out: &Bound<'_, PyAny>,
+        epoch: usize,
+    ) -> PyResult<f64> {
+        let s = f32_tensor(student_out, "student_out", &Device::Cpu)?;
+        let t = f32_tensor(teacher_out, "teacher_out", &Device::Cpu)?;
+        let d = self.inner.center.dim(1).map_err(Error::from)?;
+        if s.rank() != 2 || t.rank() != 2 || s.dim(1).ok() != Some(d) || t.dim(1).ok() != Some(d) {
+            return Err(PyValueError::new_err(format!(
+                "student_out and teacher_out must be 2-D with {d} columns, got {:?} and {:?}",
+                s.dims(),
+                t.dims()
+            )));
+        }
+        let loss = self
+            .inner
+            .forward(&s, &t, epoch)
+            .map_err(|e| PyValueError::new_err(e.to_string()))?;
+        Ok(loss.to_scalar::<f32>().map_err(Error::from)? as f64)
+    }
+
+    #[getter]
+    fn center<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+        tensor_array(py, &self.inner.center)
+    }
+
+    /// The teacher temperature at `epoch`.
+    fn teacher_temp(&self, epoch: usize) -> f64 {
+        self.inner.teacher_temp(epoch)
+    }
+}
+
+/// The official `utils.cosine_scheduler`: one value per iteration, linear warm-up from
+/// `start_warmup_value`, then a half cosine from `base_value` to `final_value`.
+#[pyfunction]
+#[pyo3(signature = (base_value, final_value, epochs, niter_per_ep, warmup_epochs=0, start_warmup_value=0.0))]
+pub fn cosine_scheduler<'py>(
+    py: Python<'py>,
+    base_value: f64,
+    final_value: f64,
+    epochs: usize,
+    niter_per_ep: usize,
+    warmup_epochs: usize,
+    start_warmup_value: f64,
+) -> PyResult<Bound<'py, PyArray1<f64>>> {
+    if warmup_epochs > epochs {
+        return Err(PyValueError::new_err(format!(
+            "warmup_epochs ({warmup_epochs}) exceeds epochs ({epochs})"
+        )));
+    }
+    Ok(crate::schedule::cosine_scheduler(
+        base_value,
+        final_value,
+        epochs,
+        niter_per_ep,
+        warmup_epochs,
+        start_warmup_value,
+    )
+    .into_pyarray(py))
+}

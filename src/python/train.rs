@@ -1,0 +1,289 @@
+//! `dino_rs._Trainer`: the Rust side of `dino_rs.Trainer` (python/dino_rs/trainer.py adds the
+//! progress bar, history and checkpoint cadence). Every step runs with the GIL released; Ctrl-C
+//! is noticed at step boundaries, so the weights are always those of a completed step.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use candle_core::Tensor;
+use pyo3::exceptions::{PyFloatingPointError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use super::data::PyMultiCropLoader;
+use super::model::{parse_device, PyDino};
+use super::numpy::f32_tensor;
+use crate::data::loader::Next;
+use crate::data::Batch;
+use crate::error::{Error, Result};
+use crate::train::{DinoTrainer, NonFiniteLoss, StepStats, TrainConfig};
+
+#[pyclass(name = "_Trainer", module = "dino_rs")]
+pub struct PyTrainer {
+    inner: DinoTrainer,
+    model: Py<PyDino>,
+}
+
+fn stats_dict<'py>(py: Python<'py>, s: &StepStats) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("iteration", s.iteration)?;
+    d.set_item("epoch", s.epoch)?;
+    d.set_item("loss", s.loss)?;
+    d.set_item("lr", s.lr)?;
+    d.set_item("wd", s.wd)?;
+    d.set_item("momentum", s.momentum)?;
+    d.set_item("teacher_temp", s.teacher_temp)?;
+    Ok(d)
+}
+
+fn non_finite(e: NonFiniteLoss) -> PyErr {
+    PyFloatingPointError::new_err(format!(
+        "non-finite DINO loss ({}) at iteration {}; the step was not applied, the weights are those from before it \
+         (lower the learning rate or check the inputs)",
+        e.loss, e.iteration
+    ))
+}
+
+/// Crops as (views·B, 3, S, S): accepts the loader's (views, B, 3, S, S) too.
+fn crops(x: Tensor) -> Result<Tensor> {
+    match x.rank() {
+        5 => {
+            let (v, b, c, h, w) = x.dims5()?;
+            Ok(x.reshape((v * b, c, h, w))?)
+        }
+        4 => Ok(x),
+        _ => Err(Error::Shape(format!(
+            "crops must be (views, B, 3, S, S) or (views·B, 3, S, S), got {:?}",
+            x.dims()
+        ))),
+    }
+}
+
+impl PyTrainer {
+    fn batch_tensors(&self, batch: Batch, g: usize, l: usize, n_local: usize) -> Result<(Tensor, Option<Tensor>)> {
+        let b = batch.len();
+        let dev = &self.inner.dino.device;
+        let globals = Tensor::from_vec(batch.globals, (2 * b, 3, g, g), dev)?;
+        let locals = if n_local > 0 {
+            Some(Tensor::from_vec(batch.locals, (n_local * b, 3, l, l), dev)?)
+        } else {
+            None
+        };
+        Ok((globals, locals))
+    }
+}
+
+#[pymethods]
+impl PyTrainer {
+    #[new]
+    #[pyo3(signature = (model, batch_size, niter_per_ep, n_local, epochs=100, lr=5e-4, min_lr=1e-6, warmup_epochs=10,
+        weight_decay=0.04, weight_decay_end=0.4, momentum_teacher=0.996, teacher_temp=0.04, warmup_teacher_temp=0.04,
+        warmup_teacher_temp_epochs=0, student_temp=0.1, center_momentum=0.9, clip_grad=3.0, freeze_last_layer=1))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        model: Bound<'_, PyDino>,
+        batch_size: usize,
+        niter_per_ep: usize,
+        n_local: usize,
+        epochs: usize,
+        lr: f64,
+        min_lr: f64,
+        warmup_epochs: usize,
+        weight_decay: f64,
+        weight_decay_end: f64,
+        momentum_teacher: f64,
+        teacher_temp: f64,
+        warmup_teacher_temp: f64,
+        warmup_teacher_temp_epochs: usize,
+        student_temp: f64,
+        center_momentum: f64,
+        clip_grad: f64,
+        freeze_last_layer: usize,
+    ) -> PyResult<Self> {
+        let checks = [
+            (epochs > 0, "epochs must be at least 1"),
+            (batch_size > 0, "batch_size must be at least 1"),
+            (niter_per_ep > 0, "the loader must yield at least one batch per epoch"),
+            (warmup_epochs <= epochs, "warmup_epochs must not exceed epochs"),
+            (
+                lr > 0.0 && lr.is_finite() && min_lr >= 0.0,
+                "lr must be positive and min_lr >= 0",
+            ),
+            (
+                teacher_temp > 0.0 && warmup_teacher_temp > 0.0 && student_temp > 0.0,
+                "temperatures must be positive",
+            ),
+            (
+                (0.0..=1.0).contains(&momentum_teacher),
+                "momentum_teacher must be in [0, 1]",
+            ),
+            (
+                (0.0..=1.0).contains(&center_momentum),
+                "center_momentum must be in [0, 1]",
+            ),
+            (
+                weight_decay >= 0.0 && weight_decay_end >= 0.0 && clip_grad >= 0.0,
+                "weight decay and clip_grad must be >= 0",
+            ),
+        ];
+        if let Some((_, msg)) = checks.iter().find(|(ok, _)| !ok) {
+            return Err(PyValueError::new_err(*msg));
+        }
+        let config = TrainConfig {
+            epochs,
+            lr,
+            min_lr,
+            warmup_epochs,
+            weight_decay,
+            weight_decay_end,
+            momentum_teacher,
+            teacher_temp,
+            warmup_teacher_temp,
+            warmup_teacher_temp_epochs,
+            student_temp,
+            center_momentum,
+            clip_grad,
+            freeze_last_layer,
+            batch_size,
+            niter_per_ep,
+            n_local,
+        };
+        let dino = model.get().inner.clone();
+        let seed = model.get().seed;
+        let inner = DinoTrainer::new(dino, config, seed).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        Ok(Self {
+            inner,
+            model: model.unbind(),
+        })
+    }
+
+    /// One iteration on globals (2, B, 3, G, G) and locals (n_local, B, 3, L, L) float32 crops.
+    #[pyo3(signature = (globals, locals=None))]
+    fn step<'py>(
+        &mut self,
+        py: Python<'py>,
+        globals: &Bound<'py, PyAny>,
+        locals: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let dev = self.inner.dino.device.clone();
+        let g = crops(f32_tensor(globals, "globals", &dev)?)?;
+        let l = locals
+            .map(|l| f32_tensor(l, "locals", &dev))
+            .transpose()?
+            .map(crops)
+            .transpose()?;
+        let inner = &mut self.inner;
+        let out = py
+            .detach(move || inner.step(&g, l.as_ref()))
+            .map_err(|e| PyValueError::new_err(e.to_string()))?;
+        match out {
+            Ok(stats) => stats_dict(py, &stats),
+            Err(e) => Err(non_finite(e)),
+        }
+    }
+
+    /// Trains one epoch on `loader` (epoch number `epoch` sets its shuffle). `callback(stats)` is
+    /// called after every step. Returns the epoch's mean loss and last schedule values.
+    #[pyo3(signature = (loader, epoch, callback=None))]
+    fn train_epoch<'py>(
+        &mut self,
+        py: Python<'py>,
+        loader: &Bound<'py, PyMultiCropLoader>,
+        epoch: u64,
+        callback: Option<Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let (rust_loader, c) = {
+            let l = loader.borrow();
+            (l.inner.clone(), l.inner.augmenter().config().clone())
+        };
+        let (g, l, n_local) = (c.global_size as usize, c.local_size as usize, c.n_local);
+        let start = Instant::now();
+        let mut it = rust_loader.iter_epoch(epoch);
+        let (mut sum, mut steps, mut last): (f64, usize, Option<StepStats>) = (0.0, 0, None);
+        loop {
+            let next = py.detach(|| it.next_timeout(Duration::from_millis(50)));
+            let batch = match next {
+                Next::Pending => {
+                    py.check_signals()?;
+                    continue;
+                }
+                Next::Done => break,
+                Next::Batch(b) => b?,
+            };
+            let (globals, locals) = self.batch_tensors(batch, g, l, n_local)?;
+            let inner = &mut self.inner;
+            let out = py
+                .detach(move || inner.step(&globals, locals.as_ref()))
+                .map_err(|e| PyValueError::new_err(e.to_string()))?;
+            let stats = out.map_err(non_finite)?;
+            sum += stats.loss;
+            steps += 1;
+            if let Some(cb) = &callback {
+                cb.call1((stats_dict(py, &stats)?,))?;
+            }
+            last = Some(stats);
+            py.check_signals()?;
+        }
+        let d = PyDict::new(py);
+        d.set_item("epoch", epoch)?;
+        d.set_item("steps", steps)?;
+        d.set_item("loss", if steps > 0 { sum / steps as f64 } else { f64::NAN })?;
+        if let Some(s) = last {
+            d.set_item("lr", s.lr)?;
+            d.set_item("wd", s.wd)?;
+            d.set_item("momentum", s.momentum)?;
+            d.set_item("teacher_temp", s.teacher_temp)?;
+        }
+        d.set_item("seconds", start.elapsed().as_secs_f64())?;
+        Ok(d)
+    }
+
+    /// Writes a resumable checkpoint; `extra` is a JSON string stored with it.
+    #[pyo3(signature = (path, extra="{}"))]
+    fn save(&self, py: Python<'_>, path: std::path::PathBuf, extra: &str) -> PyResult<()> {
+        let extra: serde_json::Value = serde_json::from_str(extra).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        Ok(py.detach(|| self.inner.save(&path, extra))?)
+    }
+
+    /// Loads a checkpoint written by `save`: returns (trainer, model, extra JSON string).
+    #[staticmethod]
+    #[pyo3(signature = (path, device="auto"))]
+    fn load(py: Python<'_>, path: std::path::PathBuf, device: &str) -> PyResult<(Self, Py<PyDino>, String)> {
+        let device = parse_device(device)?;
+        let (inner, extra) = py.detach(|| DinoTrainer::load(&path, &device))?;
+        let model = Py::new(
+            py,
+            PyDino {
+                inner: Arc::clone(&inner.dino),
+                seed: 0,
+            },
+        )?;
+        Ok((
+            Self {
+                inner,
+                model: model.clone_ref(py),
+            },
+            model,
+            extra.to_string(),
+        ))
+    }
+
+    #[getter]
+    fn iteration(&self) -> usize {
+        self.inner.iteration
+    }
+    #[getter]
+    fn niter_per_ep(&self) -> usize {
+        self.inner.config.niter_per_ep
+    }
+    #[getter]
+    fn model(&self, py: Python<'_>) -> Py<PyDino> {
+        self.model.clone_ref(py)
+    }
+    /// The training recipe as a dict.
+    #[getter]
+    fn config<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let json = serde_json::to_string(&self.inner.config).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        py.import("json")?.call_method1("loads", (json,))
+    }
+}
