@@ -22,23 +22,12 @@ fn photos() -> Vec<PathBuf> {
 fn bench(c: &mut Criterion) {
     let paths = photos();
     let aug = MultiCropAugmenter::new(AugmentConfig::default()).unwrap();
-    let decoded: Vec<_> = paths
-        .iter()
-        .map(|p| load_rgb(p, u64::MAX).unwrap())
-        .collect();
-    let one = rayon::ThreadPoolBuilder::new()
-        .num_threads(1)
-        .build()
-        .unwrap();
+    let decoded: Vec<_> = paths.iter().map(|p| load_rgb(p, u64::MAX).unwrap()).collect();
+    let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
     let mut g = c.benchmark_group("multicrop_1thread");
     g.throughput(Throughput::Elements(paths.len() as u64));
     g.bench_function("decode", |b| {
-        b.iter(|| {
-            paths
-                .iter()
-                .map(|p| load_rgb(p, u64::MAX).unwrap())
-                .collect::<Vec<_>>()
-        })
+        b.iter(|| paths.iter().map(|p| load_rgb(p, u64::MAX).unwrap()).collect::<Vec<_>>())
     });
     let refs: Vec<_> = decoded.iter().collect();
     let keys: Vec<u64> = (0..refs.len() as u64).collect();
@@ -47,10 +36,7 @@ fn bench(c: &mut Criterion) {
     });
     g.bench_function("decode_and_augment", |b| {
         b.iter(|| {
-            let imgs: Vec<_> = paths
-                .iter()
-                .map(|p| load_rgb(p, u64::MAX).unwrap())
-                .collect();
+            let imgs: Vec<_> = paths.iter().map(|p| load_rgb(p, u64::MAX).unwrap()).collect();
             let r: Vec<_> = imgs.iter().collect();
             one.install(|| aug.batch(&r, 0, &keys))
         })

@@ -20,7 +20,9 @@ from ._dino_rs import (
     set_num_threads,
 )
 from ._errors import ImageError
+from .datasets import fashion_mnist
 from .demo import bundled_photos, multicrop_grid
+from .evaluation import knn_accuracy
 from .trainer import Trainer
 
 __all__ = [
@@ -37,7 +39,9 @@ __all__ = [
     "bundled_photos",
     "cosine_scheduler",
     "cuda_is_available",
+    "fashion_mnist",
     "get_num_threads",
+    "knn_accuracy",
     "load_backbone",
     "multicrop_grid",
     "set_num_threads",

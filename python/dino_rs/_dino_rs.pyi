@@ -132,3 +132,99 @@ class MultiCropLoader:
     def dataset(self) -> Union[ImageFolder, ArrayDataset, npt.NDArray[np.uint8]]: ...
     @property
     def augmenter(self) -> MultiCropAugmenter: ...
+
+class DINO:
+    """A DINO model: a ViT student and its EMA teacher, each with a DINO head."""
+
+    def __init__(
+        self,
+        arch: str = "vit_small",
+        patch_size: int = 16,
+        img_size: int = 224,
+        out_dim: int = 65536,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        norm_last_layer: bool = True,
+        drop_path_rate: float = 0.1,
+        device: str = "auto",
+        seed: int = 0,
+        embed_dim: Optional[int] = None,
+        depth: Optional[int] = None,
+        num_heads: Optional[int] = None,
+        nlayers: int = 3,
+    ) -> None: ...
+    def forward_backbone(self, crops: npt.NDArray[np.float32], teacher: bool = True, batch_size: int = 256) -> _F32:
+        """CLS features (N, embed_dim) of normalised crops (N, 3, H, W)."""
+    def attention(self, crops: npt.NDArray[np.float32], teacher: bool = True) -> _F32:
+        """Last-block CLS->patch attention (N, heads, H/p, W/p)."""
+    def embed(self, images: Union[_Batch, ImageFolder, ArrayDataset], batch_size: int = 128) -> _F32:
+        """Teacher CLS features (N, embed_dim) with DINO's eval transform."""
+    def save(self, path: _Path) -> None: ...
+    @staticmethod
+    def load(path: _Path, device: str = "auto") -> "DINO": ...
+    def export_backbone(self, path: _Path) -> None:
+        """The teacher backbone as safetensors with the official DINO key names."""
+    @property
+    def embed_dim(self) -> int: ...
+    @property
+    def depth(self) -> int: ...
+    @property
+    def num_heads(self) -> int: ...
+    @property
+    def patch_size(self) -> int: ...
+    @property
+    def img_size(self) -> int: ...
+    @property
+    def out_dim(self) -> Optional[int]: ...
+    @property
+    def device(self) -> str: ...
+    @property
+    def config(self) -> dict[str, Any]: ...
+
+def load_backbone(path: _Path, num_heads: Optional[int] = None, device: str = "auto") -> DINO:
+    """A backbone from official DINO weights (.pth or safetensors), read without torch."""
+
+class DINOLoss:
+    """The official DINOLoss with centring, on NumPy arrays."""
+
+    def __init__(
+        self,
+        out_dim: int,
+        ncrops: int,
+        warmup_teacher_temp: float = 0.04,
+        teacher_temp: float = 0.04,
+        warmup_teacher_temp_epochs: int = 0,
+        nepochs: int = 100,
+        student_temp: float = 0.1,
+        center_momentum: float = 0.9,
+    ) -> None: ...
+    def __call__(self, student_out: npt.NDArray[np.float32], teacher_out: npt.NDArray[np.float32], epoch: int) -> float: ...
+    @property
+    def center(self) -> _F32: ...
+    def teacher_temp(self, epoch: int) -> float: ...
+
+def cosine_scheduler(
+    base_value: float,
+    final_value: float,
+    epochs: int,
+    niter_per_ep: int,
+    warmup_epochs: int = 0,
+    start_warmup_value: float = 0.0,
+) -> npt.NDArray[np.float64]:
+    """The official utils.cosine_scheduler: one value per iteration."""
+
+class _Trainer:
+    def __init__(self, model: DINO, batch_size: int, niter_per_ep: int, n_local: int, **recipe: Any) -> None: ...
+    def step(self, globals: npt.NDArray[np.float32], locals: Optional[npt.NDArray[np.float32]] = None) -> dict[str, float]: ...
+    def train_epoch(self, loader: MultiCropLoader, epoch: int, callback: Optional[Any] = None) -> dict[str, float]: ...
+    def save(self, path: _Path, extra: str = "{}") -> None: ...
+    @staticmethod
+    def load(path: _Path, device: str = "auto") -> Tuple["_Trainer", DINO, str]: ...
+    @property
+    def iteration(self) -> int: ...
+    @property
+    def niter_per_ep(self) -> int: ...
+    @property
+    def model(self) -> DINO: ...
+    @property
+    def config(self) -> dict[str, Any]: ...
