@@ -8,9 +8,11 @@ Options: ``--seconds`` (measured wall time per configuration, default 10), ``--w
 ``--workers`` (N, default ``os.cpu_count()``), ``--dir`` (photo cache, default ./bench_out/photos),
 ``--n-images`` (default 64), ``--batch-size`` (default 32), ``--results`` (markdown file, default
 benches/RESULTS.md next to this script), ``--no-write``, ``--wait-idle`` (seconds in all to wait for
-other processes to leave the CPUs alone before a measurement, default 120) and ``--retries``
+other processes to leave the CPUs alone before a measurement, default 120), ``--retries``
 (re-measurements of a configuration disturbed by other processes, default 1; the least disturbed
-run is kept).
+run is kept) and ``--rounds`` (default 3: every configuration is measured that often, the rounds
+interleaved, and the median is reported with the range; on a shared VM single runs of the same
+configuration were seen to differ by 25 % with no other process visible inside the machine).
 
 What it does
 
@@ -39,6 +41,8 @@ What it does
 
 The "other" CPU column is the machine-wide busy time (/proc/stat) minus that of the benchmark's own
 processes: if it is well above 0 another program shared the cores and the numbers are pessimistic.
+The script also warns (and notes in RESULTS.md) when the installed dino_rs extension is older than
+the Rust sources of the checkout, i.e. when ``pip install .`` has not been rerun after a change.
 """
 
 from __future__ import annotations
@@ -445,17 +449,41 @@ def wait_for_idle(budget: list) -> None:
         budget[0] -= dt
 
 
+LIBRARY_PATHS = ("src", "python", "Cargo.toml", "Cargo.lock", "pyproject.toml")
+
+
 def source_state() -> str:
-    """The git commit of the checkout this script lives in, and whether it has uncommitted changes."""
+    """The git commit of the checkout this script lives in, and whether its library sources have changes."""
     root = Path(__file__).resolve().parent.parent
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
                               check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", *LIBRARY_PATHS], cwd=root,
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
-    return f"{head}" + (" with uncommitted changes" if dirty else "")
+    return f"{head}" + (" with uncommitted library changes" if dirty else "")
+
+
+def stale_extension() -> str | None:
+    """A warning when the installed dino_rs extension is older than the Rust sources of this checkout."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("dino_rs")
+    root = Path(__file__).resolve().parent.parent
+    if spec is None or not spec.submodule_search_locations or not (root / "src").is_dir():
+        return None
+    libs = [q for d in spec.submodule_search_locations for q in Path(d).glob("_dino_rs*") if q.suffix in (".so", ".pyd")]
+    sources = [q for q in (root / "src").rglob("*.rs")] + [root / "Cargo.toml", root / "Cargo.lock"]
+    sources = [q for q in sources if q.is_file()]
+    if not libs or not sources:
+        return None
+    built = max(q.stat().st_mtime for q in libs)
+    newest = max(sources, key=lambda q: q.stat().st_mtime)
+    if newest.stat().st_mtime > built + 1:
+        return (f"the installed dino_rs extension ({libs[0]}) is older than {newest.relative_to(root)}: "
+                f"the numbers may not reflect this checkout (reinstall with `pip install .`)")
+    return None
 
 
 def machine_info() -> dict:
@@ -497,7 +525,10 @@ def build_table(results: dict, n: int) -> tuple[list[str], list[list[str]]]:
             label = "torchvision, 1 process"
         else:
             label = f"dino_rs, set_num_threads({threads})"
-        rows.append([label, str(threads), f"{ips:.1f}", f"{ips / threads:.1f}", ratio, eff,
+        ips_txt = f"{ips:.1f}"
+        if len(r["all_ips"]) > 1:
+            ips_txt += f" ({min(r['all_ips']):.1f}-{max(r['all_ips']):.1f})"
+        rows.append([label, str(threads), ips_txt, f"{ips / threads:.1f}", ratio, eff,
                      f"{r['cores_ours']:.2f} / {r['cores_other']:.2f}", rss])
     return header, rows
 
@@ -540,6 +571,8 @@ def main() -> None:
                    help="seconds in all to wait for other processes to leave the CPUs alone (default 120)")
     p.add_argument("--retries", type=int, default=1,
                    help="re-measure a configuration this often when other processes were busy (default 1)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="measure every configuration this often, interleaved, and report the median (default 3)")
     p.add_argument("--no-write", action="store_true", help="print only, leave RESULTS.md alone")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--paths-file", help=argparse.SUPPRESS)
@@ -548,8 +581,8 @@ def main() -> None:
         child_main(args)
         return
     n = args.workers
-    if n < 1 or args.batch_size < 1 or args.n_images < args.batch_size:
-        p.error("need --workers >= 1, --batch-size >= 1 and --n-images >= --batch-size")
+    if n < 1 or args.batch_size < 1 or args.n_images < args.batch_size or args.rounds < 1:
+        p.error("need --workers >= 1, --batch-size >= 1, --n-images >= --batch-size and --rounds >= 1")
 
     command = f"{Path(sys.executable).name} {shlex.join(sys.argv)}"
     machine = machine_info()
@@ -559,6 +592,12 @@ def main() -> None:
     if load[0] > 0.5:
         print("warning: the machine is not idle; other processes may take CPU time from the benchmark")
 
+    source = source_state()  # now, before the tree can change under a long run
+    stale = stale_extension()
+    print(f"source: git {source}")
+    if stale:
+        print(f"warning: {stale}")
+
     photo_dir = Path(args.dir)
     paths = make_photos(photo_dir, args.n_images)
     desc = describe_photos(paths)
@@ -567,35 +606,43 @@ def main() -> None:
 
     paths_file = photo_dir / "paths.json"
     paths_file.write_text(json.dumps([str(Path(q).resolve()) for q in paths]))
-    results, versions = {}, {}
+    keys = ("tv1", "tvN", "rs1", "rsN")
+    runs, versions = {k: [] for k in keys}, {}
     idle_budget = [max(0.0, args.wait_idle)]
-    for key in ("tv1", "tvN", "rs1", "rsN"):
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", key, "--paths-file", str(paths_file),
-               "--workers", str(n), "--batch-size", str(args.batch_size), "--seconds", str(args.seconds),
-               "--warmup", str(args.warmup)]
-        threads = 1 if key.endswith("1") else n
-        print(f"running {key} ({'torchvision' if key.startswith('tv') else 'dino_rs'}, {threads} thread(s)) ...",
-              flush=True)
-        best = None
-        for attempt in range(1 + max(0, args.retries)):
-            wait_for_idle(idle_budget)
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            found = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            if proc.returncode != 0 or not found:
-                sys.stderr.write(proc.stdout + proc.stderr)
-                raise SystemExit(f"configuration {key} failed (exit {proc.returncode})")
-            r = json.loads(found[-1][len("RESULT "):])
-            print(f"  {r['images_per_s']:.1f} images/s ({r['images']} images in {r['elapsed']:.1f} s, "
-                  f"{r['steps']} batches; CPU cores busy: ours {r['cores_ours']:.2f}, other {r['cores_other']:.2f})",
-                  flush=True)
-            if best is None or r["cores_other"] < best["cores_other"]:
-                best = r
-            if r["cores_other"] <= CONTENDED:
-                break
-            if attempt < args.retries:
-                print(f"  other processes were busy ({r['cores_other']:.2f} cores): measuring again", flush=True)
-        results[key] = best
-        versions.update(best.pop("versions"))
+    for rnd in range(args.rounds):  # rounds interleave the configurations, so slow drifts hit all alike
+        for key in keys:
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--child", key, "--paths-file", str(paths_file),
+                   "--workers", str(n), "--batch-size", str(args.batch_size), "--seconds", str(args.seconds),
+                   "--warmup", str(args.warmup)]
+            threads = 1 if key.endswith("1") else n
+            what = "torchvision" if key.startswith("tv") else "dino_rs"
+            rnd_txt = f", round {rnd + 1}/{args.rounds}" if args.rounds > 1 else ""
+            print(f"running {key} ({what}, {threads} thread(s){rnd_txt}) ...", flush=True)
+            best = None
+            for attempt in range(1 + max(0, args.retries)):
+                wait_for_idle(idle_budget)
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                found = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+                if proc.returncode != 0 or not found:
+                    sys.stderr.write(proc.stdout + proc.stderr)
+                    raise SystemExit(f"configuration {key} failed (exit {proc.returncode})")
+                r = json.loads(found[-1][len("RESULT "):])
+                print(f"  {r['images_per_s']:.1f} images/s ({r['images']} images in {r['elapsed']:.1f} s, "
+                      f"{r['steps']} batches; CPU cores busy: ours {r['cores_ours']:.2f}, "
+                      f"other {r['cores_other']:.2f})", flush=True)
+                if best is None or r["cores_other"] < best["cores_other"]:
+                    best = r
+                if r["cores_other"] <= CONTENDED:
+                    break
+                if attempt < args.retries:
+                    print(f"  other processes were busy ({r['cores_other']:.2f} cores): measuring again", flush=True)
+            versions.update(best.pop("versions"))
+            runs[key].append(best)
+    # Each configuration's median round (the lower middle one for an even count).
+    results = {}
+    for key in keys:
+        ordered = sorted(runs[key], key=lambda r: r["images_per_s"])
+        results[key] = dict(ordered[(len(ordered) - 1) // 2], all_ips=[r["images_per_s"] for r in runs[key]])
 
     header, rows = build_table(results, n)
     print()
@@ -609,7 +656,7 @@ def main() -> None:
     print("output check (mean / std of the normalised views, first batch): " + "; ".join(
         f"{k}: global {results[k]['global_mean']:+.3f}/{results[k]['global_std']:.3f}, "
         f"local {results[k]['local_mean']:+.3f}/{results[k]['local_std']:.3f}" for k in ("tv1", "rs1")))
-    busy = max(r["cores_other"] for r in results.values())
+    busy = max(r["cores_other"] for rs in runs.values() for r in rs)
     if busy > CONTENDED:
         print(f"warning: other processes used up to {busy:.2f} cores during a measurement; numbers are pessimistic")
 
@@ -623,11 +670,11 @@ def main() -> None:
 - Date: {today}
 - Machine: {machine['model']}, {cores}{', ' + machine['hypervisor'] + ' VM' if machine.get('hypervisor') else ''}; \
 {platform.system()} {platform.release()}; Python {platform.python_version()}; {vers}
-- Command (repository root): `{command}`; source: git {source_state()}
+- Command (repository root): `{command}`; source: git {source}
 - Workload: {desc['n']} JPEG photos (re-cuts of the scikit-image / scikit-learn sample photos), \
 mean {desc['mean_w']:.0f}x{desc['mean_h']:.0f} px, {desc['mean_kib']:.1f} KiB, quality {JPEG_QUALITY}; \
 official DINO recipe (2 x 224 px global + 8 x 96 px local views), JPEG decode included, batches of \
-{args.batch_size}, {args.seconds:g} s measured per configuration after {args.warmup:g} s warm-up.
+{args.batch_size}, {args.seconds:g} s measured per configuration after {args.warmup:g} s warm-up; images/s is the median of {args.rounds} interleaved round(s), range in parentheses.
 - torchvision = `DataAugmentationDINO` from main_dino.py with `pil_loader`, through `DataLoader` \
 (`num_workers=0` with `torch.set_num_threads(1)`, or `num_workers={n}`); dino_rs = \
 `MultiCropAugmenter().batch(paths)` after `set_num_threads(k)`. Every configuration runs in its own process; \
@@ -642,6 +689,8 @@ dino_rs / torchvision per core: **{per_core:.2f}x**; dino_rs scaling efficiency 
     if busy > CONTENDED:
         section += (f"\nNote: other processes used up to {busy:.2f} cores during a measurement; "
                     "the numbers are pessimistic.\n")
+    if stale:
+        section += f"\nNote: {stale}.\n"
     write_results(Path(args.results), section)
     print(f"wrote {args.results}")
 

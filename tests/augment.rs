@@ -3,8 +3,7 @@
 
 use _dino_rs::augment::blur::{box_radius, gaussian_blur};
 use _dino_rs::augment::color::{
-    adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation, grayscale, hsv_to_rgb,
-    rgb_to_hsv,
+    adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation, grayscale, hsv_to_rgb, rgb_to_hsv,
 };
 use _dino_rs::augment::crop::RandomResizedCrop;
 use _dino_rs::augment::flip::hflip;
@@ -44,15 +43,11 @@ fn hf_energy(img: &RgbImage) -> f64 {
             let p = img.get_pixel(x, y);
             if x + 1 < img.width() {
                 let q = img.get_pixel(x + 1, y);
-                e += (0..3)
-                    .map(|c| (p[c] as f64 - q[c] as f64).powi(2))
-                    .sum::<f64>();
+                e += (0..3).map(|c| (p[c] as f64 - q[c] as f64).powi(2)).sum::<f64>();
             }
             if y + 1 < img.height() {
                 let q = img.get_pixel(x, y + 1);
-                e += (0..3)
-                    .map(|c| (p[c] as f64 - q[c] as f64).powi(2))
-                    .sum::<f64>();
+                e += (0..3).map(|c| (p[c] as f64 - q[c] as f64).powi(2)).sum::<f64>();
             }
         }
     }
@@ -77,11 +72,7 @@ fn grayscale_equalises_channels_with_601_luma() {
     for (p, q) in img.pixels().zip(before.pixels()) {
         assert!(p[0] == p[1] && p[1] == p[2]);
         let luma = 0.299 * q[0] as f64 + 0.587 * q[1] as f64 + 0.114 * q[2] as f64;
-        assert!(
-            (p[0] as f64 - luma).abs() <= 0.5 + 1e-9,
-            "luma {luma} vs {}",
-            p[0]
-        );
+        assert!((p[0] as f64 - luma).abs() <= 0.5 + 1e-9, "luma {luma} vs {}", p[0]);
     }
 }
 
@@ -212,11 +203,7 @@ fn blur_of_an_impulse_has_the_gaussian_variance() {
         );
     }
     // sigma=1 over 3 passes: l=0, a=0.25; a box of weights (1/6, 2/3, 1/6) has variance 1/3 per pass.
-    assert!(
-        (box_radius(1.0, 3) - 0.25).abs() < 1e-6,
-        "{}",
-        box_radius(1.0, 3)
-    );
+    assert!((box_radius(1.0, 3) - 0.25).abs() < 1e-6, "{}", box_radius(1.0, 3));
 }
 
 #[test]
@@ -226,11 +213,7 @@ fn colour_ops_match_their_definitions() {
     adjust_brightness(&mut b, 1.0);
     assert_eq!(b, img);
     adjust_brightness(&mut b, 0.5);
-    assert!(b
-        .as_raw()
-        .iter()
-        .zip(img.as_raw())
-        .all(|(o, i)| *o == i / 2));
+    assert!(b.as_raw().iter().zip(img.as_raw()).all(|(o, i)| *o == i / 2));
 
     let mut c = img.clone();
     adjust_contrast(&mut c, 0.0);
@@ -290,20 +273,9 @@ fn isolated(f: impl FnOnce(&mut AugmentConfig)) -> MultiCropAugmenter {
 }
 
 /// Fraction of `n` draws of `view` whose output differs from the untouched view.
-fn applied_rate(
-    aug: &MultiCropAugmenter,
-    base: &MultiCropAugmenter,
-    img: &RgbImage,
-    view: usize,
-    n: u64,
-) -> f64 {
+fn applied_rate(aug: &MultiCropAugmenter, base: &MultiCropAugmenter, img: &RgbImage, view: usize, n: u64) -> f64 {
     let mut resizer = Resizer::new();
-    let plain = base.view_rgb(
-        img,
-        view,
-        &mut MultiCropAugmenter::view_rng(0, 0, view),
-        &mut resizer,
-    );
+    let plain = base.view_rgb(img, view, &mut MultiCropAugmenter::view_rng(0, 0, view), &mut resizer);
     let changed = (0..n)
         .filter(|&key| {
             let mut rng = MultiCropAugmenter::view_rng(3, key, view);
@@ -326,13 +298,10 @@ fn assert_rate(name: &str, rate: f64, p: f64, n: u64) {
 fn every_probability_matches_over_thousands_of_draws() {
     let n = 3000;
     let img = gradient(64, 48);
-    let bright = RgbImage::from_fn(64, 48, |x, y| {
-        Rgb([128 + (x % 100) as u8, 150 + (y % 100) as u8, 200])
-    });
+    let bright = RgbImage::from_fn(64, 48, |x, y| Rgb([128 + (x % 100) as u8, 150 + (y % 100) as u8, 200]));
     // Tiny sigmas can round back to the input, so blur detection uses sigma >= 1 on noise.
     let noisy = RgbImage::from_fn(64, 48, |x, y| {
-        let h =
-            (x.wrapping_mul(2_654_435_761) ^ y.wrapping_mul(40_503)).wrapping_mul(2_246_822_519);
+        let h = (x.wrapping_mul(2_654_435_761) ^ y.wrapping_mul(40_503)).wrapping_mul(2_246_822_519);
         Rgb([(h >> 24) as u8, (h >> 16) as u8, (h >> 8) as u8])
     });
     let blurring = || {
@@ -356,23 +325,11 @@ fn every_probability_matches_over_thousands_of_draws() {
             2,
             0.8,
         ),
-        (
-            "grayscale_p",
-            isolated(|c| c.grayscale_p = 0.2),
-            &img,
-            1,
-            0.2,
-        ),
+        ("grayscale_p", isolated(|c| c.grayscale_p = 0.2), &img, 1, 0.2),
         ("blur_p global 1", blurring(), &noisy, 0, 1.0),
         ("blur_p global 2", blurring(), &noisy, 1, 0.1),
         ("blur_p local", blurring(), &noisy, 3, 0.5),
-        (
-            "solarize_p global 2",
-            isolated(|c| c.solarize_p = 0.2),
-            &bright,
-            1,
-            0.2,
-        ),
+        ("solarize_p global 2", isolated(|c| c.solarize_p = 0.2), &bright, 1, 0.2),
         (
             "solarize_p never on global 1",
             isolated(|c| c.solarize_p = 1.0),
@@ -406,10 +363,7 @@ fn output_is_identical_whatever_the_thread_count() {
     let refs: Vec<&RgbImage> = imgs.iter().collect();
     let keys: Vec<u64> = (0..6).collect();
     let run = |threads: usize| {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
         pool.install(|| aug.batch(&refs, 42, &keys))
     };
     let one = run(1);
@@ -477,16 +431,11 @@ fn config_validation_names_the_parameter() {
 #[test]
 fn vectorised_hue_equals_the_scalar_hsv_definition() {
     let img = RgbImage::from_fn(97, 61, |x, y| {
-        let h =
-            (x.wrapping_mul(2_654_435_761) ^ y.wrapping_mul(40_503)).wrapping_mul(2_246_822_519);
+        let h = (x.wrapping_mul(2_654_435_761) ^ y.wrapping_mul(40_503)).wrapping_mul(2_246_822_519);
         Rgb([
             (h >> 24) as u8,
             (h >> 16) as u8,
-            if x % 7 == 0 {
-                (h >> 24) as u8
-            } else {
-                (h >> 8) as u8
-            },
+            if x % 7 == 0 { (h >> 24) as u8 } else { (h >> 8) as u8 },
         ])
     });
     for factor in [-0.5f32, -0.1, -0.013, 0.0, 0.05, 0.1, 0.49] {

@@ -6,8 +6,7 @@ use std::time::{Duration, Instant};
 
 use _dino_rs::data::load_rgb;
 use _dino_rs::{
-    ArrayDataset, AugmentConfig, Dataset, Error, ImageFolder, LoaderConfig, MultiCropAugmenter,
-    MultiCropLoader,
+    ArrayDataset, AugmentConfig, Dataset, Error, ImageFolder, LoaderConfig, MultiCropAugmenter, MultiCropLoader,
 };
 use image::{GrayImage, ImageBuffer, Luma, Rgb, RgbImage, Rgba, RgbaImage};
 
@@ -15,11 +14,7 @@ const MAX: u64 = 1 << 30;
 
 fn photo(w: u32, h: u32, seed: u32) -> RgbImage {
     RgbImage::from_fn(w, h, |x, y| {
-        Rgb([
-            (x * 3 + seed) as u8,
-            (y * 5 + seed) as u8,
-            ((x ^ y) + seed) as u8,
-        ])
+        Rgb([(x * 3 + seed) as u8, (y * 5 + seed) as u8, ((x ^ y) + seed) as u8])
     })
 }
 
@@ -58,24 +53,17 @@ fn decodes_formats_and_converts_to_rgb() {
     let p = dir.path().join("g.png");
     gray.save(&p).unwrap();
     let img = load_rgb(&p, MAX).unwrap();
-    assert!(img
-        .pixels()
-        .zip(gray.pixels())
-        .all(|(c, g)| c.0 == [g[0]; 3]));
+    assert!(img.pixels().zip(gray.pixels()).all(|(c, g)| c.0 == [g[0]; 3]));
 
     let rgba = RgbaImage::from_pixel(3, 3, Rgba([10, 20, 30, 0]));
     let p = dir.path().join("t.png");
     rgba.save(&p).unwrap();
     assert!(
-        load_rgb(&p, MAX)
-            .unwrap()
-            .pixels()
-            .all(|c| c.0 == [10, 20, 30]),
+        load_rgb(&p, MAX).unwrap().pixels().all(|c| c.0 == [10, 20, 30]),
         "alpha is dropped like PIL's convert('RGB')"
     );
 
-    let deep: ImageBuffer<Rgb<u16>, Vec<u16>> =
-        ImageBuffer::from_pixel(2, 2, Rgb([65535, 0, 32896]));
+    let deep: ImageBuffer<Rgb<u16>, Vec<u16>> = ImageBuffer::from_pixel(2, 2, Rgb([65535, 0, 32896]));
     let p = dir.path().join("d.png");
     deep.save(&p).unwrap();
     assert_eq!(load_rgb(&p, MAX).unwrap().get_pixel(0, 0).0, [255, 0, 128]);
@@ -91,22 +79,14 @@ fn bad_files_are_image_errors_naming_the_file() {
     photo(64, 64, 0).save(&jpg).unwrap();
     let jpeg = std::fs::read(&jpg).unwrap();
     let cases: [(&str, Vec<u8>, &str); 5] = [
-        (
-            "trunc.jpg",
-            jpeg[..jpeg.len() * 2 / 3].to_vec(),
-            "truncated",
-        ),
+        ("trunc.jpg", jpeg[..jpeg.len() * 2 / 3].to_vec(), "truncated"),
         ("empty.jpg", vec![], "empty file"),
         (
             "text.jpg",
             b"hello, I am not an image".to_vec(),
             "not a recognised image",
         ),
-        (
-            "trunc.png",
-            bytes[..bytes.len() / 2].to_vec(),
-            "corrupt or truncated",
-        ),
+        ("trunc.png", bytes[..bytes.len() / 2].to_vec(), "corrupt or truncated"),
         (
             "garbage.png",
             [&bytes[..40], &[0xAB; 300][..]].concat(),
@@ -119,10 +99,7 @@ fn bad_files_are_image_errors_naming_the_file() {
         match load_rgb(&p, MAX) {
             Err(e @ Error::Image { .. }) => {
                 let msg = e.to_string();
-                assert!(
-                    msg.contains(name) && msg.contains(expected),
-                    "{name}: {msg}"
-                );
+                assert!(msg.contains(name) && msg.contains(expected), "{name}: {msg}");
             }
             other => panic!("{name}: expected an image error, got {other:?}"),
         }
@@ -132,10 +109,7 @@ fn bad_files_are_image_errors_naming_the_file() {
         Err(Error::Io { .. })
     ));
     let msg = load_rgb(&good, 1000).unwrap_err().to_string();
-    assert!(
-        msg.contains("max_pixels=1000") && msg.contains("64x64"),
-        "{msg}"
-    );
+    assert!(msg.contains("max_pixels=1000") && msg.contains("64x64"), "{msg}");
 }
 
 #[test]
@@ -152,17 +126,9 @@ fn image_folder_scans_recursively_with_sorted_classes() {
     let rel: Vec<String> = ds
         .paths()
         .iter()
-        .map(|p| {
-            p.strip_prefix(dir.path())
-                .unwrap()
-                .to_string_lossy()
-                .into_owned()
-        })
+        .map(|p| p.strip_prefix(dir.path()).unwrap().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(
-        rel,
-        ["apple/3.jpg", "apple/x/2.PNG", "loose.png", "zebra/1.png"]
-    );
+    assert_eq!(rel, ["apple/3.jpg", "apple/x/2.PNG", "loose.png", "zebra/1.png"]);
     assert_eq!(ds.labels(), [0, 0, -1, 1]);
     assert_eq!(ds.load(3).unwrap(), photo(8, 8, 1));
 
@@ -208,10 +174,7 @@ fn loader_visits_every_image_once_per_epoch_and_reshuffles() {
     let mut orders = Vec::new();
     for epoch in 0..2 {
         let batches: Vec<_> = loader.iter_epoch(epoch).map(Result::unwrap).collect();
-        assert_eq!(
-            batches.iter().map(|b| b.len()).collect::<Vec<_>>(),
-            [3, 3, 3, 1]
-        );
+        assert_eq!(batches.iter().map(|b| b.len()).collect::<Vec<_>>(), [3, 3, 3, 1]);
         for b in &batches {
             assert_eq!(b.globals.len(), 2 * b.len() * 3 * 16 * 16);
             assert_eq!(b.locals.len(), 2 * b.len() * 3 * 8 * 8);
@@ -222,14 +185,8 @@ fn loader_visits_every_image_once_per_epoch_and_reshuffles() {
         assert_eq!(seen, (0..10).collect::<Vec<_>>());
     }
     assert_ne!(orders[0], orders[1], "each epoch gets its own shuffle");
-    let again: Vec<usize> = loader
-        .iter_epoch(0)
-        .flat_map(|b| b.unwrap().indices)
-        .collect();
-    assert_eq!(
-        again, orders[0],
-        "an epoch's order depends on (seed, epoch) only"
-    );
+    let again: Vec<usize> = loader.iter_epoch(0).flat_map(|b| b.unwrap().indices).collect();
+    assert_eq!(again, orders[0], "an epoch's order depends on (seed, epoch) only");
 
     let dropping = MultiCropLoader::new(
         array_dataset(10),
@@ -242,10 +199,7 @@ fn loader_visits_every_image_once_per_epoch_and_reshuffles() {
     )
     .unwrap();
     assert_eq!(dropping.len(), 3);
-    let idx: Vec<usize> = dropping
-        .iter_epoch(5)
-        .flat_map(|b| b.unwrap().indices)
-        .collect();
+    let idx: Vec<usize> = dropping.iter_epoch(5).flat_map(|b| b.unwrap().indices).collect();
     assert_eq!(idx, (0..9).collect::<Vec<_>>());
 }
 
@@ -267,10 +221,7 @@ fn loader_batches_equal_direct_augmentation() {
     assert_eq!(a[0].globals, b[0].globals);
     assert_eq!(a[0].locals, b[0].locals);
     let c: Vec<_> = loader.iter_epoch(2).map(Result::unwrap).collect();
-    assert_ne!(
-        a[0].globals, c[0].globals,
-        "fresh augmentation draws every epoch"
-    );
+    assert_ne!(a[0].globals, c[0].globals, "fresh augmentation draws every epoch");
 }
 
 #[test]

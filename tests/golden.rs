@@ -3,10 +3,11 @@
 
 use std::collections::HashMap;
 
+use _dino_rs::dino::Dino;
 use _dino_rs::loss::DinoLoss;
 use _dino_rs::model::{HeadConfig, VitConfig};
 use _dino_rs::schedule::{cosine_scheduler, teacher_temp_schedule};
-use _dino_rs::train::{Dino, DinoTrainer, TrainConfig};
+use _dino_rs::train::{DinoTrainer, TrainConfig};
 use candle_core::{Device, Module, Tensor};
 use serde_json::Value;
 
