@@ -110,6 +110,15 @@ impl Dino {
     /// Last-block CLS→patch attention `(N, heads, H/p, W/p)`.
     pub fn attention(&self, crops: &Tensor, teacher: bool) -> Result<Tensor> {
         self.check_crops(crops)?;
+        let (n, _, h, w) = crops.dims4()?;
+        if n == 0 {
+            let p = self.vit.patch_size;
+            return Ok(Tensor::zeros(
+                (0, self.vit.num_heads, h / p, w / p),
+                candle_core::DType::F32,
+                &self.device,
+            )?);
+        }
         Ok(self.wrapper(teacher).backbone.cls_attention_maps(crops)?.detach())
     }
 
@@ -206,6 +215,11 @@ impl Dino {
     /// default to embed_dim / 64 as in every official model.
     pub fn load_backbone(path: &Path, num_heads: Option<usize>, device: &Device) -> Result<Self> {
         let raw = checkpoint::load_weights(path)?;
+        // Our own exports record the architecture; the shapes cannot tell the number of heads.
+        let saved_heads = checkpoint::load(path)
+            .ok()
+            .and_then(|(_, meta)| meta["vit"]["num_heads"].as_u64());
+        let num_heads = num_heads.or(saved_heads.map(|h| h as usize));
         let mut w: HashMap<String, Tensor> = HashMap::new();
         for (k, t) in raw {
             let k = k.strip_prefix("module.").unwrap_or(&k);

@@ -174,6 +174,9 @@ impl PyDino {
         teacher: bool,
         batch_size: usize,
     ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+        if batch_size == 0 {
+            return Err(PyValueError::new_err("batch_size must be at least 1"));
+        }
         let x = f32_tensor(crops, "crops", &self.inner.device)?;
         let dino = self.inner.clone();
         let out = py.detach(move || -> Result<Tensor> {
@@ -307,13 +310,13 @@ impl PyDino {
     fn __repr__(&self) -> String {
         let v = &self.inner.vit;
         format!(
-            "DINO(embed_dim={}, depth={}, num_heads={}, patch_size={}, img_size={}, out_dim={:?}, device={:?})",
+            "DINO(embed_dim={}, depth={}, num_heads={}, patch_size={}, img_size={}, out_dim={}, device={:?})",
             v.embed_dim,
             v.depth,
             v.num_heads,
             v.patch_size,
             v.img_size,
-            self.out_dim(),
+            self.out_dim().map_or("None".to_string(), |d| d.to_string()),
             self.device()
         )
     }

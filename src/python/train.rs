@@ -198,6 +198,10 @@ impl PyTrainer {
         };
         let (g, l, n_local) = (c.global_size as usize, c.local_size as usize, c.n_local);
         let start = Instant::now();
+        // After an interruption mid-epoch, the batches already trained on are skipped: the
+        // epoch's order depends on (seed, epoch) only, so the rest of the epoch is reproduced.
+        let niter = self.inner.config.niter_per_ep;
+        let mut skip = self.inner.iteration.saturating_sub(epoch as usize * niter).min(niter);
         let mut it = rust_loader.iter_epoch(epoch);
         let (mut sum, mut steps, mut last): (f64, usize, Option<StepStats>) = (0.0, 0, None);
         loop {
@@ -210,6 +214,10 @@ impl PyTrainer {
                 Next::Done => break,
                 Next::Batch(b) => b?,
             };
+            if skip > 0 {
+                skip -= 1;
+                continue;
+            }
             let (globals, locals) = self.batch_tensors(batch, g, l, n_local)?;
             let inner = &mut self.inner;
             let out = py
