@@ -3,6 +3,7 @@
 mod augment;
 mod data;
 mod errors;
+mod loss;
 mod model;
 mod numpy;
 mod train;
@@ -55,10 +56,10 @@ fn _dino_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<data::PyMultiCropLoader>()?;
     m.add_class::<data::LoaderIterator>()?;
     m.add_class::<model::PyDino>()?;
-    m.add_class::<model::PyDinoLoss>()?;
+    m.add_class::<loss::PyDinoLoss>()?;
     m.add_class::<train::PyTrainer>()?;
     m.add_function(wrap_pyfunction!(model::load_backbone, m)?)?;
-    m.add_function(wrap_pyfunction!(model::cosine_scheduler, m)?)?;
+    m.add_function(wrap_pyfunction!(loss::cosine_scheduler, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_is_available, m)?)?;
