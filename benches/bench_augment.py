@@ -35,7 +35,8 @@ What it does
    thread). After a warm-up, batches are timed with ``time.perf_counter`` until ``--seconds`` have
    passed, cycling over the file list.
 4. Prints a table (images/s, per thread, dino_rs/torchvision at equal thread count, thread-scaling
-   efficiency, CPU cores busy during the measurement, ours and other processes', peak RSS) and
+   efficiency, CPU cores busy during the measurement, ours and other processes', images per CPU
+   second of our processes, peak RSS) and
 5. writes it, with date, machine and command, between the markers
    ``<!-- augment-bench:start -->`` and ``<!-- augment-bench:end -->`` of RESULTS.md (other content kept).
 
@@ -508,7 +509,7 @@ def machine_info() -> dict:
 
 def build_table(results: dict, n: int) -> tuple[list[str], list[list[str]]]:
     header = ["config", "threads", "images/s", "images/s per thread", "dino_rs / torchvision",
-              "scaling efficiency", "CPU cores busy (ours / other)", "peak RSS MiB"]
+              "scaling efficiency", "CPU cores busy (ours / other)", "images per CPU-s", "peak RSS MiB"]
     rows = []
     for key, threads in (("tv1", 1), ("tvN", n), ("rs1", 1), ("rsN", n)):
         r = results[key]
@@ -529,7 +530,8 @@ def build_table(results: dict, n: int) -> tuple[list[str], list[list[str]]]:
         if len(r["all_ips"]) > 1:
             ips_txt += f" ({min(r['all_ips']):.1f}-{max(r['all_ips']):.1f})"
         rows.append([label, str(threads), ips_txt, f"{ips / threads:.1f}", ratio, eff,
-                     f"{r['cores_ours']:.2f} / {r['cores_other']:.2f}", rss])
+                     f"{r['cores_ours']:.2f} / {r['cores_other']:.2f}",
+                     f"{ips / r['cores_ours']:.1f}" if r["cores_ours"] > 0 else "-", rss])
     return header, rows
 
 
@@ -638,10 +640,12 @@ def main() -> None:
                     print(f"  other processes were busy ({r['cores_other']:.2f} cores): measuring again", flush=True)
             versions.update(best.pop("versions"))
             runs[key].append(best)
-    # Each configuration's median round (the lower middle one for an even count).
+    # Each configuration's median round (the lower middle one for an even count), over the rounds that
+    # other processes left alone when there are any.
     results = {}
     for key in keys:
-        ordered = sorted(runs[key], key=lambda r: r["images_per_s"])
+        quiet = [r for r in runs[key] if r["cores_other"] <= CONTENDED] or runs[key]
+        ordered = sorted(quiet, key=lambda r: r["images_per_s"])
         results[key] = dict(ordered[(len(ordered) - 1) // 2], all_ips=[r["images_per_s"] for r in runs[key]])
 
     header, rows = build_table(results, n)
@@ -674,13 +678,15 @@ def main() -> None:
 - Workload: {desc['n']} JPEG photos (re-cuts of the scikit-image / scikit-learn sample photos), \
 mean {desc['mean_w']:.0f}x{desc['mean_h']:.0f} px, {desc['mean_kib']:.1f} KiB, quality {JPEG_QUALITY}; \
 official DINO recipe (2 x 224 px global + 8 x 96 px local views), JPEG decode included, batches of \
-{args.batch_size}, {args.seconds:g} s measured per configuration after {args.warmup:g} s warm-up; images/s is the median of {args.rounds} interleaved round(s), range in parentheses.
+{args.batch_size}, {args.seconds:g} s measured per configuration after {args.warmup:g} s warm-up; images/s is the median of {args.rounds} interleaved round(s) (of the undisturbed ones when there are any), \
+range of all rounds in parentheses.
 - torchvision = `DataAugmentationDINO` from main_dino.py with `pil_loader`, through `DataLoader` \
 (`num_workers=0` with `torch.set_num_threads(1)`, or `num_workers={n}`); dino_rs = \
 `MultiCropAugmenter().batch(paths)` after `set_num_threads(k)`. Every configuration runs in its own process; \
 `OMP_NUM_THREADS=1`.
 - "dino_rs / torchvision" compares equal thread counts; scaling efficiency = images/s at {n} / \
-({n} x images/s at 1). CPU "other" = machine-wide busy cores not used by the benchmark (should be ~0).
+({n} x images/s at 1). CPU "other" = machine-wide busy cores not used by the benchmark (should be ~0); \
+"images per CPU-s" = images / CPU seconds of the benchmark's processes (less sensitive to other load).
 
 {format_markdown(header, rows)}
 
