@@ -10,7 +10,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 
 use super::augment::PyMultiCropAugmenter;
-use super::numpy::{batch_inputs, f32_array, u8_image_array, ImageInput};
+use super::numpy::{f32_array, u8_array, u8_image_array};
 use crate::config::DEFAULT_MAX_PIXELS;
 use crate::data::loader::Next;
 use crate::data::{ArrayDataset, Dataset, EpochIter, ImageFolder, LoaderConfig, MultiCropLoader};
@@ -97,21 +97,18 @@ fn array_dataset(images: &Bound<'_, PyAny>, labels: Option<Vec<i64>>) -> PyResul
     let arr = images.cast::<PyUntypedArray>().map_err(|_| {
         PyTypeError::new_err("ArrayDataset expects a uint8 numpy array of shape (N, H, W) or (N, H, W, 3)")
     })?;
-    let shape = numpy::PyUntypedArrayMethods::shape(arr).to_vec();
-    if shape.len() != 3 && shape.len() != 4 {
-        return Err(PyValueError::new_err(format!(
-            "ArrayDataset expects images of shape (N, H, W) or (N, H, W, 3), got {shape:?}"
-        )));
-    }
-    let inputs = batch_inputs(images)?;
-    let (n, h, w) = (shape[0], shape[1], shape[2]);
-    let mut data = Vec::with_capacity(n * h * w * 3);
-    for input in inputs {
-        if let ImageInput::Pixels(img) = input {
-            data.extend_from_slice(img.as_raw());
+    // One copy of the block as given: grey stays one channel and is expanded per image on load.
+    let (data, shape) = u8_array(arr, "images")?;
+    let (n, h, w, c) = match shape.as_slice() {
+        [n, h, w] => (*n, *h, *w, 1),
+        [n, h, w, c] => (*n, *h, *w, *c),
+        _ => {
+            return Err(PyValueError::new_err(format!(
+                "ArrayDataset expects images of shape (N, H, W) or (N, H, W, 3), got {shape:?}"
+            )))
         }
-    }
-    Ok(ArrayDataset::new(data, [n, h, w, 3], labels)?)
+    };
+    Ok(ArrayDataset::new(data, [n, h, w, c], labels)?)
 }
 
 #[pymethods]
@@ -127,10 +124,11 @@ impl PyArrayDataset {
     fn labels<'py>(&self, py: Python<'py>) -> Option<Bound<'py, numpy::PyArray1<i64>>> {
         self.inner.labels().map(|l| l.to_vec().into_pyarray(py))
     }
+    /// (N, H, W, 3): items are served as RGB whatever the stored channel count.
     #[getter]
     fn shape(&self) -> (usize, usize, usize, usize) {
-        let [n, h, w, c] = self.inner.shape();
-        (n, h, w, c)
+        let [n, h, w, _] = self.inner.shape();
+        (n, h, w, 3)
     }
     fn __len__(&self) -> usize {
         self.inner.len()

@@ -48,7 +48,7 @@ fn as_ndarray<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyUntypedArra
 }
 
 /// A uint8 array of `ndim` dimensions in C order (non-contiguous inputs are copied).
-fn u8_array(arr: &Bound<'_, PyUntypedArray>, what: &str) -> PyResult<(Vec<u8>, Vec<usize>)> {
+pub fn u8_array(arr: &Bound<'_, PyUntypedArray>, what: &str) -> PyResult<(Vec<u8>, Vec<usize>)> {
     let shape = arr.shape().to_vec();
     let dtype = arr.dtype();
     let typed = arr.cast::<PyArrayDyn<u8>>().map_err(|_| {
