@@ -4,6 +4,9 @@
 //! Vision Transformers") in Rust: the official multi-crop augmentation, datasets and a native
 //! loader, with Python bindings behind the `python` feature.
 
+#[macro_use]
+mod simd;
+
 pub mod augment;
 pub mod checkpoint;
 pub mod config;
@@ -12,6 +15,7 @@ pub mod dino;
 pub mod error;
 pub mod loss;
 pub mod model;
+pub mod ops;
 pub mod optim;
 pub mod parallel;
 pub mod schedule;

@@ -1,8 +1,8 @@
 //! Multi-head self-attention as in the official ViT (`qkv` with bias, scaled dot product,
-//! `proj`). Softmax is candle-nn's composed `ops::softmax`, which has a backward pass (the fused
-//! `softmax_last_dim` does not).
+//! `proj`). Softmax is [`crate::ops::softmax_last_dim`], which has a backward pass (candle-nn's
+//! fused `softmax_last_dim` does not).
 
-use candle_core::{Module, Result, Tensor, D};
+use candle_core::{Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
 use super::linear::linear;
@@ -38,7 +38,7 @@ impl Attention {
         let q = (qkv.get(0)?.contiguous()? * self.scale)?;
         let k = qkv.get(1)?.contiguous()?;
         let v = qkv.get(2)?.contiguous()?;
-        let attn = candle_nn::ops::softmax(&q.matmul(&k.t()?)?, D::Minus1)?;
+        let attn = crate::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?;
         let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?;
         Ok((self.proj.forward(&out)?, attn))
     }

@@ -80,7 +80,7 @@ impl DinoHead {
         for (i, layer) in self.mlp.iter().enumerate() {
             x = layer.forward(&x)?;
             if i + 1 < self.mlp.len() {
-                x = x.gelu_erf()?;
+                x = crate::ops::gelu_erf(&x)?;
             }
         }
         l2_normalize(&x)

@@ -1,7 +1,7 @@
-//! LayerNorm written out of differentiable ops: candle-nn's fused `LayerNorm` has no backward
-//! pass, so gradients through it silently stop (DESIGN.md §3).
+//! LayerNorm with a backward pass: candle-nn's fused `LayerNorm` has none, so gradients through
+//! it silently stop (DESIGN.md §3). The kernel is [`crate::ops::layer_norm`].
 
-use candle_core::{Module, Result, Tensor, D};
+use candle_core::{Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 #[derive(Debug, Clone)]
@@ -21,10 +21,6 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let centered = x.broadcast_sub(&mean)?;
-        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        normed.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+        crate::ops::layer_norm(x, &self.weight, &self.bias, self.eps)
     }
 }

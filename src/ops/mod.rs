@@ -1,0 +1,69 @@
+//! Fused CPU kernels, with their backward passes, for the element- and row-wise layers of a ViT:
+//! LayerNorm, softmax over the last dimension and exact GELU. Composed out of candle ops these
+//! allocate a tensor per intermediate and run single-threaded; here each is one pass per row (or
+//! chunk) on the dino_rs pool, and the backward recomputes what it needs instead of keeping it.
+//! On other devices or dtypes the composed versions are used (candle's fused `layer_norm` and
+//! `softmax_last_dim` have no backward: DESIGN.md §3).
+
+mod gelu;
+mod layer_norm;
+pub mod math;
+mod softmax;
+
+pub use gelu::gelu_erf;
+pub use layer_norm::layer_norm;
+pub use softmax::softmax_last_dim;
+
+use candle_core::{backend::BackendStorage, bail, CpuStorage, Layout, Result, Tensor};
+use rayon::prelude::*;
+
+/// Rows per parallel task. Fixed (not derived from the thread count) so that reductions across
+/// rows add up in the same order, and training is bit-for-bit repeatable, on any number of threads.
+const ROWS_PER_TASK: usize = 64;
+/// Elements per parallel task for element-wise kernels.
+const ELEMS_PER_TASK: usize = 1 << 14;
+
+fn use_fused(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == candle_core::DType::F32
+}
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        bail!("{op}: expected f32, got {:?}", s.dtype());
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => bail!("{op}: expected a contiguous tensor"),
+    }
+}
+
+/// Runs `f(input_chunk, output_chunk)` over matching chunks of `chunk` elements on the dino_rs pool.
+fn par_map(x: &[f32], chunk: usize, f: impl Fn(&[f32], &mut [f32]) + Sync) -> Vec<f32> {
+    let mut y = vec![0f32; x.len()];
+    if x.len() <= chunk {
+        f(x, &mut y);
+        return y;
+    }
+    crate::parallel::install(|| {
+        x.par_chunks(chunk)
+            .zip(y.par_chunks_mut(chunk))
+            .for_each(|(xc, yc)| f(xc, yc))
+    });
+    y
+}
+
+/// Like [`par_map`] with a second input of the same length.
+fn par_map2(a: &[f32], b: &[f32], chunk: usize, f: impl Fn(&[f32], &[f32], &mut [f32]) + Sync) -> Vec<f32> {
+    let mut y = vec![0f32; a.len()];
+    if a.len() <= chunk {
+        f(a, b, &mut y);
+        return y;
+    }
+    crate::parallel::install(|| {
+        a.par_chunks(chunk)
+            .zip(b.par_chunks(chunk))
+            .zip(y.par_chunks_mut(chunk))
+            .for_each(|((ac, bc), yc)| f(ac, bc, yc))
+    });
+    y
+}

@@ -1,0 +1,104 @@
+//! Softmax over the last dimension, forward and backward one row at a time
+//! (backward: dx = y · (g − Σ g·y), from the saved output alone).
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::{f32_slice, math, use_fused, ROWS_PER_TASK};
+
+/// Differentiable softmax over the last dimension.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if !use_fused(x) {
+        return candle_nn::ops::softmax(x, candle_core::D::Minus1);
+    }
+    x.contiguous()?.apply_op1(SoftmaxOp)
+}
+
+avx2_multiversion! {
+    fn forward_rows(x: &[f32], d: usize, y: &mut [f32]) {
+        for (xr, yr) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)) {
+            let max = xr.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            let mut acc = [0f32; 8];
+            for (i, (yv, &xv)) in yr.iter_mut().zip(xr).enumerate() {
+                *yv = math::exp(xv - max);
+                acc[i % 8] += *yv;
+            }
+            let inv = 1.0 / acc.iter().sum::<f32>();
+            for yv in yr.iter_mut() {
+                *yv *= inv;
+            }
+        }
+    }
+}
+
+avx2_multiversion! {
+    fn backward_rows(y: &[f32], g: &[f32], d: usize, dx: &mut [f32]) {
+        for ((yr, gr), dxr) in y.chunks_exact(d).zip(g.chunks_exact(d)).zip(dx.chunks_exact_mut(d)) {
+            let mut acc = [0f32; 8];
+            for (i, (&yv, &gv)) in yr.iter().zip(gr).enumerate() {
+                acc[i % 8] += yv * gv;
+            }
+            let dot = acc.iter().sum::<f32>();
+            for ((o, &yv), &gv) in dxr.iter_mut().zip(yr).zip(gr) {
+                *o = yv * (gv - dot);
+            }
+        }
+    }
+}
+
+fn last_dim(l: &Layout) -> Result<usize> {
+    match l.dims().last() {
+        Some(&d) if d > 0 => Ok(d),
+        _ => candle_core::bail!("softmax: no last dimension to normalise in {:?}", l.dims()),
+    }
+}
+
+struct SoftmaxOp;
+
+impl CustomOp1 for SoftmaxOp {
+    fn name(&self) -> &'static str {
+        "dino-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, self.name())?;
+        let d = last_dim(l)?;
+        let mut y = vec![0f32; x.len()];
+        let rows = ROWS_PER_TASK * d;
+        crate::parallel::install(|| {
+            x.par_chunks(rows)
+                .zip(y.par_chunks_mut(rows))
+                .for_each(|(xc, yc)| forward_rows(xc, d, yc))
+        });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(y.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBackward)?))
+    }
+}
+
+struct SoftmaxBackward;
+
+impl CustomOp2 for SoftmaxBackward {
+    fn name(&self) -> &'static str {
+        "dino-softmax-backward"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (y, g) = (f32_slice(s1, l1, self.name())?, f32_slice(s2, l2, self.name())?);
+        let d = last_dim(l1)?;
+        if y.len() != g.len() {
+            candle_core::bail!("softmax backward: output {:?} but grad {:?}", l1.dims(), l2.dims());
+        }
+        let mut dx = vec![0f32; y.len()];
+        let rows = ROWS_PER_TASK * d;
+        crate::parallel::install(|| {
+            y.par_chunks(rows)
+                .zip(g.par_chunks(rows))
+                .zip(dx.par_chunks_mut(rows))
+                .for_each(|((yc, gc), dc)| backward_rows(yc, gc, d, dc))
+        });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}

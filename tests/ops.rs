@@ -1,0 +1,146 @@
+//! The fused CPU kernels (src/ops) against the same functions composed of candle ops in f64:
+//! values and every gradient, on shapes with more rows than one parallel task and widths that
+//! are not multiples of the vector length.
+
+use _dino_rs::ops;
+use candle_core::{DType, Device, Result, Tensor, Var, D};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+fn randn(rng: &mut ChaCha8Rng, shape: &[usize], std: f32) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            // Box-Muller; the exact distribution does not matter, only spread and signs.
+            let (a, b): (f32, f32) = (rng.random::<f32>().max(1e-7), rng.random());
+            std * (-2.0 * a.ln()).sqrt() * (std::f32::consts::TAU * b).cos()
+        })
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu)
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
+    a.to_dtype(DType::F64)?
+        .sub(&b.to_dtype(DType::F64)?)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f64>()
+}
+
+fn max_abs(a: &Tensor) -> Result<f64> {
+    a.to_dtype(DType::F64)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()
+}
+
+/// Checks `fused(inputs)` against `reference(inputs in f64)`: values and the gradient of
+/// Σ output·r for a random r, for every input.
+fn check(
+    inputs: Vec<Tensor>,
+    fused: impl Fn(&[Tensor]) -> Result<Tensor>,
+    reference: impl Fn(&[Tensor]) -> Result<Tensor>,
+    tol: f64,
+) -> Result<()> {
+    let mut rng = ChaCha8Rng::seed_from_u64(99);
+    let vars32: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t)).collect::<Result<_>>()?;
+    let vars64: Vec<Var> = inputs
+        .iter()
+        .map(|t| Var::from_tensor(&t.to_dtype(DType::F64)?))
+        .collect::<Result<_>>()?;
+    let t32: Vec<Tensor> = vars32.iter().map(|v| v.as_tensor().clone()).collect();
+    let t64: Vec<Tensor> = vars64.iter().map(|v| v.as_tensor().clone()).collect();
+    let (y32, y64) = (fused(&t32)?, reference(&t64)?);
+    assert_eq!(y32.dims(), y64.dims());
+    let scale = max_abs(&y64)?.max(1.0);
+    let err = max_abs_diff(&y32, &y64)?;
+    assert!(err <= tol * scale, "forward differs by {err} (scale {scale})");
+    let r = randn(&mut rng, y32.dims(), 1.0)?;
+    let g32 = (y32 * &r)?.sum_all()?.backward()?;
+    let g64 = (y64 * r.to_dtype(DType::F64)?)?.sum_all()?.backward()?;
+    for (i, (v32, v64)) in vars32.iter().zip(&vars64).enumerate() {
+        let a = g32.get(v32.as_tensor()).expect("fused op has a gradient for every input");
+        let b = g64.get(v64.as_tensor()).expect("reference gradient");
+        let scale = max_abs(b)?.max(1.0);
+        let err = max_abs_diff(a, b)?;
+        assert!(err <= tol * scale, "gradient of input {i} differs by {err} (scale {scale})");
+    }
+    Ok(())
+}
+
+#[test]
+fn layer_norm_matches_composed() -> Result<()> {
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    for shape in [[3usize, 70, 45], [2, 65, 192], [1, 1, 5]] {
+        let d = shape[2];
+        let x = (randn(&mut rng, &shape, 2.0)? + 0.7)?;
+        let w = (randn(&mut rng, &[d], 0.3)? + 1.0)?;
+        let b = randn(&mut rng, &[d], 0.3)?;
+        check(
+            vec![x, w, b],
+            |t| ops::layer_norm(&t[0], &t[1], &t[2], 1e-6),
+            |t| {
+                let mean = t[0].mean_keepdim(D::Minus1)?;
+                let c = t[0].broadcast_sub(&mean)?;
+                let var = c.sqr()?.mean_keepdim(D::Minus1)?;
+                c.broadcast_div(&(var + 1e-6)?.sqrt()?)?
+                    .broadcast_mul(&t[1])?
+                    .broadcast_add(&t[2])
+            },
+            2e-5,
+        )?;
+    }
+    Ok(())
+}
+
+#[test]
+fn softmax_matches_composed() -> Result<()> {
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    for shape in [[4usize, 3, 65, 65], [2, 3, 17, 17], [1, 1, 1, 3]] {
+        let x = randn(&mut rng, &shape, 4.0)?;
+        check(
+            vec![x],
+            |t| ops::softmax_last_dim(&t[0]),
+            |t| candle_nn::ops::softmax(&t[0], D::Minus1),
+            1e-5,
+        )?;
+    }
+    // Large logits: no overflow (the row maximum is subtracted first).
+    let x = Tensor::new(&[[1000f32, 999.0, -1000.0]], &Device::Cpu)?;
+    let y = ops::softmax_last_dim(&x)?.to_vec2::<f32>()?;
+    assert!((y[0][0] - 0.731_058_6).abs() < 1e-6 && y[0][2] == 0.0, "{y:?}");
+    Ok(())
+}
+
+#[test]
+fn gelu_matches_composed() -> Result<()> {
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    for shape in [[5usize, 40_000], [3, 7]] {
+        let x = randn(&mut rng, &shape, 3.0)?;
+        check(
+            vec![x],
+            |t| ops::gelu_erf(&t[0]),
+            |t| {
+                // x·Φ(x) with Φ from erf, built from f64 ops with exact backward.
+                let x = &t[0];
+                let cdf = ((x / std::f64::consts::SQRT_2)?.erf()? + 1.0)? * 0.5;
+                x * cdf?
+            },
+            1e-5,
+        )?;
+    }
+    Ok(())
+}
+
+#[test]
+fn fused_ops_propagate_nan() -> Result<()> {
+    let x = Tensor::new(&[[1f32, f32::NAN, 2.0]], &Device::Cpu)?;
+    let w = Tensor::ones(3, DType::F32, &Device::Cpu)?;
+    let b = Tensor::zeros(3, DType::F32, &Device::Cpu)?;
+    for y in [
+        ops::layer_norm(&x, &w, &b, 1e-6)?,
+        ops::softmax_last_dim(&x)?,
+        ops::gelu_erf(&x)?,
+    ] {
+        assert!(y.to_vec2::<f32>()?[0][1].is_nan(), "NaN must not be hidden");
+    }
+    Ok(())
+}
