@@ -57,11 +57,16 @@ fn check(
     let g32 = (y32 * &r)?.sum_all()?.backward()?;
     let g64 = (y64 * r.to_dtype(DType::F64)?)?.sum_all()?.backward()?;
     for (i, (v32, v64)) in vars32.iter().zip(&vars64).enumerate() {
-        let a = g32.get(v32.as_tensor()).expect("fused op has a gradient for every input");
+        let a = g32
+            .get(v32.as_tensor())
+            .expect("fused op has a gradient for every input");
         let b = g64.get(v64.as_tensor()).expect("reference gradient");
         let scale = max_abs(b)?.max(1.0);
         let err = max_abs_diff(a, b)?;
-        assert!(err <= tol * scale, "gradient of input {i} differs by {err} (scale {scale})");
+        assert!(
+            err <= tol * scale,
+            "gradient of input {i} differs by {err} (scale {scale})"
+        );
     }
     Ok(())
 }
@@ -141,6 +146,46 @@ fn fused_ops_propagate_nan() -> Result<()> {
         ops::gelu_erf(&x)?,
     ] {
         assert!(y.to_vec2::<f32>()?[0][1].is_nan(), "NaN must not be hidden");
+    }
+    Ok(())
+}
+
+#[test]
+fn attention_matches_composed() -> Result<()> {
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    for (b, n, heads, hd) in [(3usize, 17usize, 3usize, 8usize), (2, 65, 2, 24), (1, 1, 1, 5)] {
+        let c = heads * hd;
+        let scale = (hd as f64).powf(-0.5);
+        let qkv = randn(&mut rng, &[b, n, 3 * c], 1.5)?;
+        check(
+            vec![qkv],
+            |t| ops::attention(&t[0], heads, scale),
+            |t| {
+                let qkv = t[0].reshape((b, n, 3, heads, hd))?.permute((2, 0, 3, 1, 4))?;
+                let q = (qkv.get(0)?.contiguous()? * scale)?;
+                let k = qkv.get(1)?.contiguous()?;
+                let v = qkv.get(2)?.contiguous()?;
+                let attn = candle_nn::ops::softmax(&q.matmul(&k.t()?)?, D::Minus1)?;
+                attn.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))
+            },
+            2e-5,
+        )?;
+    }
+    Ok(())
+}
+
+#[test]
+fn add_bias_matches_broadcast_add() -> Result<()> {
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    for shape in [[3usize, 70, 45], [1, 1, 3]] {
+        let x = randn(&mut rng, &shape, 1.0)?;
+        let b = randn(&mut rng, &[shape[2]], 1.0)?;
+        check(
+            vec![x, b],
+            |t| ops::add_bias(&t[0], &t[1]),
+            |t| t[0].broadcast_add(&t[1]),
+            1e-6,
+        )?;
     }
     Ok(())
 }

@@ -1,11 +1,12 @@
 //! Multi-head self-attention as in the official ViT (`qkv` with bias, scaled dot product,
-//! `proj`). Softmax is [`crate::ops::softmax_last_dim`], which has a backward pass (candle-nn's
+//! `proj`). On the CPU in f32 the core is the fused [`crate::ops::attention`]; the explicit
+//! version below also returns the attention weights (for attention maps) and runs elsewhere. Softmax is [`crate::ops::softmax_last_dim`], which has a backward pass (candle-nn's
 //! fused `softmax_last_dim` does not).
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
-use super::linear::linear;
+use super::linear::{linear, Linear};
 
 #[derive(Debug, Clone)]
 pub struct Attention {
@@ -46,6 +47,11 @@ impl Attention {
 
 impl Module for Attention {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.forward_with_attention(x)?.0)
+        if !crate::ops::fused(x) {
+            return Ok(self.forward_with_attention(x)?.0);
+        }
+        let qkv = self.qkv.forward(x)?;
+        self.proj
+            .forward(&crate::ops::attention(&qkv, self.num_heads, self.scale)?)
     }
 }

@@ -3,9 +3,9 @@
 //! `norm_last_layer` the weight's norm (`weight_g`) stays fixed at 1 and is not trained.
 
 use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{Init, Linear, VarBuilder};
+use candle_nn::{Init, VarBuilder};
 
-use super::linear::linear;
+use super::linear::{linear, Linear};
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct HeadConfig {

@@ -1,9 +1,9 @@
 //! The transformer MLP: `fc1` → exact (erf) GELU → `fc2`.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
-use super::linear::linear;
+use super::linear::{linear, Linear};
 
 #[derive(Debug, Clone)]
 pub struct Mlp {

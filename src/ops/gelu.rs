@@ -3,7 +3,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 
-use super::{f32_slice, math, par_map, par_map2, use_fused, ELEMS_PER_TASK};
+use super::{f32_slice, fused, math, par_map, par_map2, ELEMS_PER_TASK};
 
 const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
 /// 1/√(2π)
@@ -11,7 +11,7 @@ const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
 
 /// Differentiable exact (erf) GELU.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
-    if !use_fused(x) {
+    if !fused(x) {
         return x.gelu_erf();
     }
     x.contiguous()?.apply_op1(GeluOp)

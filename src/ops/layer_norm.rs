@@ -4,11 +4,11 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{f32_slice, use_fused, ROWS_PER_TASK};
+use super::{f32_slice, fused, ROWS_PER_TASK};
 
 /// `(x - mean) / sqrt(var + eps) * weight + bias` over the last dimension, differentiable in all three.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
-    if !use_fused(x) {
+    if !fused(x) {
         return composed(x, weight, bias, eps);
     }
     x.contiguous()?.apply_op3(

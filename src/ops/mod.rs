@@ -5,11 +5,15 @@
 //! On other devices or dtypes the composed versions are used (candle's fused `layer_norm` and
 //! `softmax_last_dim` have no backward: DESIGN.md §3).
 
+mod attention;
+mod bias;
 mod gelu;
 mod layer_norm;
 pub mod math;
 mod softmax;
 
+pub use attention::attention;
+pub use bias::add_bias;
 pub use gelu::gelu_erf;
 pub use layer_norm::layer_norm;
 pub use softmax::softmax_last_dim;
@@ -23,7 +27,8 @@ const ROWS_PER_TASK: usize = 64;
 /// Elements per parallel task for element-wise kernels.
 const ELEMS_PER_TASK: usize = 1 << 14;
 
-fn use_fused(x: &Tensor) -> bool {
+/// Whether the fused kernels apply to `x` (CPU, f32); elsewhere callers compose candle ops.
+pub fn fused(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == candle_core::DType::F32
 }
 

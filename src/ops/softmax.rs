@@ -4,18 +4,18 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{f32_slice, math, use_fused, ROWS_PER_TASK};
+use super::{f32_slice, fused, math, ROWS_PER_TASK};
 
 /// Differentiable softmax over the last dimension.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    if !use_fused(x) {
+    if !fused(x) {
         return candle_nn::ops::softmax(x, candle_core::D::Minus1);
     }
     x.contiguous()?.apply_op1(SoftmaxOp)
 }
 
 avx2_multiversion! {
-    fn forward_rows(x: &[f32], d: usize, y: &mut [f32]) {
+    pub(super) fn rows_forward(x: &[f32], d: usize, y: &mut [f32]) {
         for (xr, yr) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)) {
             let max = xr.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
             let mut acc = [0f32; 8];
@@ -32,7 +32,7 @@ avx2_multiversion! {
 }
 
 avx2_multiversion! {
-    fn backward_rows(y: &[f32], g: &[f32], d: usize, dx: &mut [f32]) {
+    pub(super) fn rows_backward(y: &[f32], g: &[f32], d: usize, dx: &mut [f32]) {
         for ((yr, gr), dxr) in y.chunks_exact(d).zip(g.chunks_exact(d)).zip(dx.chunks_exact_mut(d)) {
             let mut acc = [0f32; 8];
             for (i, (&yv, &gv)) in yr.iter().zip(gr).enumerate() {
@@ -68,7 +68,7 @@ impl CustomOp1 for SoftmaxOp {
         crate::parallel::install(|| {
             x.par_chunks(rows)
                 .zip(y.par_chunks_mut(rows))
-                .for_each(|(xc, yc)| forward_rows(xc, d, yc))
+                .for_each(|(xc, yc)| rows_forward(xc, d, yc))
         });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
@@ -97,7 +97,7 @@ impl CustomOp2 for SoftmaxBackward {
             y.par_chunks(rows)
                 .zip(g.par_chunks(rows))
                 .zip(dx.par_chunks_mut(rows))
-                .for_each(|((yc, gc), dc)| backward_rows(yc, gc, d, dc))
+                .for_each(|((yc, gc), dc)| rows_backward(yc, gc, d, dc))
         });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
