@@ -221,10 +221,12 @@ impl DinoTrainer {
         globals: &Tensor,
         locals: Option<&Tensor>,
     ) -> Result<std::result::Result<StepStats, NonFiniteLoss>> {
-        match self.compute(globals, locals)? {
+        // On the dino_rs pool, candle's matmuls (gemm splits work over the current rayon pool) share
+        // its threads with the fused kernels instead of competing from rayon's global pool.
+        crate::parallel::install(|| match self.compute(globals, locals)? {
             Ok(c) => self.apply(c).map(Ok),
             Err(e) => Ok(Err(e)),
-        }
+        })
     }
 }
 

@@ -41,7 +41,7 @@ fn check(
     tol: f64,
 ) -> Result<()> {
     let mut rng = ChaCha8Rng::seed_from_u64(99);
-    let vars32: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t)).collect::<Result<_>>()?;
+    let vars32: Vec<Var> = inputs.iter().map(Var::from_tensor).collect::<Result<_>>()?;
     let vars64: Vec<Var> = inputs
         .iter()
         .map(|t| Var::from_tensor(&t.to_dtype(DType::F64)?))
@@ -184,6 +184,31 @@ fn add_bias_matches_broadcast_add() -> Result<()> {
             vec![x, b],
             |t| ops::add_bias(&t[0], &t[1]),
             |t| t[0].broadcast_add(&t[1]),
+            1e-6,
+        )?;
+    }
+    Ok(())
+}
+
+#[test]
+fn residual_matches_composed() -> Result<()> {
+    let mut rng = ChaCha8Rng::seed_from_u64(6);
+    // 5 x 70 x 100 elements: parallel chunks start and end inside samples.
+    let (b, n, d) = (5usize, 70usize, 100usize);
+    for scale in [Some(vec![0.0f32, 1.25, 1.25, 0.0, 1.25]), None] {
+        let x = randn(&mut rng, &[b, n, d], 1.0)?;
+        let y = randn(&mut rng, &[b, n, d], 1.0)?;
+        let s = scale.clone();
+        check(
+            vec![x, y],
+            |t| ops::residual(&t[0], &t[1], scale.as_deref()),
+            move |t| match &s {
+                Some(s) => {
+                    let m = Tensor::from_slice(s, (b, 1, 1), &Device::Cpu)?.to_dtype(DType::F64)?;
+                    &t[0] + t[1].broadcast_mul(&m)?
+                }
+                None => &t[0] + &t[1],
+            },
             1e-6,
         )?;
     }

@@ -18,17 +18,14 @@ pub struct Block {
     mlp: Mlp,
 }
 
-/// Per-sample keep masks (already scaled by 1/keep_prob) for the two residual branches.
+/// Per-sample keep masks (0 or 1/keep_prob) for the two residual branches.
 pub struct DropPathMasks {
-    pub attn: Tensor,
-    pub mlp: Tensor,
+    pub attn: Vec<f32>,
+    pub mlp: Vec<f32>,
 }
 
-fn residual(x: &Tensor, branch: Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-    match mask {
-        Some(m) => x + branch.broadcast_mul(m)?,
-        None => x + branch,
-    }
+fn residual(x: &Tensor, branch: Tensor, mask: Option<&Vec<f32>>) -> Result<Tensor> {
+    crate::ops::residual(x, &branch, mask.map(|m| m.as_slice()))
 }
 
 impl Block {

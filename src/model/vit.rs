@@ -149,14 +149,15 @@ impl VisionTransformer {
         let b = tokens.dim(0)?;
         let masks: Vec<Option<DropPathMasks>> = match rng {
             Some(rng) if self.config.drop_path_rate > 0.0 => (0..self.blocks.len())
-                .map(|i| self.drop_path_masks(i, b, rng, x.device()).map(Some))
-                .collect::<Result<_>>()?,
+                .map(|i| Some(self.drop_path_masks(i, b, rng)))
+                .collect(),
             _ => Vec::new(),
         };
         for (i, block) in self.blocks.iter().enumerate() {
             tokens = block.forward_masked(&tokens, masks.get(i).and_then(|m| m.as_ref()))?;
         }
-        self.norm.forward(&tokens)?.narrow(1, 0, 1)?.squeeze(1)
+        // LayerNorm is per token: normalising only the CLS token gives the official output.
+        self.norm.forward(&tokens.narrow(1, 0, 1)?)?.squeeze(1)
     }
 
     /// Stochastic-depth rate of block `i`: linear from 0 to `drop_path_rate` (torch.linspace).
@@ -168,24 +169,17 @@ impl VisionTransformer {
         self.config.drop_path_rate * i as f64 / (depth - 1) as f64
     }
 
-    fn drop_path_masks<R: Rng + ?Sized>(
-        &self,
-        i: usize,
-        b: usize,
-        rng: &mut R,
-        dev: &candle_core::Device,
-    ) -> Result<DropPathMasks> {
+    fn drop_path_masks<R: Rng + ?Sized>(&self, i: usize, b: usize, rng: &mut R) -> DropPathMasks {
         let keep = 1.0 - self.drop_rate(i);
-        let mut mask = || -> Result<Tensor> {
-            let v: Vec<f32> = (0..b)
+        let mut mask = || -> Vec<f32> {
+            (0..b)
                 .map(|_| ((keep + rng.random::<f64>()).floor() / keep) as f32)
-                .collect();
-            Tensor::from_vec(v, (b, 1, 1), dev)
+                .collect()
         };
-        Ok(DropPathMasks {
-            attn: mask()?,
-            mlp: mask()?,
-        })
+        DropPathMasks {
+            attn: mask(),
+            mlp: mask(),
+        }
     }
 
     /// The last block's self-attention `(B, heads, 1+N, 1+N)` (official `get_last_selfattention`).

@@ -66,6 +66,13 @@ struct SharedMut(*mut f32);
 unsafe impl Send for SharedMut {}
 unsafe impl Sync for SharedMut {}
 
+impl SharedMut {
+    /// Through a method, so closures capture the whole (Sync) wrapper, not the bare pointer.
+    fn ptr(&self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// dst (m×n, strides rs/cs) = beta · lhs (m×k) · rhs (k×n), single-threaded (the parallelism is
 /// across (image, head) pairs).
 #[allow(clippy::too_many_arguments)]
@@ -131,13 +138,12 @@ impl CustomOp1 for AttentionOp {
                 || (vec![0f32; d.n * d.n], vec![0f32; d.n * d.n]),
                 |(s, p), bh| {
                     let (bi, h) = (bh / self.heads, bh % self.heads);
-                    let dst = dst;
                     // SAFETY: indices stay inside qkv (B·N·3C) and out (B·N·C); each pair writes
                     // only its own head's columns of its own image.
                     unsafe {
                         probabilities(qkv, d, bi, h, self.scale, s, p);
                         let v = qkv.as_ptr().add(bi * d.n * c3 + 2 * d.c + h * d.hd);
-                        let o = dst.0.add(bi * d.n * d.c + h * d.hd);
+                        let o = dst.ptr().add(bi * d.n * d.c + h * d.hd);
                         mm(d.n, d.hd, d.n, o, d.c, p.as_ptr(), d.n, 1, v, c3, 1, 1.0);
                     }
                 },
@@ -185,7 +191,6 @@ impl CustomOp2 for AttentionBackward {
                 || (vec![0f32; nn], vec![0f32; nn], vec![0f32; nn], vec![0f32; nn]),
                 |(s, p, dp, ds), bh| {
                     let (bi, h) = (bh / self.heads, bh % self.heads);
-                    let dst = dst;
                     // SAFETY: as in the forward pass; each pair writes its head's columns of the
                     // q, k and v thirds of its own image's rows.
                     unsafe {
@@ -197,7 +202,11 @@ impl CustomOp2 for AttentionBackward {
                             qkv.as_ptr().add(base + 2 * d.c),
                         );
                         let go = g.as_ptr().add(bi * d.n * d.c + h * d.hd);
-                        let (dq, dk, dv) = (dst.0.add(base), dst.0.add(base + d.c), dst.0.add(base + 2 * d.c));
+                        let (dq, dk, dv) = (
+                            dst.ptr().add(base),
+                            dst.ptr().add(base + d.c),
+                            dst.ptr().add(base + 2 * d.c),
+                        );
                         // dV = Pᵀ·dO
                         mm(d.n, d.hd, d.n, dv, c3, p.as_ptr(), 1, d.n, go, d.c, 1, 1.0);
                         // dP = dO·Vᵀ, then through the softmax

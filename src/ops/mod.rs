@@ -10,12 +10,14 @@ mod bias;
 mod gelu;
 mod layer_norm;
 pub mod math;
+mod residual;
 mod softmax;
 
 pub use attention::attention;
 pub use bias::add_bias;
 pub use gelu::gelu_erf;
 pub use layer_norm::layer_norm;
+pub use residual::residual;
 pub use softmax::softmax_last_dim;
 
 use candle_core::{backend::BackendStorage, bail, CpuStorage, Layout, Result, Tensor};
