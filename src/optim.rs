@@ -64,6 +64,17 @@ impl AdamW {
             };
             s.step += 1;
             let wd = if s.decay { weight_decay } else { 0.0 };
+            let fused = crate::ops::AdamWStep {
+                decay: 1.0 - lr * wd,
+                beta1: b1,
+                beta2: b2,
+                bias_correction2_sqrt: (1.0 - b2.powi(s.step as i32)).sqrt(),
+                eps: self.eps,
+                step_size: lr / (1.0 - b1.powi(s.step as i32)),
+            };
+            if crate::ops::adamw_update(s.var.as_tensor(), &s.m, &s.v, g, fused)? {
+                continue;
+            }
             let p = (s.var.as_tensor() * (1.0 - lr * wd))?;
             // lerp(m, g, 1 − β1) = m + (1 − β1)·(g − m)
             // Detached: the state must not keep a chain of autograd ops from step to step.

@@ -11,6 +11,9 @@ pub fn ema_update(teacher: &ParamStore, student: &ParamStore, momentum: f64) -> 
         let Some(s) = student.get(&name) else {
             candle_core::bail!("teacher parameter {name} has no student counterpart");
         };
+        if crate::ops::ema_update(t.as_tensor(), s.as_tensor(), momentum)? {
+            continue;
+        }
         let updated = ((t.as_tensor() * momentum)? + (s.as_tensor() * (1.0 - momentum))?)?;
         t.set(&updated)?;
     }

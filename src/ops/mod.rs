@@ -12,6 +12,7 @@ mod layer_norm;
 pub mod math;
 mod residual;
 mod softmax;
+mod update;
 
 pub use attention::attention;
 pub use bias::add_bias;
@@ -19,6 +20,7 @@ pub use gelu::gelu_erf;
 pub use layer_norm::layer_norm;
 pub use residual::residual;
 pub use softmax::softmax_last_dim;
+pub use update::{adamw_update, ema_update, AdamWStep};
 
 use candle_core::{backend::BackendStorage, bail, CpuStorage, Layout, Result, Tensor};
 use rayon::prelude::*;
