@@ -1,10 +1,29 @@
 """Type stubs for the Rust extension module ``dino_rs._dino_rs``."""
 
 import os
-from typing import Any, Iterator, Optional, Sequence, Tuple, Union
+from typing import Any, Iterator, Optional, Sequence, Tuple, Union, final
 
 import numpy as np
 import numpy.typing as npt
+
+__all__ = [
+    "__version__",
+    "DEFAULT_MAX_PIXELS",
+    "MultiCropAugmenter",
+    "ImageFolder",
+    "ArrayDataset",
+    "MultiCropLoader",
+    "_LoaderIterator",
+    "DINO",
+    "DINOLoss",
+    "_Trainer",
+    "load_backbone",
+    "cosine_scheduler",
+    "set_num_threads",
+    "get_num_threads",
+    "cuda_is_available",
+    "_write_png",
+]
 
 __version__: str
 DEFAULT_MAX_PIXELS: int
@@ -25,6 +44,7 @@ def cuda_is_available() -> bool:
 
 def _write_png(path: _Path, image: npt.NDArray[np.uint8]) -> None: ...
 
+@final
 class MultiCropAugmenter:
     """DINO's multi-crop augmentation (DataAugmentationDINO), every knob a parameter, official defaults.
 
@@ -32,15 +52,20 @@ class MultiCropAugmenter:
     (``local_size``, scale ``local_scale``), each RandomResizedCrop (bicubic) + flip + colour jitter
     + grayscale + Gaussian blur (probabilities ``blur_p`` for global 1, global 2, locals) +
     solarize (global 2 only) + normalisation with ``mean``/``std``.
+
+    Defaults of the tuple arguments (shown as ``...`` in the signature): ``global_scale=(0.4, 1.0)``,
+    ``local_scale=(0.05, 0.4)``, ``blur_p=(1.0, 0.1, 0.5)``, ``blur_sigma=(0.1, 2.0)``,
+    ``mean=(0.485, 0.456, 0.406)``, ``std=(0.229, 0.224, 0.225)`` (ImageNet's), ``ratio=(3/4, 4/3)``;
+    ``max_pixels=DEFAULT_MAX_PIXELS``.
     """
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         global_size: int = 224,
         local_size: int = 96,
         n_local: int = 8,
-        global_scale: Tuple[float, float] = (0.4, 1.0),
-        local_scale: Tuple[float, float] = (0.05, 0.4),
+        global_scale: Tuple[float, float] = ...,
+        local_scale: Tuple[float, float] = ...,
         flip_p: float = 0.5,
         color_jitter_p: float = 0.8,
         brightness: float = 0.4,
@@ -48,14 +73,16 @@ class MultiCropAugmenter:
         saturation: float = 0.2,
         hue: float = 0.1,
         grayscale_p: float = 0.2,
-        blur_p: Tuple[float, float, float] = (1.0, 0.1, 0.5),
-        blur_sigma: Tuple[float, float] = (0.1, 2.0),
+        blur_p: Tuple[float, float, float] = ...,
+        blur_sigma: Tuple[float, float] = ...,
         solarize_p: float = 0.2,
-        mean: Sequence[float] = (0.485, 0.456, 0.406),
-        std: Sequence[float] = (0.229, 0.224, 0.225),
-        ratio: Tuple[float, float] = (0.75, 4.0 / 3.0),
+        mean: Sequence[float] = ...,
+        std: Sequence[float] = ...,
+        ratio: Tuple[float, float] = ...,
         max_pixels: int = ...,
-    ) -> None: ...
+    ) -> "MultiCropAugmenter": ...
+    def __getnewargs_ex__(self) -> Tuple[Tuple[()], dict[str, Any]]:
+        """Pickling support: the constructor arguments."""
     def __call__(self, image: _Image, seed: Optional[int] = None) -> list[_F32]:
         """The 2 + n_local views of one image, globals first, each float32 (3, S, S)."""
     def batch(self, images: _Batch, seed: Optional[int] = None) -> Tuple[_F32, _F32]:
@@ -71,11 +98,12 @@ class MultiCropAugmenter:
     @property
     def n_views(self) -> int: ...
 
+@final
 class ImageFolder:
     """Every image under ``root`` (recursive); classes are the sorted first-level subfolders,
     images directly under ``root`` get label -1."""
 
-    def __init__(self, root: _Path, max_pixels: int = ...) -> None: ...
+    def __new__(cls, root: _Path, max_pixels: int = ...) -> "ImageFolder": ...
     @property
     def root(self) -> str: ...
     @property
@@ -85,32 +113,35 @@ class ImageFolder:
     @property
     def classes(self) -> list[str]: ...
     def __len__(self) -> int: ...
-    def __getitem__(self, index: int) -> Tuple[npt.NDArray[np.uint8], int]: ...
+    def __getitem__(self, index: int, /) -> Tuple[npt.NDArray[np.uint8], int]: ...
 
+@final
 class ArrayDataset:
     """Images in memory: uint8 (N, H, W) or (N, H, W, 3), optional integer labels."""
 
-    def __init__(self, images: npt.NDArray[np.uint8], labels: Optional[Sequence[int]] = None) -> None: ...
+    def __new__(cls, images: npt.NDArray[np.uint8], labels: Optional[Sequence[int]] = None) -> "ArrayDataset": ...
     @property
     def labels(self) -> Optional[npt.NDArray[np.int64]]: ...
     @property
     def shape(self) -> Tuple[int, int, int, int]: ...
     def __len__(self) -> int: ...
-    def __getitem__(self, index: int) -> Tuple[npt.NDArray[np.uint8], int]: ...
+    def __getitem__(self, index: int, /) -> Tuple[npt.NDArray[np.uint8], int]: ...
 
+@final
 class _LoaderIterator(Iterator[Tuple[_F32, _F32]]):
     def __iter__(self) -> "_LoaderIterator": ...
     def __next__(self) -> Tuple[_F32, _F32]: ...
     def close(self) -> None:
         """Stops the background work now."""
 
+@final
 class MultiCropLoader:
     """Shuffled batches of multi-crop views, decoded and augmented on native threads, ``prefetch``
     batches ahead. Each ``iter()`` is a new epoch. ``on_error="skip"`` skips unreadable files
     (with one warning per epoch); ``"raise"`` raises ``dino_rs.ImageError``."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         dataset: Union[ImageFolder, ArrayDataset, npt.NDArray[np.uint8]],
         augmenter: MultiCropAugmenter,
         batch_size: int = 64,
@@ -119,7 +150,7 @@ class MultiCropLoader:
         seed: int = 0,
         prefetch: int = 4,
         on_error: str = "raise",
-    ) -> None: ...
+    ) -> "MultiCropLoader": ...
     def __len__(self) -> int: ...
     def __iter__(self) -> _LoaderIterator: ...
     @property
@@ -133,11 +164,12 @@ class MultiCropLoader:
     @property
     def augmenter(self) -> MultiCropAugmenter: ...
 
+@final
 class DINO:
     """A DINO model: a ViT student and its EMA teacher, each with a DINO head."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         arch: str = "vit_small",
         patch_size: int = 16,
         img_size: int = 224,
@@ -152,13 +184,16 @@ class DINO:
         depth: Optional[int] = None,
         num_heads: Optional[int] = None,
         nlayers: int = 3,
-    ) -> None: ...
+    ) -> "DINO": ...
     def forward_backbone(self, crops: npt.NDArray[np.float32], teacher: bool = True, batch_size: int = 256) -> _F32:
         """CLS features (N, embed_dim) of normalised crops (N, 3, H, W)."""
     def attention(self, crops: npt.NDArray[np.float32], teacher: bool = True) -> _F32:
         """Last-block CLS->patch attention (N, heads, H/p, W/p)."""
-    def embed(self, images: Union[_Batch, ImageFolder, ArrayDataset], batch_size: int = 128) -> _F32:
-        """Teacher CLS features (N, embed_dim) with DINO's eval transform."""
+    def embed(
+        self, images: Union[_Batch, ImageFolder, ArrayDataset], batch_size: int = 128, progress: Optional[bool] = None
+    ) -> _F32:
+        """Teacher CLS features (N, embed_dim) with DINO's eval transform; a tqdm bar with
+        ``progress=True`` (default: for more than four batches, when tqdm is installed)."""
     def save(self, path: _Path) -> None: ...
     @staticmethod
     def load(path: _Path, device: str = "auto") -> "DINO": ...
@@ -184,11 +219,12 @@ class DINO:
 def load_backbone(path: _Path, num_heads: Optional[int] = None, device: str = "auto") -> DINO:
     """A backbone from official DINO weights (.pth or safetensors), read without torch."""
 
+@final
 class DINOLoss:
     """The official DINOLoss with centring, on NumPy arrays."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         out_dim: int,
         ncrops: int,
         warmup_teacher_temp: float = 0.04,
@@ -197,7 +233,7 @@ class DINOLoss:
         nepochs: int = 100,
         student_temp: float = 0.1,
         center_momentum: float = 0.9,
-    ) -> None: ...
+    ) -> "DINOLoss": ...
     def __call__(self, student_out: npt.NDArray[np.float32], teacher_out: npt.NDArray[np.float32], epoch: int) -> float: ...
     @property
     def center(self) -> _F32: ...
@@ -213,8 +249,29 @@ def cosine_scheduler(
 ) -> npt.NDArray[np.float64]:
     """The official utils.cosine_scheduler: one value per iteration."""
 
+@final
 class _Trainer:
-    def __init__(self, model: DINO, batch_size: int, niter_per_ep: int, n_local: int, **recipe: Any) -> None: ...
+    def __new__(
+        cls,
+        model: DINO,
+        batch_size: int,
+        niter_per_ep: int,
+        n_local: int,
+        epochs: int = 100,
+        lr: float = 5e-4,
+        min_lr: float = 1e-6,
+        warmup_epochs: int = 10,
+        weight_decay: float = 0.04,
+        weight_decay_end: float = 0.4,
+        momentum_teacher: float = 0.996,
+        teacher_temp: float = 0.04,
+        warmup_teacher_temp: float = 0.04,
+        warmup_teacher_temp_epochs: int = 0,
+        student_temp: float = 0.1,
+        center_momentum: float = 0.9,
+        clip_grad: float = 3.0,
+        freeze_last_layer: int = 1,
+    ) -> "_Trainer": ...
     def step(self, globals: npt.NDArray[np.float32], locals: Optional[npt.NDArray[np.float32]] = None) -> dict[str, float]: ...
     def train_epoch(self, loader: MultiCropLoader, epoch: int, callback: Optional[Any] = None) -> dict[str, float]: ...
     def save(self, path: _Path, extra: str = "{}") -> None: ...

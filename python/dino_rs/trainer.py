@@ -11,13 +11,17 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from ._dino_rs import DINO, MultiCropLoader, _Trainer
+from .evaluation import knn_accuracy
 
 PathLike = Union[str, "os.PathLike[str]"]
+StepCallback = Callable[[Dict[str, float]], Any]
+# (train_images, train_labels, test_images, test_labels); images as DINO.embed takes them
+EvalData = Tuple[Any, Any, Any, Any]
 
 LATEST = "checkpoint.safetensors"
 
@@ -41,6 +45,48 @@ class Trainer:
     teacher momentum from ``momentum_teacher`` to 1; all per iteration. With ``checkpoint_dir``,
     ``checkpoint.safetensors`` is rewritten every epoch and ``checkpointNNNN.safetensors`` kept
     every ``saveckp_freq`` epochs.
+
+    Parameters
+    ----------
+    model : dino_rs.DINO
+        The student/teacher pair to train (changed in place).
+    loader : dino_rs.MultiCropLoader
+        The batches of multi-crop views; its batch size scales the learning rate.
+    epochs : int, default 100
+        Epochs the schedules are built for (:meth:`fit` trains up to this many in total).
+    lr, min_lr, warmup_epochs, weight_decay, weight_decay_end, momentum_teacher : float
+        The optimiser and teacher recipe, with the names and defaults of ``main_dino.py``.
+    teacher_temp, warmup_teacher_temp, warmup_teacher_temp_epochs, student_temp : float
+        The loss temperatures (``main_dino.py``'s names and defaults).
+    center_momentum, clip_grad, freeze_last_layer : float
+        Centre EMA momentum, per-parameter gradient-norm clipping (0: off) and the epochs during
+        which the head's last layer gets no gradient.
+    checkpoint_dir : path, optional
+        Where to write ``checkpoint.safetensors`` (every epoch) and ``checkpointNNNN.safetensors``.
+    saveckp_freq : int, default 20
+        Epochs between numbered checkpoints (the last epoch of a ``fit`` call is always kept).
+    progress : bool, default True
+        A tqdm bar per epoch (one printed line per epoch without tqdm).
+    eval_every : int, default 0
+        With ``eval_data``: every ``eval_every`` epochs (after epochs ``eval_every``,
+        ``2 * eval_every``, ...), the teacher embeds the evaluation images
+        (:meth:`DINO.embed`) and DINO's weighted k-NN (:func:`dino_rs.knn_accuracy`, k=20,
+        T=0.07) adds ``knn_top1`` and ``knn_top5`` (percent) to that epoch's history dict, and to
+        the progress output. 0 turns it off.
+    eval_data : tuple, optional
+        ``(train_images, train_labels, test_images, test_labels)``: the images in any form
+        :meth:`DINO.embed` takes (uint8 arrays, lists of paths or arrays, an ImageFolder or
+        ArrayDataset), or float32 (N, 3, H, W) normalised crops used as they are (no eval
+        transform: for small images at the model's own size); the labels integer arrays. Kept in memory only: checkpoints store
+        ``eval_every``, never these arrays (pass them again to :meth:`resume`).
+    callbacks : sequence of callables, default ()
+        Each is called as ``callback(stats)`` after every training step of :meth:`fit`, with the
+        step's dict (``loss``, ``lr``, ``wd``, ``momentum``, ``teacher_temp``, ``iteration``,
+        ``epoch``), before ``fit``'s own ``callback``. Return values are ignored: returning
+        anything never stops training. An exception raised by a callback stops :meth:`fit` and
+        propagates to its caller; the step it was called for is done and kept (``iteration``
+        counts it), the unfinished epoch is not added to the history, and the trainer stays
+        usable: the next ``fit()`` continues from the next step, exactly as after Ctrl-C.
     """
 
     def __init__(
@@ -64,10 +110,19 @@ class Trainer:
         checkpoint_dir: Optional[PathLike] = None,
         saveckp_freq: int = 20,
         progress: bool = True,
+        eval_every: int = 0,
+        eval_data: Optional[EvalData] = None,
+        callbacks: Sequence[StepCallback] = (),
         _rust: Optional[_Trainer] = None,
     ) -> None:
         if saveckp_freq < 1:
             raise ValueError(f"saveckp_freq must be at least 1, got {saveckp_freq}")
+        self.eval_every, self.eval_data = _check_eval(eval_every, eval_data)
+        callbacks = tuple(callbacks)
+        for i, cb in enumerate(callbacks):
+            if not callable(cb):
+                raise ValueError(f"callbacks[{i}] is not callable: {cb!r}")
+        self.callbacks: Tuple[StepCallback, ...] = callbacks
         self.model = model
         self.loader = loader
         self.epochs = epochs
@@ -115,9 +170,14 @@ class Trainer:
         """One iteration on given crops: globals (2, B, 3, G, G), locals (n_local, B, 3, L, L)."""
         return self._rust.step(globals, locals)
 
-    def fit(self, epochs: Optional[int] = None, callback: Optional[Callable[[Dict[str, float]], None]] = None) -> List[Dict[str, Any]]:
+    def fit(self, epochs: Optional[int] = None, callback: Optional[StepCallback] = None) -> List[Dict[str, Any]]:
         """Trains until ``epochs`` epochs are done in total (default: all). Returns this call's
-        per-epoch dicts: epoch, loss, lr, wd, momentum, teacher_temp, seconds.
+        per-epoch dicts: epoch, loss, lr, wd, momentum, teacher_temp, seconds (plus knn_top1 and
+        knn_top5 on the epochs evaluated with ``eval_every``).
+
+        ``callback(stats)`` is called after every step, after the trainer's ``callbacks`` (see
+        the class docstring: its return value is ignored; an exception it raises propagates
+        and leaves the trainer usable).
 
         Ctrl-C stops at the next step boundary; the model keeps the weights of the last step.
         A non-finite loss raises FloatingPointError naming the iteration, weights from before it.
@@ -134,6 +194,8 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}", t=f"{stats['teacher_temp']:.3f}")
+                for cb in self.callbacks:
+                    cb(stats)
                 if callback is not None:
                     callback(stats)
 
@@ -143,10 +205,16 @@ class Trainer:
                 if bar is not None:
                     bar.close()
             stats["epoch"] = epoch + 1
+            knn = ""
+            if self.eval_every and (epoch + 1) % self.eval_every == 0:
+                stats["knn_top1"], stats["knn_top5"] = self.evaluate()
+                knn = f", k-NN top-1 {stats['knn_top1']:.1f}% top-5 {stats['knn_top5']:.1f}%"
             done.append(stats)
             self.history.append(stats)
             if self.progress and bar is None:
-                print(f"epoch {epoch + 1}/{target}: loss {stats['loss']:.4f}, lr {stats.get('lr', 0):.2e}, {stats['seconds']:.1f} s")
+                print(f"epoch {epoch + 1}/{target}: loss {stats['loss']:.4f}, lr {stats.get('lr', 0):.2e}, {stats['seconds']:.1f} s{knn}")
+            elif self.progress and knn:
+                _write_line(f"epoch {epoch + 1}/{target}: loss {stats['loss']:.4f}{knn}")
             if abs(stats["loss"] - math.log(out_dim)) < 1e-3:
                 import warnings
 
@@ -159,6 +227,24 @@ class Trainer:
             self._checkpoint(epoch + 1, target)
         return done
 
+    def evaluate(self, k: int = 20, temperature: float = 0.07, batch_size: int = 128) -> Tuple[float, float]:
+        """k-NN top-1 and top-5 accuracy (percent) of the teacher's features on ``eval_data``.
+
+        Embeds the training and test images of ``eval_data`` with :meth:`DINO.embed` (DINO's
+        eval transform), or, for float32 (N, 3, H, W) arrays of normalised crops, with
+        :meth:`DINO.forward_backbone` as they are; then runs :func:`dino_rs.knn_accuracy`.
+        Raises ValueError when the trainer has no ``eval_data``.
+        """
+        if self.eval_data is None:
+            raise ValueError(
+                "this Trainer has no eval_data: pass eval_data=(train_images, train_labels, test_images, test_labels)"
+            )
+        x_train, y_train, x_test, y_test = self.eval_data
+        train = _features(self.model, x_train, batch_size)
+        test = _features(self.model, x_test, batch_size)
+        top1, top5 = knn_accuracy(train, y_train, test, y_test, k=k, temperature=temperature)
+        return float(top1), float(top5)
+
     def _checkpoint(self, epoch: int, target: int) -> None:
         if self.checkpoint_dir is None:
             return
@@ -170,12 +256,28 @@ class Trainer:
     def save(self, path: PathLike) -> None:
         """A resumable checkpoint: student, teacher, optimiser state, centre, schedules' position."""
         extra = {"history": self.history, "checkpoint_dir": str(self.checkpoint_dir) if self.checkpoint_dir else None,
-                 "saveckp_freq": self.saveckp_freq, "epochs": self.epochs, "saved_at": time.time()}
+                 "saveckp_freq": self.saveckp_freq, "epochs": self.epochs, "eval_every": self.eval_every,
+                 "saved_at": time.time()}
         self._rust.save(os.fspath(path), json.dumps(extra))
 
     @classmethod
-    def resume(cls, path: PathLike, loader: MultiCropLoader, progress: bool = True, device: str = "auto") -> "Trainer":
-        """Continues from a checkpoint file, or from the latest checkpoint in a directory."""
+    def resume(
+        cls,
+        path: PathLike,
+        loader: MultiCropLoader,
+        progress: bool = True,
+        device: str = "auto",
+        eval_data: Optional[EvalData] = None,
+        eval_every: Optional[int] = None,
+        callbacks: Sequence[StepCallback] = (),
+    ) -> "Trainer":
+        """Continues from a checkpoint file, or from the latest checkpoint in a directory.
+
+        The recipe, history, ``epochs``, ``checkpoint_dir`` and ``saveckp_freq`` come from the
+        checkpoint. ``eval_data`` is not stored in checkpoints: pass it again to keep evaluating;
+        ``eval_every=None`` then takes the checkpoint's value (0 without ``eval_data``).
+        ``callbacks`` as in :class:`Trainer`.
+        """
         p = Path(path)
         if p.is_dir():
             p = p / LATEST
@@ -185,6 +287,8 @@ class Trainer:
             raise ValueError(
                 f"{p}: the checkpoint was trained with {rust.niter_per_ep} batches per epoch, this loader gives {len(loader)}"
             )
+        if eval_every is None:  # the checkpoint's, when there is something to evaluate on
+            eval_every = int(info.get("eval_every") or 0) if eval_data is not None else 0
         trainer = cls(
             model,
             loader,
@@ -192,7 +296,60 @@ class Trainer:
             checkpoint_dir=info.get("checkpoint_dir"),
             saveckp_freq=int(info.get("saveckp_freq") or 20),
             progress=progress,
+            eval_every=eval_every,
+            eval_data=eval_data,
+            callbacks=callbacks,
             _rust=rust,
         )
         trainer.history = list(info.get("history") or [])
         return trainer
+
+
+def _features(model: DINO, images: Any, batch_size: int) -> np.ndarray:
+    """Teacher features: normalised float32 (N, 3, H, W) crops as they are (small images such as
+    Fashion-MNIST are evaluated at their own size, as lightly and solo-learn do for CIFAR), anything
+    else through DINO's eval transform."""
+    if isinstance(images, np.ndarray) and images.dtype == np.float32 and images.ndim == 4:
+        return model.forward_backbone(images, teacher=True, batch_size=batch_size)
+    return model.embed(images, batch_size=batch_size)
+
+
+def _check_eval(eval_every: int, eval_data: Optional[EvalData]) -> Tuple[int, Optional[EvalData]]:
+    if isinstance(eval_every, bool) or not isinstance(eval_every, (int, np.integer)) or eval_every < 0:
+        raise ValueError(f"eval_every must be a non-negative integer (0: no evaluation), got {eval_every!r}")
+    if eval_data is None:
+        if eval_every:
+            raise ValueError(
+                f"eval_every={eval_every} needs eval_data=(train_images, train_labels, test_images, test_labels)"
+            )
+        return int(eval_every), None
+    try:
+        x_train, y_train, x_test, y_test = eval_data
+    except (TypeError, ValueError):
+        raise ValueError("eval_data must be a tuple (train_images, train_labels, test_images, test_labels)") from None
+    y_train = np.asarray(y_train).ravel()
+    y_test = np.asarray(y_test).ravel()
+    for name, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
+        try:
+            n = len(x)
+        except TypeError:
+            raise ValueError(
+                f"eval_data's {name} images must be a sequence or array of images, got {type(x).__name__}"
+            ) from None
+        if n != len(y):
+            raise ValueError(f"eval_data: {n} {name} images but {len(y)} {name} labels")
+        if n == 0:
+            raise ValueError(f"eval_data: no {name} images")
+        if not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
+            raise ValueError(f"eval_data: the {name} labels must be non-negative integers")
+    return int(eval_every), (x_train, y_train, x_test, y_test)
+
+
+def _write_line(line: str) -> None:
+    """A line that does not break an open tqdm bar."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        print(line)
+    else:
+        tqdm.write(line)

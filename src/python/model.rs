@@ -77,33 +77,79 @@ impl PyDino {
     }
 
     /// Features of images decoded and eval-transformed in chunks of `batch_size` (GIL released).
-    fn embed_images(
+    /// Features of images `start..end` (one batch), eval transform included.
+    fn embed_range(
         &self,
         load: &(dyn Fn(usize) -> Result<image::RgbImage> + Sync),
-        n: usize,
-        batch_size: usize,
+        start: usize,
+        end: usize,
     ) -> Result<Vec<f32>> {
         let t = self.eval_transform();
         let s = t.size as usize;
-        let d = self.inner.vit.embed_dim;
-        let mut out = Vec::with_capacity(n * d);
-        for start in (0..n).step_by(batch_size.max(1)) {
-            let end = (start + batch_size).min(n);
-            let mut pixels = vec![0f32; (end - start) * 3 * s * s];
-            parallel::install(|| {
-                pixels
-                    .par_chunks_mut(3 * s * s)
-                    .enumerate()
-                    .try_for_each(|(i, chunk)| -> Result<()> {
-                        t.apply(&load(start + i)?, chunk);
-                        Ok(())
-                    })
-            })?;
-            let crops = Tensor::from_vec(pixels, (end - start, 3, s, s), &self.inner.device)?;
-            out.extend(self.inner.features(&crops, true)?.flatten_all()?.to_vec1::<f32>()?);
-        }
-        Ok(out)
+        let mut pixels = vec![0f32; (end - start) * 3 * s * s];
+        parallel::install(|| {
+            pixels
+                .par_chunks_mut(3 * s * s)
+                .enumerate()
+                .try_for_each(|(i, chunk)| -> Result<()> {
+                    t.apply(&load(start + i)?, chunk);
+                    Ok(())
+                })
+        })?;
+        let crops = Tensor::from_vec(pixels, (end - start, 3, s, s), &self.inner.device)?;
+        Ok(self.inner.features(&crops, true)?.flatten_all()?.to_vec1::<f32>()?)
     }
+
+    /// All `n` images batch by batch, the GIL released for each batch and taken back in between to
+    /// update the progress bar and notice Ctrl-C.
+    fn embed_images(
+        &self,
+        py: Python<'_>,
+        load: &(dyn Fn(usize) -> Result<image::RgbImage> + Sync),
+        n: usize,
+        batch_size: usize,
+        progress: Option<bool>,
+    ) -> PyResult<Vec<f32>> {
+        let bar = progress_bar(py, n, batch_size, progress)?;
+        let mut out = Vec::with_capacity(n * self.inner.vit.embed_dim);
+        let run = (|| -> PyResult<()> {
+            for start in (0..n).step_by(batch_size) {
+                let end = (start + batch_size).min(n);
+                out.extend(py.detach(|| self.embed_range(load, start, end))?);
+                if let Some(b) = &bar {
+                    b.call_method1("update", (end - start,))?;
+                }
+                py.check_signals()?;
+            }
+            Ok(())
+        })();
+        if let Some(b) = &bar {
+            b.call_method0("close")?;
+        }
+        run.map(|()| out)
+    }
+}
+
+/// A tqdm.auto bar for `n` images: always with `Some(true)`, never with `Some(false)`, and by
+/// default when there are more than four batches. None when tqdm is not installed.
+fn progress_bar<'py>(
+    py: Python<'py>,
+    n: usize,
+    batch_size: usize,
+    progress: Option<bool>,
+) -> PyResult<Option<Bound<'py, PyAny>>> {
+    if !progress.unwrap_or(n > 4 * batch_size) {
+        return Ok(None);
+    }
+    let Ok(tqdm) = py.import("tqdm.auto") else {
+        return Ok(None);
+    };
+    let kwargs = pyo3::types::PyDict::new(py);
+    kwargs.set_item("total", n)?;
+    kwargs.set_item("desc", "embed")?;
+    kwargs.set_item("unit", "img")?;
+    kwargs.set_item("leave", false)?;
+    Ok(Some(tqdm.getattr("tqdm")?.call((), Some(&kwargs))?))
 }
 
 #[pymethods]
@@ -215,13 +261,15 @@ impl PyDino {
 
     /// Teacher CLS features (N, embed_dim) with DINO's eval transform (resize to 256/224 of
     /// img_size, bicubic; centre crop; normalise). `images`: uint8 array batch, list of arrays or
-    /// paths, an ImageFolder or an ArrayDataset.
-    #[pyo3(signature = (images, batch_size=128))]
+    /// paths, an ImageFolder or an ArrayDataset. `progress`: a tqdm bar (True / False; default:
+    /// when there are more than four batches and tqdm is installed). Ctrl-C stops between batches.
+    #[pyo3(signature = (images, batch_size=128, progress=None))]
     fn embed<'py>(
         &self,
         py: Python<'py>,
         images: &Bound<'py, PyAny>,
         batch_size: usize,
+        progress: Option<bool>,
     ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
         if batch_size == 0 {
             return Err(PyValueError::new_err("batch_size must be at least 1"));
@@ -230,7 +278,7 @@ impl PyDino {
         let (data, n) = if images.cast::<PyImageFolder>().is_ok() || images.cast::<PyArrayDataset>().is_ok() {
             let ds = dataset_of(images)?;
             let n = ds.len();
-            (py.detach(|| self.embed_images(&|i| ds.load(i), n, batch_size))?, n)
+            (self.embed_images(py, &|i| ds.load(i), n, batch_size, progress)?, n)
         } else {
             let inputs: Vec<std::sync::Mutex<Option<ImageInput>>> = batch_inputs(images)?
                 .into_iter()
@@ -245,7 +293,7 @@ impl PyDino {
                     .expect("each image is loaded once");
                 input.load(DEFAULT_MAX_PIXELS)
             };
-            (py.detach(|| self.embed_images(&load, n, batch_size))?, n)
+            (self.embed_images(py, &load, n, batch_size, progress)?, n)
         };
         super::numpy::f32_array(py, data, &[n, d])
     }
