@@ -94,10 +94,10 @@ def test_multicrop_grid_shape(photos):
     assert grid[4:36, 4:36].std() > 5  # a real picture in the first global view
 
 
-def test_demo_cli_writes_png(tmp_path):
+def test_demo_views_cli_writes_png(tmp_path):
     out = tmp_path / "views.png"
     result = subprocess.run(
-        [sys.executable, "-m", "dino_rs", "demo", "--output", str(out)],
+        [sys.executable, "-m", "dino_rs", "demo", "--views", "--output", str(out)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -116,10 +116,10 @@ def test_demo_cli_writes_png(tmp_path):
     assert arr[4:228, 4:228].std() > 10
 
 
-def test_demo_cli_with_images_and_bad_image(tmp_path, photos):
+def test_demo_views_cli_with_images_and_bad_image(tmp_path, photos):
     out = tmp_path / "two.png"
     result = subprocess.run(
-        [sys.executable, "-m", "dino_rs", "demo", "--output", str(out), "--images", photos[0], photos[1], "--seed", "3"],
+        [sys.executable, "-m", "dino_rs", "demo", "--views", "--output", str(out), "--images", photos[0], photos[1], "--seed", "3"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -131,7 +131,7 @@ def test_demo_cli_with_images_and_bad_image(tmp_path, photos):
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"not a jpeg")
     result = subprocess.run(
-        [sys.executable, "-m", "dino_rs", "demo", "--output", str(tmp_path / "x.png"), "--images", str(bad)],
+        [sys.executable, "-m", "dino_rs", "demo", "--views", "--output", str(tmp_path / "x.png"), "--images", str(bad)],
         capture_output=True,
         text=True,
         timeout=120,
