@@ -214,3 +214,23 @@ fn residual_matches_composed() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn bias_gelu_matches_composed() -> Result<()> {
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    for shape in [[3usize, 70, 45], [1, 1, 3]] {
+        let x = randn(&mut rng, &shape, 2.0)?;
+        let b = randn(&mut rng, &[shape[2]], 1.0)?;
+        check(
+            vec![x, b],
+            |t| ops::bias_gelu(&t[0], &t[1]),
+            |t| {
+                let v = t[0].broadcast_add(&t[1])?;
+                let cdf = ((&v / std::f64::consts::SQRT_2)?.erf()? + 1.0)? * 0.5;
+                v * cdf?
+            },
+            1e-5,
+        )?;
+    }
+    Ok(())
+}

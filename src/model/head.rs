@@ -78,10 +78,11 @@ impl DinoHead {
     pub fn bottleneck(&self, x: &Tensor) -> Result<Tensor> {
         let mut x = x.clone();
         for (i, layer) in self.mlp.iter().enumerate() {
-            x = layer.forward(&x)?;
-            if i + 1 < self.mlp.len() {
-                x = crate::ops::gelu_erf(&x)?;
-            }
+            x = if i + 1 < self.mlp.len() {
+                layer.forward_gelu(&x)?
+            } else {
+                layer.forward(&x)?
+            };
         }
         l2_normalize(&x)
     }

@@ -44,8 +44,9 @@ pub fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Resu
     Ok(Linear::new(weight, bias))
 }
 
-impl Module for Linear {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+impl Linear {
+    /// `x · weightᵀ` without the bias (for callers that fuse the bias into what follows).
+    pub fn matmul(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims();
         let (rows, k) = match dims {
             [] => candle_core::bail!("linear: a scalar has no features"),
@@ -54,12 +55,27 @@ impl Module for Linear {
         };
         // A broadcast (batched) matmul would give the weight a per-batch gradient to sum afterwards.
         let y = x.contiguous()?.reshape((rows, k))?.matmul(&self.weight.t()?)?;
-        let y = match &self.bias {
-            Some(b) => crate::ops::add_bias(&y, b)?,
-            None => y,
-        };
         let mut out_dims = dims.to_vec();
         *out_dims.last_mut().expect("checked non-empty above") = self.weight.dim(0)?;
         y.reshape(out_dims)
+    }
+
+    /// `gelu_erf(x · weightᵀ + bias)` with the bias and the activation fused.
+    pub fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.matmul(x)?;
+        match &self.bias {
+            Some(b) => crate::ops::bias_gelu(&y, b),
+            None => crate::ops::gelu_erf(&y),
+        }
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.matmul(x)?;
+        match &self.bias {
+            Some(b) => crate::ops::add_bias(&y, b),
+            None => Ok(y),
+        }
     }
 }

@@ -22,6 +22,6 @@ impl Mlp {
 
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.fc2.forward(&crate::ops::gelu_erf(&self.fc1.forward(x)?)?)
+        self.fc2.forward(&self.fc1.forward_gelu(x)?)
     }
 }

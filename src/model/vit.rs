@@ -140,7 +140,12 @@ impl VisionTransformer {
         }
         let patches = self.patch_embed.forward(x)?;
         let cls = self.cls_token.broadcast_as((b, 1, self.config.embed_dim))?;
-        Tensor::cat(&[&cls, &patches], 1)?.broadcast_add(&self.interpolate_pos_encoding(h, w)?)
+        let tokens = Tensor::cat(&[&cls, &patches], 1)?;
+        let (n, d) = (tokens.dim(1)?, self.config.embed_dim);
+        // The position embedding is a bias over (token, channel) shared by the batch: the fused
+        // add sums its gradient over the images in parallel.
+        let pos = self.interpolate_pos_encoding(h, w)?.reshape(n * d)?;
+        crate::ops::add_bias(&tokens.reshape((b, n * d))?, &pos)?.reshape((b, n, d))
     }
 
     /// CLS features `(B, D)`. With `rng`, stochastic depth is applied (training the student).

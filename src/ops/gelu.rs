@@ -1,9 +1,10 @@
 //! Exact GELU, x·Φ(x) = x/2 · (1 + erf(x/√2)) (PyTorch's `nn.GELU()` default), with its
 //! derivative Φ(x) + x·φ(x), on vectorised erf/exp.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
 
-use super::{f32_slice, fused, math, par_map, par_map2, ELEMS_PER_TASK};
+use super::{f32_slice, fused, math, par_map, par_map2, ELEMS_PER_TASK, ROWS_PER_TASK};
 
 const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
 /// 1/√(2π)
@@ -68,5 +69,128 @@ impl CustomOp2 for GeluBackward {
             CpuStorage::F32(par_map2(x, g, ELEMS_PER_TASK, backward)),
             l1.shape().clone(),
         ))
+    }
+}
+
+/// `gelu_erf(x + bias)` over the last dimension in one pass (a linear layer's bias followed by its
+/// activation, as in the ViT MLP and the DINO head); the backward recomputes `x + bias`.
+pub fn bias_gelu(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if !fused(x) {
+        return gelu_erf(&x.broadcast_add(bias)?);
+    }
+    x.contiguous()?.apply_op2(&bias.contiguous()?, BiasGelu)
+}
+
+avx2_multiversion! {
+    fn bias_forward(x: &[f32], b: &[f32], y: &mut [f32]) {
+        let d = b.len();
+        for (xr, yr) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)) {
+            for i in 0..d {
+                let v = xr[i] + b[i];
+                yr[i] = 0.5 * v * (1.0 + math::erf(v * FRAC_1_SQRT_2));
+            }
+        }
+    }
+}
+
+avx2_multiversion! {
+    /// dx for these rows; their column sums (the bias gradient) added into `db`.
+    fn bias_backward(x: &[f32], b: &[f32], g: &[f32], dx: &mut [f32], db: &mut [f32]) {
+        let d = b.len();
+        for ((xr, gr), dr) in x.chunks_exact(d).zip(g.chunks_exact(d)).zip(dx.chunks_exact_mut(d)) {
+            for i in 0..d {
+                let v = xr[i] + b[i];
+                let cdf = 0.5 * (1.0 + math::erf(v * FRAC_1_SQRT_2));
+                let pdf = FRAC_1_SQRT_2PI * math::exp(-0.5 * v * v);
+                dr[i] = gr[i] * (cdf + v * pdf);
+                db[i] += dr[i];
+            }
+        }
+    }
+}
+
+struct BiasGelu;
+
+impl CustomOp2 for BiasGelu {
+    fn name(&self) -> &'static str {
+        "dino-bias-gelu"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, b) = (f32_slice(s1, l1, self.name())?, f32_slice(s2, l2, self.name())?);
+        let d = b.len();
+        if l1.dims().last() != Some(&d) || d == 0 {
+            candle_core::bail!("bias gelu: input {:?} with bias {:?}", l1.dims(), l2.dims());
+        }
+        let mut y = vec![0f32; x.len()];
+        let rows = ROWS_PER_TASK * d;
+        crate::parallel::install(|| {
+            x.par_chunks(rows)
+                .zip(y.par_chunks_mut(rows))
+                .for_each(|(xc, yc)| bias_forward(xc, b, yc))
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, b: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let n = x.elem_count();
+        let d = b.elem_count();
+        let flat = x.apply_op3_no_bwd(b, &grad.contiguous()?, &BiasGeluBackward)?;
+        let dx = flat.narrow(0, 0, n)?.reshape(x.shape())?;
+        let db = flat.narrow(0, n, d)?.reshape(b.shape())?;
+        Ok((Some(dx), Some(db)))
+    }
+}
+
+/// `[dx (flattened) | dbias]` in one buffer.
+struct BiasGeluBackward;
+
+impl CustomOp3 for BiasGeluBackward {
+    fn name(&self) -> &'static str {
+        "dino-bias-gelu-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, self.name())?;
+        let b = f32_slice(s2, l2, self.name())?;
+        let g = f32_slice(s3, l3, self.name())?;
+        let d = b.len();
+        if x.len() != g.len() || d == 0 || x.len() % d != 0 {
+            candle_core::bail!(
+                "bias gelu backward: input {:?}, grad {:?}, bias {d}",
+                l1.dims(),
+                l3.dims()
+            );
+        }
+        let n = x.len();
+        let mut out = vec![0f32; n + d];
+        let (dx, db) = out.split_at_mut(n);
+        let rows = ROWS_PER_TASK * d;
+        let partials: Vec<Vec<f32>> = crate::parallel::install(|| {
+            x.par_chunks(rows)
+                .zip(g.par_chunks(rows))
+                .zip(dx.par_chunks_mut(rows))
+                .map(|((xc, gc), dc)| {
+                    let mut p = vec![0f32; d];
+                    bias_backward(xc, b, gc, dc, &mut p);
+                    p
+                })
+                .collect()
+        });
+        // Summed in task order: the same result for any number of threads.
+        for p in partials {
+            for (o, v) in db.iter_mut().zip(p) {
+                *o += v;
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from(n + d)))
     }
 }

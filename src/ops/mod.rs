@@ -16,7 +16,7 @@ mod update;
 
 pub use attention::attention;
 pub use bias::add_bias;
-pub use gelu::gelu_erf;
+pub use gelu::{bias_gelu, gelu_erf};
 pub use layer_norm::layer_norm;
 pub use residual::residual;
 pub use softmax::softmax_last_dim;

@@ -39,7 +39,12 @@ pub fn adamw_update(param: &Tensor, m: &Tensor, v: &Tensor, grad: &Tensor, s: Ad
         return Ok(false);
     }
     let grad = grad.contiguous()?;
-    m.inplace_op2(&grad, &FirstMoment { keep: (1.0 - s.beta1) as f32 })?;
+    m.inplace_op2(
+        &grad,
+        &FirstMoment {
+            keep: (1.0 - s.beta1) as f32,
+        },
+    )?;
     v.inplace_op2(
         &grad,
         &SecondMoment {
@@ -163,7 +168,12 @@ impl InplaceOp3 for AdamWParam {
         let v = f32_slice(sv, vl, self.name())?;
         let p = f32_slice_mut(dst, dl, self.name())?;
         if p.len() != m.len() || p.len() != v.len() {
-            candle_core::bail!("adamw: parameter of {} elements, moments of {} and {}", p.len(), m.len(), v.len());
+            candle_core::bail!(
+                "adamw: parameter of {} elements, moments of {} and {}",
+                p.len(),
+                m.len(),
+                v.len()
+            );
         }
         let s = self.0;
         // The scalars as candle's `affine` casts them (x * (1/c) for a division by c).
