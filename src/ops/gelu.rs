@@ -4,7 +4,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{f32_slice, fused, math, par_map, par_map2, ELEMS_PER_TASK, ROWS_PER_TASK};
+use super::{f32_slice, fused, math, par_map, par_map2, rows_with_sums, ELEMS_PER_TASK, ROWS_PER_TASK};
 
 const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
 /// 1/√(2π)
@@ -173,24 +173,7 @@ impl CustomOp3 for BiasGeluBackward {
         let n = x.len();
         let mut out = vec![0f32; n + d];
         let (dx, db) = out.split_at_mut(n);
-        let rows = ROWS_PER_TASK * d;
-        let partials: Vec<Vec<f32>> = crate::parallel::install(|| {
-            x.par_chunks(rows)
-                .zip(g.par_chunks(rows))
-                .zip(dx.par_chunks_mut(rows))
-                .map(|((xc, gc), dc)| {
-                    let mut p = vec![0f32; d];
-                    bias_backward(xc, b, gc, dc, &mut p);
-                    p
-                })
-                .collect()
-        });
-        // Summed in task order: the same result for any number of threads.
-        for p in partials {
-            for (o, v) in db.iter_mut().zip(p) {
-                *o += v;
-            }
-        }
+        rows_with_sums(x, g, dx, d, db, |xc, gc, dc, p| bias_backward(xc, b, gc, dc, p));
         Ok((CpuStorage::F32(out), Shape::from(n + d)))
     }
 }

@@ -4,7 +4,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{f32_slice, fused, ROWS_PER_TASK};
+use super::{f32_slice, fused, rows_with_sums, ROWS_PER_TASK};
 
 /// `(x - mean) / sqrt(var + eps) * weight + bias` over the last dimension, differentiable in all three.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
@@ -191,24 +191,9 @@ impl CustomOp3 for LayerNormBackward {
         let n = x.len();
         let mut out = vec![0f32; n + 2 * d];
         let (dx, dwdb) = out.split_at_mut(n);
-        let rows = ROWS_PER_TASK * d;
-        let partials: Vec<Vec<f32>> = crate::parallel::install(|| {
-            x.par_chunks(rows)
-                .zip(g.par_chunks(rows))
-                .zip(dx.par_chunks_mut(rows))
-                .map(|((xc, gc), dxc)| {
-                    let mut p = vec![0f32; 2 * d];
-                    backward_rows(xc, w, gc, self.eps, dxc, &mut p);
-                    p
-                })
-                .collect()
+        rows_with_sums(x, g, dx, d, dwdb, |xc, gc, dc, p| {
+            backward_rows(xc, w, gc, self.eps, dc, p)
         });
-        // Summed in task order: the same result for any number of threads.
-        for p in partials {
-            for (o, v) in dwdb.iter_mut().zip(p) {
-                *o += v;
-            }
-        }
         Ok((CpuStorage::F32(out), Shape::from(n + 2 * d)))
     }
 }

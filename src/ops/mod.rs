@@ -76,3 +76,35 @@ fn par_map2(a: &[f32], b: &[f32], chunk: usize, f: impl Fn(&[f32], &[f32], &mut 
     });
     y
 }
+
+/// A backward pass over rows of width `d` that also sums something across rows (a weight or bias
+/// gradient): `f(x rows, grad rows, dx rows, partial)` runs on tasks of [`ROWS_PER_TASK`] rows, each
+/// with its own zeroed `sums.len()`-long partial, and the partials are added into `sums` in task
+/// order, so the result is the same for any number of threads.
+fn rows_with_sums(
+    x: &[f32],
+    g: &[f32],
+    dx: &mut [f32],
+    d: usize,
+    sums: &mut [f32],
+    f: impl Fn(&[f32], &[f32], &mut [f32], &mut [f32]) + Sync,
+) {
+    let rows = ROWS_PER_TASK * d;
+    let width = sums.len();
+    let partials: Vec<Vec<f32>> = crate::parallel::install(|| {
+        x.par_chunks(rows)
+            .zip(g.par_chunks(rows))
+            .zip(dx.par_chunks_mut(rows))
+            .map(|((xc, gc), dc)| {
+                let mut p = vec![0f32; width];
+                f(xc, gc, dc, &mut p);
+                p
+            })
+            .collect()
+    });
+    for p in partials {
+        for (o, v) in sums.iter_mut().zip(p) {
+            *o += v;
+        }
+    }
+}
