@@ -100,11 +100,15 @@ impl Dino {
     /// CLS features `(N, D)` of normalised crops, eval mode (no stochastic depth).
     pub fn features(&self, crops: &Tensor, teacher: bool) -> Result<Tensor> {
         self.check_crops(crops)?;
-        Ok(self
-            .wrapper(teacher)
-            .backbone
-            .forward_t::<rand_chacha::ChaCha8Rng>(crops, None)?
-            .detach())
+        // On the dino_rs pool: gemm then splits work over its threads, not rayon's global pool
+        // (which, among other things, a fork()ed child inherits without threads).
+        crate::parallel::install(|| {
+            Ok(self
+                .wrapper(teacher)
+                .backbone
+                .forward_t::<rand_chacha::ChaCha8Rng>(crops, None)?
+                .detach())
+        })
     }
 
     /// Last-block CLS→patch attention `(N, heads, H/p, W/p)`.
@@ -119,7 +123,7 @@ impl Dino {
                 &self.device,
             )?);
         }
-        Ok(self.wrapper(teacher).backbone.cls_attention_maps(crops)?.detach())
+        crate::parallel::install(|| Ok(self.wrapper(teacher).backbone.cls_attention_maps(crops)?.detach()))
     }
 
     fn meta(&self) -> serde_json::Value {

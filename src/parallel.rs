@@ -7,7 +7,13 @@ use rayon::{ThreadPool, ThreadPoolBuilder};
 
 use crate::error::{Error, Result};
 
-static POOL: RwLock<Option<Arc<ThreadPool>>> = RwLock::new(None);
+/// The pool and the process that started its threads.
+struct Shared {
+    pid: u32,
+    pool: Arc<ThreadPool>,
+}
+
+static POOL: RwLock<Option<Shared>> = RwLock::new(None);
 
 fn default_threads() -> usize {
     std::env::var("DINO_RS_NUM_THREADS")
@@ -26,14 +32,37 @@ fn build(n: usize) -> Result<Arc<ThreadPool>> {
         .map_err(|e| Error::invalid(format!("cannot start {n} threads: {e}")))
 }
 
-/// The current pool, created on first use.
+/// The current pool, created on first use. After `fork()` (Python's multiprocessing with the fork
+/// start method) the child inherits the pool but none of its threads, so work sent to it would
+/// wait forever: a child builds its own pool of the same size instead.
 pub fn pool() -> Arc<ThreadPool> {
-    if let Some(p) = POOL.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
-        return p.clone();
+    let pid = std::process::id();
+    if let Some(s) = POOL.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        if s.pid == pid {
+            return s.pool.clone();
+        }
     }
     let mut slot = POOL.write().unwrap_or_else(|e| e.into_inner());
-    slot.get_or_insert_with(|| build(default_threads()).expect("a thread pool of the default size"))
-        .clone()
+    if let Some(s) = slot.as_ref() {
+        if s.pid == pid {
+            return s.pool.clone();
+        }
+    }
+    let n = match slot.take() {
+        Some(inherited) => {
+            let n = inherited.pool.current_num_threads();
+            // Its threads live in the parent: dropping it here would signal workers that do not exist.
+            std::mem::forget(inherited);
+            n
+        }
+        None => default_threads(),
+    };
+    let pool = build(n).expect("a thread pool of the default size");
+    *slot = Some(Shared {
+        pid,
+        pool: pool.clone(),
+    });
+    pool
 }
 
 /// Replaces the pool with one of `n` threads; work already running finishes on the old one.
@@ -42,7 +71,10 @@ pub fn set_num_threads(n: usize) -> Result<()> {
         return Err(Error::invalid("number of threads must be at least 1, got 0"));
     }
     let new = build(n)?;
-    *POOL.write().unwrap_or_else(|e| e.into_inner()) = Some(new);
+    *POOL.write().unwrap_or_else(|e| e.into_inner()) = Some(Shared {
+        pid: std::process::id(),
+        pool: new,
+    });
     Ok(())
 }
 

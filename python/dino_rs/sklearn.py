@@ -282,7 +282,7 @@ freeze_last_layer
         """
         check_is_fitted(self, "model_")
         X = _check_images(X, "DINOEmbedder.transform", allow_lists=True)
-        return np.asarray(self.model_.embed(X, batch_size=self.embed_batch_size), dtype=np.float32)
+        return np.asarray(self.model_.embed(X, batch_size=self.embed_batch_size, progress=bool(self.progress)), dtype=np.float32)
 
     @property
     def _n_features_out(self) -> int:

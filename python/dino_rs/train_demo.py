@@ -173,7 +173,8 @@ def run_training(
     )
 
     def knn() -> float:
-        return knn_accuracy(model.embed(train_images), y, model.embed(test_images), yt)[0]
+        train_f = model.embed(train_images, progress=False)
+        return knn_accuracy(train_f, y, model.embed(test_images, progress=False), yt)[0]
 
     result: Dict[str, Any] = {}
     if labelled:

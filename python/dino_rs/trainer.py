@@ -311,7 +311,7 @@ def _features(model: DINO, images: Any, batch_size: int) -> np.ndarray:
     else through DINO's eval transform."""
     if isinstance(images, np.ndarray) and images.dtype == np.float32 and images.ndim == 4:
         return model.forward_backbone(images, teacher=True, batch_size=batch_size)
-    return model.embed(images, batch_size=batch_size)
+    return model.embed(images, batch_size=batch_size, progress=False)
 
 
 def _check_eval(eval_every: int, eval_data: Optional[EvalData]) -> Tuple[int, Optional[EvalData]]:
