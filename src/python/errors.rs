@@ -17,11 +17,14 @@ impl From<Error> for PyErr {
                 ImageError::new_err((None::<i32>, message, path.to_string_lossy().into_owned()))
             }
             Error::Io { path, source } => {
-                let args = (
-                    source.raw_os_error().unwrap_or(0),
-                    source.to_string(),
-                    path.to_string_lossy().into_owned(),
-                );
+                // Errors made up by dino_rs (an empty folder) have no OS errno: give them the one
+                // their kind stands for, so Python shows "[Errno 2] ..." rather than "[Errno 0]".
+                let errno = source.raw_os_error().unwrap_or(match source.kind() {
+                    std::io::ErrorKind::NotFound => 2,          // ENOENT
+                    std::io::ErrorKind::PermissionDenied => 13, // EACCES
+                    _ => 5,                                     // EIO
+                });
+                let args = (errno, source.to_string(), path.to_string_lossy().into_owned());
                 match source.kind() {
                     std::io::ErrorKind::NotFound => PyFileNotFoundError::new_err(args),
                     std::io::ErrorKind::PermissionDenied => PyPermissionError::new_err(args),

@@ -309,6 +309,7 @@ def test_image_folder_empty_directory(tmp_path):
         dino_rs.ImageFolder(tmp_path)
     assert "no image" in str(info.value)
     assert info.value.filename == str(tmp_path)
+    assert info.value.errno == errno.ENOENT and "[Errno 0]" not in str(info.value)
 
 
 def test_image_folder_without_image_files(tmp_path):
