@@ -5,7 +5,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{f32_slice, fused, ROWS_PER_TASK};
+use super::{f32_slice, fused, par_map, ROWS_PER_TASK};
 
 /// `x + bias` over the last dimension, differentiable in both.
 pub fn add_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
@@ -50,13 +50,7 @@ impl CustomOp2 for AddBias {
         if l1.dims().last() != Some(&d) || d == 0 {
             candle_core::bail!("add bias: input {:?} with bias {:?}", l1.dims(), l2.dims());
         }
-        let mut y = vec![0f32; x.len()];
-        let rows = ROWS_PER_TASK * d;
-        crate::parallel::install(|| {
-            x.par_chunks(rows)
-                .zip(y.par_chunks_mut(rows))
-                .for_each(|(xc, yc)| add_rows(xc, b, yc))
-        });
+        let y = par_map(x, ROWS_PER_TASK * d, |xc, yc| add_rows(xc, b, yc));
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 

@@ -2,7 +2,6 @@
 //! derivative Φ(x) + x·φ(x), on vectorised erf/exp.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 
 use super::{f32_slice, fused, math, par_map, par_map2, rows_with_sums, ELEMS_PER_TASK, ROWS_PER_TASK};
 
@@ -122,13 +121,7 @@ impl CustomOp2 for BiasGelu {
         if l1.dims().last() != Some(&d) || d == 0 {
             candle_core::bail!("bias gelu: input {:?} with bias {:?}", l1.dims(), l2.dims());
         }
-        let mut y = vec![0f32; x.len()];
-        let rows = ROWS_PER_TASK * d;
-        crate::parallel::install(|| {
-            x.par_chunks(rows)
-                .zip(y.par_chunks_mut(rows))
-                .for_each(|(xc, yc)| bias_forward(xc, b, yc))
-        });
+        let y = par_map(x, ROWS_PER_TASK * d, |xc, yc| bias_forward(xc, b, yc));
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 

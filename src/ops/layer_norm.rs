@@ -2,9 +2,8 @@
 //! row. The backward recomputes each row's mean and 1/std rather than keeping normalised inputs.
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 
-use super::{f32_slice, fused, rows_with_sums, ROWS_PER_TASK};
+use super::{f32_slice, fused, par_map, rows_with_sums, ROWS_PER_TASK};
 
 /// `(x - mean) / sqrt(var + eps) * weight + bias` over the last dimension, differentiable in all three.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
@@ -128,13 +127,7 @@ impl CustomOp3 for LayerNormOp {
                 b.len()
             );
         }
-        let mut y = vec![0f32; x.len()];
-        let rows = ROWS_PER_TASK * d;
-        crate::parallel::install(|| {
-            x.par_chunks(rows)
-                .zip(y.par_chunks_mut(rows))
-                .for_each(|(xc, yc)| forward_rows(xc, w, b, self.eps, yc))
-        });
+        let y = par_map(x, ROWS_PER_TASK * d, |xc, yc| forward_rows(xc, w, b, self.eps, yc));
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 

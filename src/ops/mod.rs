@@ -46,7 +46,8 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
     }
 }
 
-/// Runs `f(input_chunk, output_chunk)` over matching chunks of `chunk` elements on the dino_rs pool.
+/// Runs `f(input_chunk, output_chunk)` over matching chunks of `chunk` elements (a whole number of
+/// rows for row-wise kernels) on the dino_rs pool.
 fn par_map(x: &[f32], chunk: usize, f: impl Fn(&[f32], &mut [f32]) + Sync) -> Vec<f32> {
     let mut y = vec![0f32; x.len()];
     if x.len() <= chunk {

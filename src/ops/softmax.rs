@@ -2,9 +2,8 @@
 //! (backward: dx = y · (g − Σ g·y), from the saved output alone).
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 
-use super::{f32_slice, fused, math, ROWS_PER_TASK};
+use super::{f32_slice, fused, math, par_map, par_map2, ROWS_PER_TASK};
 
 /// Differentiable softmax over the last dimension.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
@@ -63,13 +62,7 @@ impl CustomOp1 for SoftmaxOp {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, self.name())?;
         let d = last_dim(l)?;
-        let mut y = vec![0f32; x.len()];
-        let rows = ROWS_PER_TASK * d;
-        crate::parallel::install(|| {
-            x.par_chunks(rows)
-                .zip(y.par_chunks_mut(rows))
-                .for_each(|(xc, yc)| rows_forward(xc, d, yc))
-        });
+        let y = par_map(x, ROWS_PER_TASK * d, |xc, yc| rows_forward(xc, d, yc));
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -91,14 +84,7 @@ impl CustomOp2 for SoftmaxBackward {
         if y.len() != g.len() {
             candle_core::bail!("softmax backward: output {:?} but grad {:?}", l1.dims(), l2.dims());
         }
-        let mut dx = vec![0f32; y.len()];
-        let rows = ROWS_PER_TASK * d;
-        crate::parallel::install(|| {
-            y.par_chunks(rows)
-                .zip(g.par_chunks(rows))
-                .zip(dx.par_chunks_mut(rows))
-                .for_each(|((yc, gc), dc)| rows_backward(yc, gc, d, dc))
-        });
+        let dx = par_map2(y, g, ROWS_PER_TASK * d, |yc, gc, dc| rows_backward(yc, gc, d, dc));
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }
