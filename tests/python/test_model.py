@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ import pytest
 from PIL import Image
 
 import dino_rs as dr
+from helpers import read_safetensors, tiny, write_safetensors
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 PTH = FIXTURES / "vit_tiny_p4.pth"
@@ -25,65 +25,14 @@ PTH_SAFETENSORS = FIXTURES / "vit_tiny_p4.safetensors"
 GOLDEN = FIXTURES / "golden.safetensors"
 GOLDEN_JSON = FIXTURES / "golden.json"
 
-TINY = dict(
-    patch_size=4,
-    img_size=16,
-    embed_dim=24,
-    depth=2,
-    num_heads=3,
-    out_dim=32,
-    hidden_dim=32,
-    bottleneck_dim=16,
-    drop_path_rate=0.1,
-    seed=0,
-    device="cpu",
-)
-
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float64)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float64)
-
-
-def tiny(**kw) -> dr.DINO:
-    return dr.DINO(**{**TINY, **kw})
 
 
 def crops(n: int = 4, h: int = 16, w: int = 16, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, 3, h, w)).astype(np.float32)
 
 
-# --------------------------------------------------------------------------------------------------
-# a minimal safetensors reader / writer (8-byte LE header length, JSON header, raw little-endian data)
-# --------------------------------------------------------------------------------------------------
-_DTYPES = {"F32": "<f4", "F64": "<f8", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "U8": "u1", "I8": "i1"}
-
-
-def read_safetensors(path) -> tuple[dict[str, np.ndarray], dict]:
-    data = Path(path).read_bytes()
-    (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8 : 8 + n])
-    meta = header.pop("__metadata__", None) or {}
-    base = 8 + n
-    out = {}
-    for name, info in header.items():
-        start, end = info["data_offsets"]
-        arr = np.frombuffer(data[base + start : base + end], dtype=_DTYPES[info["dtype"]])
-        out[name] = arr.reshape(info["shape"])
-    return out, meta
-
-
-def write_safetensors(path, tensors: dict[str, np.ndarray], metadata: dict | None = None) -> None:
-    header: dict = {}
-    if metadata is not None:
-        header["__metadata__"] = metadata
-    blobs, offset = [], 0
-    for name, arr in tensors.items():
-        raw = np.ascontiguousarray(arr, dtype="<f4").tobytes()
-        header[name] = {"dtype": "F32", "shape": list(arr.shape), "data_offsets": [offset, offset + len(raw)]}
-        blobs.append(raw)
-        offset += len(raw)
-    h = json.dumps(header).encode()
-    h += b" " * (-len(h) % 8)
-    Path(path).write_bytes(struct.pack("<Q", len(h)) + h + b"".join(blobs))
 
 
 @pytest.fixture(scope="module")

@@ -14,20 +14,8 @@ import numpy as np
 import pytest
 
 import dino_rs as dr
+from helpers import read_safetensors, tiny
 
-TINY = dict(
-    patch_size=4,
-    img_size=16,
-    embed_dim=24,
-    depth=2,
-    num_heads=3,
-    out_dim=32,
-    hidden_dim=32,
-    bottleneck_dim=16,
-    drop_path_rate=0.1,
-    seed=0,
-    device="cpu",
-)
 N_IMAGES = 32
 BATCH = 8
 NITER = N_IMAGES // BATCH  # 4 iterations per epoch (drop_last)
@@ -37,33 +25,11 @@ STEP_KEYS = {"loss", "lr", "wd", "momentum", "teacher_temp", "iteration", "epoch
 EPOCH_KEYS = {"epoch", "loss", "lr", "wd", "momentum", "teacher_temp", "seconds"}
 
 
-def tiny(**kw) -> dr.DINO:
-    return dr.DINO(**{**TINY, **kw})
-
-
-def read_safetensors(path) -> dict:
-    """The arrays of a safetensors file (8-byte header size, JSON header, raw little-endian data)."""
-    import json
-    import struct
-
-    raw = open(path, "rb").read()
-    (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8 : 8 + n])
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        a, b = info["data_offsets"]
-        assert info["dtype"] == "F32"
-        out[name] = np.frombuffer(raw[8 + n + a : 8 + n + b], "<f4").reshape(info["shape"])
-    return out
-
-
 def overflowing_crops(model: dr.DINO, like: np.ndarray, tmp_path) -> np.ndarray:
     """Finite crops (float32 max in magnitude) whose patch embedding overflows: each pixel takes the
     sign of its weight for output channel 0, so that channel sums |w| * 3.4e38 with sum |w| > 1."""
     model.export_backbone(tmp_path / "b.safetensors")
-    w = read_safetensors(tmp_path / "b.safetensors")["patch_embed.proj.weight"][0]  # (3, p, p)
+    w = read_safetensors(tmp_path / "b.safetensors")[0]["patch_embed.proj.weight"][0]  # (3, p, p)
     assert np.abs(w).sum() > 1.5
     p = w.shape[-1]
     reps = (like.shape[-2] // p, like.shape[-1] // p)
