@@ -15,9 +15,14 @@ import os as _os
 # again (47k -> 13k page faults for 6 steps of a small ViT). Keep freed memory for reuse unless
 # the user chose otherwise.
 _os.environ.setdefault("MIMALLOC_PURGE_DELAY", "-1")
-# candle's element-wise worker pool spins 25,000 times after each operation before parking; on a
-# machine whose cores are all busy with the step itself, that spinning took ~15% of a training step
-# (small32, 2 threads: 3.3 -> 2.6-2.9 s with a limit of 100).
+# candle keeps a second worker pool, for its own element-wise ops on large tensors, in a static
+# that a fork()ed child inherits without its threads: training in a multiprocessing worker (fork
+# start method) then waited on them forever once the parent had trained. dino_rs's heavy work runs
+# on its own pool, which is rebuilt after a fork; candle's pool is only kept for users who ask.
+_os.environ.setdefault("CANDLE_NUM_THREADS", "1")
+# With more than one candle thread, its workers spin 25,000 times after each operation before
+# parking; on a machine whose cores are all busy with the step itself, that spinning took ~15% of a
+# training step (small32, 2 threads: 3.3 -> 2.6-2.9 s with a limit of 100).
 _os.environ.setdefault("CANDLE_BARRIER_POOL_SPIN_LIMIT", "100")
 
 from ._dino_rs import (  # noqa: E402
