@@ -60,34 +60,19 @@ impl DinoLoss {
     pub fn loss(&self, student_out: &Tensor, teacher_out: &Tensor, epoch: usize) -> Result<Tensor> {
         let (rows, _) = student_out.dims2()?;
         let b = rows / self.ncrops;
-        if b * self.ncrops != rows || teacher_out.dim(0)? != 2 * b {
+        if b == 0 || b * self.ncrops != rows || teacher_out.dim(0)? != 2 * b {
             candle_core::bail!(
-                "DINO loss expects student rows = ncrops·B ({}·B) and teacher rows = 2·B, got {} and {}",
+                "DINO loss expects student rows = ncrops·B ({}·B) and teacher rows = 2·B with B ≥ 1, got {} and {}",
                 self.ncrops,
                 rows,
                 teacher_out.dim(0)?
             );
         }
-        let log_p = candle_nn::ops::log_softmax(&(student_out / self.student_temp)?, D::Minus1)?;
         let q = candle_nn::ops::softmax(
             &(teacher_out.broadcast_sub(&self.center)? / self.teacher_temp(epoch))?,
             D::Minus1,
-        )?
-        .detach();
-        let mut total: Option<Tensor> = None;
-        let mut terms = 0usize;
-        for iq in 0..2 {
-            let qi = q.narrow(0, iq * b, b)?;
-            for v in (0..self.ncrops).filter(|&v| v != iq) {
-                let term = (qi.mul(&log_p.narrow(0, v * b, b)?)?.sum(D::Minus1)?.mean_all()? * -1.0)?;
-                total = Some(match total {
-                    Some(t) => (t + term)?,
-                    None => term,
-                });
-                terms += 1;
-            }
-        }
-        total.expect("ncrops >= 2 gives at least one term") / terms as f64
+        )?;
+        crate::ops::dino_cross_entropy(student_out, &q, self.ncrops, self.student_temp)
     }
 
     /// center ← m·center + (1 − m)·mean(teacher_out over the batch).

@@ -175,6 +175,21 @@ fn attention_matches_composed() -> Result<()> {
 }
 
 #[test]
+fn attention_backward_twice_recomputes_what_the_first_took() -> Result<()> {
+    // The first backward pass takes the probabilities the forward pass kept; a second one over
+    // the same graph recomputes them and must give the same gradient.
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let qkv = Var::from_tensor(&randn(&mut rng, &[2, 33, 3 * 16], 1.5)?)?;
+    let r = randn(&mut rng, &[2, 33, 16], 1.0)?;
+    let loss = (ops::attention(qkv.as_tensor(), 2, 0.25)? * r)?.sum_all()?;
+    let first = loss.backward()?.get(qkv.as_tensor()).expect("gradient").clone();
+    let second = loss.backward()?.get(qkv.as_tensor()).expect("gradient").clone();
+    assert!(max_abs(&first)? > 0.0);
+    assert_eq!(max_abs_diff(&first, &second)?, 0.0);
+    Ok(())
+}
+
+#[test]
 fn add_bias_matches_broadcast_add() -> Result<()> {
     let mut rng = ChaCha8Rng::seed_from_u64(5);
     for shape in [[3usize, 70, 45], [1, 1, 3]] {
@@ -233,4 +248,57 @@ fn bias_gelu_matches_composed() -> Result<()> {
         )?;
     }
     Ok(())
+}
+
+#[test]
+fn linear_matches_composed() -> Result<()> {
+    let mut rng = ChaCha8Rng::seed_from_u64(8);
+    // 3 x 70 rows (more than one parallel task) by 45 -> 37 features, and a single row.
+    for (shape, out) in [([3usize, 70, 45], 37usize), ([1, 1, 3], 5)] {
+        let k = shape[2];
+        let x = randn(&mut rng, &shape, 1.0)?;
+        let w = randn(&mut rng, &[out, k], 0.5)?;
+        let b = randn(&mut rng, &[out], 1.0)?;
+        let reference = |t: &[Tensor]| {
+            let y = t[0].reshape((shape[0] * shape[1], k))?.matmul(&t[1].t()?)?;
+            y.reshape((shape[0], shape[1], out))
+        };
+        check(
+            vec![x.clone(), w.clone(), b],
+            |t| ops::linear(&t[0], &t[1], Some(&t[2])),
+            |t| reference(t)?.broadcast_add(&t[2]),
+            1e-5,
+        )?;
+        check(vec![x, w], |t| ops::linear(&t[0], &t[1], None), reference, 1e-5)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn linear_skips_the_input_gradient_of_a_constant() -> Result<()> {
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    let x = randn(&mut rng, &[130, 48], 1.0)?; // pixels: not a variable
+    let w = Var::from_tensor(&randn(&mut rng, &[16, 48], 0.5)?)?;
+    let grads = ops::linear(&x, &w, None)?.sum_all()?.backward()?;
+    assert!(grads.get(&x).is_none());
+    let dw = grads.get(w.as_tensor()).expect("weight gradient");
+    let want = x.sum(0)?.unsqueeze(0)?.broadcast_as((16, 48))?;
+    assert!(max_abs_diff(dw, &want)? < 1e-4);
+    Ok(())
+}
+
+#[test]
+fn dino_cross_entropy_matches_composed() -> Result<()> {
+    let mut rng = ChaCha8Rng::seed_from_u64(10);
+    // 2 globals + 3 locals of B = 7, 300 outputs; teacher probabilities from a sharp softmax.
+    let (ncrops, b, k) = (5usize, 7usize, 300usize);
+    let student = randn(&mut rng, &[ncrops * b, k], 1.0)?;
+    let q = candle_nn::ops::softmax(&(randn(&mut rng, &[2 * b, k], 1.0)? / 0.04)?, D::Minus1)?;
+    let q64 = q.to_dtype(DType::F64)?;
+    check(
+        vec![student],
+        |t| ops::dino_cross_entropy(&t[0], &q, ncrops, 0.1),
+        |t| ops::dino_cross_entropy(&t[0], &q64, ncrops, 0.1),
+        1e-5,
+    )
 }

@@ -17,7 +17,25 @@ pub struct HeadConfig {
     pub norm_last_layer: bool,
 }
 
+/// Upper bounds [`HeadConfig::validate`] accepts (the official head: 3 layers, width 2048, 65536 out).
+pub const MAX_HEAD_WIDTH: usize = 1 << 22;
+pub const MAX_HEAD_LAYERS: usize = 64;
+
 impl HeadConfig {
+    /// Positive widths and bounded sizes: configurations also come from files (saved metadata).
+    pub fn validate(&self) -> crate::Result<()> {
+        let dims = [self.in_dim, self.out_dim, self.hidden_dim, self.bottleneck_dim];
+        crate::error::ensure(
+            dims.iter().all(|&d| (1..=MAX_HEAD_WIDTH).contains(&d)) && self.nlayers <= MAX_HEAD_LAYERS,
+            || {
+                format!(
+                    "head in_dim, out_dim, hidden_dim and bottleneck_dim must be in [1, {MAX_HEAD_WIDTH}] and nlayers at most {MAX_HEAD_LAYERS}, got {:?} and {}",
+                    dims, self.nlayers
+                )
+            },
+        )
+    }
+
     pub fn new(in_dim: usize, out_dim: usize) -> Self {
         Self {
             in_dim,
@@ -96,6 +114,6 @@ impl DinoHead {
 
 impl Module for DinoHead {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.bottleneck(x)?.matmul(&self.last_layer_weight()?.t()?)
+        crate::ops::linear(&self.bottleneck(x)?, &self.last_layer_weight()?, None)
     }
 }

@@ -1,6 +1,6 @@
 //! `nn.Linear` with DINO's initialisation (trunc_normal(std=0.02) weights, zero bias; the official
 //! truncation bounds are ±2 absolute, i.e. 100 standard deviations: a plain normal). Inputs of any
-//! rank go through one (rows, in) × (in, out) matmul, and the bias through [`crate::ops::add_bias`].
+//! rank go through [`crate::ops::linear`], one (rows, in) × (in, out) matmul.
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
@@ -45,24 +45,9 @@ pub fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Resu
 }
 
 impl Linear {
-    /// `x · weightᵀ` without the bias (for callers that fuse the bias into what follows).
-    pub fn matmul(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims();
-        let (rows, k) = match dims {
-            [] => candle_core::bail!("linear: a scalar has no features"),
-            [k] => (1, *k),
-            [.., k] => (x.elem_count() / k.max(&1), *k),
-        };
-        // A broadcast (batched) matmul would give the weight a per-batch gradient to sum afterwards.
-        let y = x.contiguous()?.reshape((rows, k))?.matmul(&self.weight.t()?)?;
-        let mut out_dims = dims.to_vec();
-        *out_dims.last_mut().expect("checked non-empty above") = self.weight.dim(0)?;
-        y.reshape(out_dims)
-    }
-
     /// `gelu_erf(x · weightᵀ + bias)` with the bias and the activation fused.
     pub fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.matmul(x)?;
+        let y = crate::ops::linear(x, &self.weight, None)?;
         match &self.bias {
             Some(b) => crate::ops::bias_gelu(&y, b),
             None => crate::ops::gelu_erf(&y),
@@ -72,10 +57,6 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.matmul(x)?;
-        match &self.bias {
-            Some(b) => crate::ops::add_bias(&y, b),
-            None => Ok(y),
-        }
+        crate::ops::linear(x, &self.weight, self.bias.as_ref())
     }
 }

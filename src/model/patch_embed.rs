@@ -44,6 +44,6 @@ impl Module for PatchEmbed {
             .contiguous()?
             .reshape((b * gh * gw, c * p * p))?;
         let weight = self.weight.reshape((self.embed_dim, self.in_chans * p * p))?;
-        crate::ops::add_bias(&patches.matmul(&weight.t()?)?, &self.bias)?.reshape((b, gh * gw, self.embed_dim))
+        crate::ops::linear(&patches, &weight, Some(&self.bias))?.reshape((b, gh * gw, self.embed_dim))
     }
 }

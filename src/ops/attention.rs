@@ -5,8 +5,11 @@
 //! ran each image's small matmuls one after another (candle loops over the batch), kept the
 //! (B, heads, N, N) logits, probabilities and their intermediates for the backward pass, and
 //! copied the output back into token order. Here the matmuls read `qkv` and write the output
-//! through strides, and the backward recomputes the probabilities of one pair at a time (as
-//! flash attention does) instead of keeping them.
+//! through strides. Only the (B, heads, N, N) probabilities are kept for the backward pass (as
+//! PyTorch keeps its softmax output), and only when `qkv` needs a gradient: inference keeps
+//! nothing, and a second backward pass over the same graph recomputes them one pair at a time.
+
+use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use gemm::{gemm, Parallelism};
@@ -21,12 +24,15 @@ pub fn attention(qkv: &Tensor, num_heads: usize, scale: f64) -> Result<Tensor> {
     qkv.contiguous()?.apply_op1(AttentionOp {
         heads: num_heads,
         scale: scale as f32,
+        saved: qkv.track_op().then(Default::default),
     })
 }
 
 struct AttentionOp {
     heads: usize,
     scale: f32,
+    /// The forward pass's probabilities, (B·heads, N, N), for the backward pass to take.
+    saved: Option<Arc<Mutex<Vec<f32>>>>,
 }
 
 /// Sizes of one call: batch, tokens, channels C, head dim.
@@ -133,14 +139,23 @@ impl CustomOp1 for AttentionOp {
         let mut out = vec![0f32; d.b * d.n * d.c];
         let dst = SharedMut(out.as_mut_ptr());
         let c3 = 3 * d.c;
+        let nn = d.n * d.n;
+        let mut kept = vec![0f32; if self.saved.is_some() { d.b * self.heads * nn } else { 0 }];
+        let (keeping, keep) = (!kept.is_empty(), SharedMut(kept.as_mut_ptr()));
         crate::parallel::install(|| {
             (0..d.b * self.heads).into_par_iter().for_each_init(
-                || (vec![0f32; d.n * d.n], vec![0f32; d.n * d.n]),
-                |(s, p), bh| {
+                || (vec![0f32; nn], vec![0f32; nn]),
+                |(s, scratch), bh| {
                     let (bi, h) = (bh / self.heads, bh % self.heads);
-                    // SAFETY: indices stay inside qkv (B·N·3C) and out (B·N·C); each pair writes
-                    // only its own head's columns of its own image.
+                    // SAFETY: indices stay inside qkv (B·N·3C), out (B·N·C) and kept (B·heads·N²);
+                    // each pair writes only its own head's columns of its own image, and its own
+                    // block of `kept`.
                     unsafe {
+                        let p = if keeping {
+                            std::slice::from_raw_parts_mut(keep.ptr().add(bh * nn), nn)
+                        } else {
+                            scratch.as_mut_slice()
+                        };
                         probabilities(qkv, d, bi, h, self.scale, s, p);
                         let v = qkv.as_ptr().add(bi * d.n * c3 + 2 * d.c + h * d.hd);
                         let o = dst.ptr().add(bi * d.n * d.c + h * d.hd);
@@ -149,13 +164,22 @@ impl CustomOp1 for AttentionOp {
                 },
             )
         });
+        if let Some(saved) = &self.saved {
+            *saved.lock().unwrap_or_else(|e| e.into_inner()) = kept;
+        }
         Ok((CpuStorage::F32(out), Shape::from((d.b, d.n, d.c))))
     }
 
     fn bwd(&self, qkv: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let probs = self
+            .saved
+            .as_ref()
+            .map(|m| std::mem::take(&mut *m.lock().unwrap_or_else(|e| e.into_inner())))
+            .filter(|p| !p.is_empty());
         let op = AttentionBackward {
             heads: self.heads,
             scale: self.scale,
+            probs,
         };
         Ok(Some(qkv.apply_op2_no_bwd(&grad.contiguous()?, &op)?))
     }
@@ -164,6 +188,8 @@ impl CustomOp1 for AttentionOp {
 struct AttentionBackward {
     heads: usize,
     scale: f32,
+    /// The forward pass's probabilities; recomputed per pair when absent.
+    probs: Option<Vec<f32>>,
 }
 
 impl CustomOp2 for AttentionBackward {
@@ -177,6 +203,7 @@ impl CustomOp2 for AttentionBackward {
         let fwd = AttentionOp {
             heads: self.heads,
             scale: self.scale,
+            saved: None,
         };
         let d = fwd.dims(l1)?;
         if l2.dims() != [d.b, d.n, d.c] {
@@ -189,12 +216,18 @@ impl CustomOp2 for AttentionBackward {
         crate::parallel::install(|| {
             (0..d.b * self.heads).into_par_iter().for_each_init(
                 || (vec![0f32; nn], vec![0f32; nn], vec![0f32; nn], vec![0f32; nn]),
-                |(s, p, dp, ds), bh| {
+                |(s, scratch, dp, ds), bh| {
                     let (bi, h) = (bh / self.heads, bh % self.heads);
                     // SAFETY: as in the forward pass; each pair writes its head's columns of the
                     // q, k and v thirds of its own image's rows.
                     unsafe {
-                        probabilities(qkv, d, bi, h, self.scale, s, p);
+                        let p: &[f32] = match &self.probs {
+                            Some(all) => &all[bh * nn..(bh + 1) * nn],
+                            None => {
+                                probabilities(qkv, d, bi, h, self.scale, s, scratch);
+                                scratch
+                            }
+                        };
                         let base = bi * d.n * c3 + h * d.hd;
                         let (q, k, v) = (
                             qkv.as_ptr().add(base),

@@ -61,8 +61,8 @@ impl CustomOp2 for AddBias {
 }
 
 /// Column sums of a (rows, d) buffer, added up per task and then in task order.
-struct SumRows {
-    d: usize,
+pub(super) struct SumRows {
+    pub(super) d: usize,
 }
 
 impl CustomOp1 for SumRows {

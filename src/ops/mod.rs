@@ -7,8 +7,10 @@
 
 mod attention;
 mod bias;
+mod cross_entropy;
 mod gelu;
 mod layer_norm;
+mod linear;
 pub mod math;
 mod residual;
 mod softmax;
@@ -16,8 +18,10 @@ mod update;
 
 pub use attention::attention;
 pub use bias::add_bias;
+pub use cross_entropy::dino_cross_entropy;
 pub use gelu::{bias_gelu, gelu_erf};
 pub use layer_norm::layer_norm;
+pub use linear::linear;
 pub use residual::residual;
 pub use softmax::softmax_last_dim;
 pub use update::{adamw_update, ema_update, AdamWStep};

@@ -1,0 +1,185 @@
+//! The DINO loss's cross-entropy between teacher probabilities and the student's log-softmax,
+//! summed over (teacher global view, other student view) pairs, as one graph node. Composed of
+//! candle ops it was a log-softmax of five ops over all student rows, then a narrow, a product and
+//! a sum per pair: in the backward pass each of the 14 narrows (2 globals + 6 locals) built a
+//! full-size zero-padded gradient and added it up, on (ncrops·B, out_dim) = (512, 4096) for the
+//! benchmark's recipe. Here one pass per student row computes its log-sum-exp and its terms, and
+//! the backward writes each row's gradient once: (n·softmax − Σ q) / τ per row, with n its pairs.
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::{f32_slice, fused, math};
+
+/// mean over pairs and samples of −Σ q·log_softmax(student / τ), with `student` (ncrops·B, K)
+/// view-major and `q` (2·B, K) the teacher probabilities of the two global views. Each teacher
+/// view is paired with every student view but its own. Differentiable in `student`.
+pub fn dino_cross_entropy(student: &Tensor, q: &Tensor, ncrops: usize, student_temp: f64) -> Result<Tensor> {
+    let op = CrossEntropy { ncrops, student_temp };
+    if !fused(student) {
+        return op.composed(student, q);
+    }
+    student.contiguous()?.apply_op2(&q.detach().contiguous()?, op)
+}
+
+#[derive(Clone, Copy)]
+struct CrossEntropy {
+    ncrops: usize,
+    student_temp: f64,
+}
+
+/// The batch size B and the number of (teacher, student) pairs.
+fn shape(ncrops: usize, rows: usize, teacher_rows: usize) -> Result<(usize, usize)> {
+    let b = rows / ncrops.max(1);
+    if ncrops < 2 || b == 0 || b * ncrops != rows || teacher_rows != 2 * b {
+        candle_core::bail!("dino_cross_entropy: {rows} student and {teacher_rows} teacher rows for ncrops={ncrops}");
+    }
+    Ok((b, 2 * (ncrops - 1)))
+}
+
+avx2_multiversion! {
+    /// z = x / temp into `z` (divided, as the official loss does); returns log Σ exp(z).
+    fn scaled_lse(x: &[f32], temp: f32, z: &mut [f32]) -> f32 {
+        let mut max = f32::NEG_INFINITY;
+        for (zv, &xv) in z.iter_mut().zip(x) {
+            *zv = xv / temp;
+            max = max.max(*zv);
+        }
+        let mut acc = [0f32; 8];
+        for (i, &zv) in z.iter().enumerate() {
+            acc[i % 8] += math::exp(zv - max);
+        }
+        max + acc.iter().sum::<f32>().ln()
+    }
+}
+
+avx2_multiversion! {
+    /// −Σ q·(z − lse).
+    fn term(q: &[f32], z: &[f32], lse: f32) -> f32 {
+        let mut acc = [0f32; 8];
+        for (i, (&qv, &zv)) in q.iter().zip(z).enumerate() {
+            acc[i % 8] += qv * (zv - lse);
+        }
+        -acc.iter().sum::<f32>()
+    }
+}
+
+avx2_multiversion! {
+    /// dx = scale · (Σ_t Q_t · softmax(z) − Σ_t q_t), with Q_t = Σ q_t (1 up to rounding).
+    fn row_grad(z: &[f32], lse: f32, qs: &[&[f32]], scale: f32, dx: &mut [f32]) {
+        let mass: f32 = qs.iter().map(|q| q.iter().sum::<f32>()).sum();
+        for (o, &zv) in dx.iter_mut().zip(z) {
+            *o = mass * math::exp(zv - lse);
+        }
+        for q in qs {
+            for (o, &qv) in dx.iter_mut().zip(*q) {
+                *o -= qv;
+            }
+        }
+        for o in dx.iter_mut() {
+            *o *= scale;
+        }
+    }
+}
+
+impl CrossEntropy {
+    /// The teacher rows paired with student row `r`: both globals' for a local view, the other
+    /// global's for a global view.
+    fn teachers<'a>(&self, q: &'a [f32], k: usize, b: usize, r: usize) -> Vec<&'a [f32]> {
+        let (view, i) = (r / b, r % b);
+        (0..2)
+            .filter(|&t| t != view)
+            .map(|t| &q[(t * b + i) * k..(t * b + i + 1) * k])
+            .collect()
+    }
+
+    fn composed(&self, student: &Tensor, q: &Tensor) -> Result<Tensor> {
+        use candle_core::D;
+        let (b, terms) = shape(self.ncrops, student.dim(0)?, q.dim(0)?)?;
+        let log_p = candle_nn::ops::log_softmax(&(student / self.student_temp)?, D::Minus1)?;
+        let q = q.detach();
+        let mut total: Option<Tensor> = None;
+        for iq in 0..2 {
+            let qi = q.narrow(0, iq * b, b)?;
+            for v in (0..self.ncrops).filter(|&v| v != iq) {
+                let term = (qi.mul(&log_p.narrow(0, v * b, b)?)?.sum(D::Minus1)?.mean_all()? * -1.0)?;
+                total = Some(match total {
+                    Some(t) => (t + term)?,
+                    None => term,
+                });
+            }
+        }
+        total.expect("ncrops >= 2 gives at least one term") / terms as f64
+    }
+}
+
+impl CustomOp2 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "dino-cross-entropy"
+    }
+
+    fn cpu_fwd(&self, ss: &CpuStorage, ls: &Layout, sq: &CpuStorage, lq: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (s, q) = (f32_slice(ss, ls, self.name())?, f32_slice(sq, lq, self.name())?);
+        let (rows, k) = ls.shape().dims2()?;
+        if lq.dims().get(1) != Some(&k) {
+            candle_core::bail!("DINO loss: student {:?} and teacher {:?} outputs", ls.dims(), lq.dims());
+        }
+        let (b, terms) = shape(self.ncrops, rows, lq.dims()[0])?;
+        // One value per row, added up in row order afterwards: the same sum on any thread count.
+        let per_row: Vec<f32> = crate::parallel::install(|| {
+            s.par_chunks(k)
+                .enumerate()
+                .map_init(
+                    || vec![0f32; k],
+                    |z, (r, x)| {
+                        let lse = scaled_lse(x, self.student_temp as f32, z);
+                        self.teachers(q, k, b, r).iter().map(|qt| term(qt, z, lse)).sum::<f32>()
+                    },
+                )
+                .collect()
+        });
+        let total = per_row.iter().sum::<f32>() / (b * terms) as f32;
+        Ok((CpuStorage::F32(vec![total]), Shape::from(())))
+    }
+
+    fn bwd(
+        &self,
+        student: &Tensor,
+        q: &Tensor,
+        _loss: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = grad.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
+        let ds = student.apply_op2_no_bwd(q, &Backward { op: *self, grad: g })?;
+        Ok((Some(ds), None))
+    }
+}
+
+struct Backward {
+    op: CrossEntropy,
+    grad: f32,
+}
+
+impl CustomOp2 for Backward {
+    fn name(&self) -> &'static str {
+        "dino-cross-entropy-backward"
+    }
+
+    fn cpu_fwd(&self, ss: &CpuStorage, ls: &Layout, sq: &CpuStorage, lq: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (s, q) = (f32_slice(ss, ls, self.name())?, f32_slice(sq, lq, self.name())?);
+        let (rows, k) = ls.shape().dims2()?;
+        let (b, terms) = shape(self.op.ncrops, rows, lq.dims()[0])?;
+        let scale = self.grad / (self.op.student_temp as f32 * (b * terms) as f32);
+        let mut ds = vec![0f32; s.len()];
+        crate::parallel::install(|| {
+            s.par_chunks(k).zip(ds.par_chunks_mut(k)).enumerate().for_each_init(
+                || vec![0f32; k],
+                |z, (r, (x, dx))| {
+                    let lse = scaled_lse(x, self.op.student_temp as f32, z);
+                    row_grad(z, lse, &self.op.teachers(q, k, b, r), scale, dx);
+                },
+            )
+        });
+        Ok((CpuStorage::F32(ds), ls.shape().clone()))
+    }
+}
