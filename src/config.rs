@@ -72,7 +72,20 @@ fn check_prob(name: &str, p: f32) -> Result<()> {
 fn check_range(name: &str, (lo, hi): (f32, f32), min: f32, max: f32) -> Result<()> {
     ensure(
         lo.is_finite() && hi.is_finite() && min <= lo && lo <= hi && hi <= max,
-        || format!("{name} must be (low, high) with {min} <= low <= high <= {max}, got ({lo}, {hi})"),
+        || {
+            // MIN_POSITIVE stands for "above 0" and MAX for "no upper bound": not their 40 digits
+            let low = if min == f32::MIN_POSITIVE {
+                "0 < low".to_string()
+            } else {
+                format!("{min} <= low")
+            };
+            let high = if max == f32::MAX {
+                String::new()
+            } else {
+                format!(" <= {max}")
+            };
+            format!("{name} must be (low, high) with {low} <= high{high}, got ({lo}, {hi})")
+        },
     )
 }
 

@@ -161,12 +161,22 @@ impl Dino {
         device: &Device,
     ) -> Result<Self> {
         let bad = |m: String| Error::checkpoint(path, m);
+        if meta["format"] == "dino_rs.backbone" {
+            return Err(bad(
+                "a backbone written by export_backbone (teacher backbone, no head): load it with dino_rs.load_backbone"
+                    .into(),
+            ));
+        }
         let vit: VitConfig = serde_json::from_value(meta["vit"].clone()).map_err(|e| {
             bad(format!(
                 "not a dino_rs model or checkpoint (no model configuration: {e})"
             ))
         })?;
         let head: Option<HeadConfig> = serde_json::from_value(meta["head"].clone()).map_err(|e| bad(e.to_string()))?;
+        // The metadata sizes every layer: refuse nonsense before building anything from it.
+        vit.validate()
+            .and_then(|_| head.as_ref().map_or(Ok(()), HeadConfig::validate))
+            .map_err(|e| bad(format!("invalid model configuration: {e}")))?;
         let mut student = HashMap::new();
         let mut teacher = HashMap::new();
         for (k, t) in tensors {
@@ -243,7 +253,8 @@ impl Dino {
         let pe = need("patch_embed.proj.weight")?.dims().to_vec();
         let pos = need("pos_embed")?.dims().to_vec();
         need("cls_token")?;
-        if pe.len() != 4 || pos.len() != 3 || pe[2] != pe[3] {
+        // pos_embed holds the CLS position and at least one patch position.
+        if pe.len() != 4 || pos.len() != 3 || pos[1] < 2 || pe[2] != pe[3] {
             return Err(bad(format!(
                 "unexpected shapes patch_embed.proj.weight {pe:?}, pos_embed {pos:?}"
             )));

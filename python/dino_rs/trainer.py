@@ -117,6 +117,7 @@ class Trainer:
     ) -> None:
         if saveckp_freq < 1:
             raise ValueError(f"saveckp_freq must be at least 1, got {saveckp_freq}")
+        _check_crop_sizes(model, loader)
         self.eval_every, self.eval_data = _check_eval(eval_every, eval_data)
         callbacks = tuple(callbacks)
         for i, cb in enumerate(callbacks):
@@ -287,6 +288,12 @@ class Trainer:
             raise ValueError(
                 f"{p}: the checkpoint was trained with {rust.niter_per_ep} batches per epoch, this loader gives {len(loader)}"
             )
+        # the recipe is built for these: another batch size silently changes the learning rate,
+        # another n_local makes every step fail
+        for name, trained, given in (("batch_size", rust.config["batch_size"], loader.batch_size),
+                                     ("n_local", rust.config["n_local"], loader.augmenter.n_local)):
+            if trained != given:
+                raise ValueError(f"{p}: the checkpoint was trained with {name}={trained}, this loader gives {name}={given}")
         if eval_every is None:  # the checkpoint's, when there is something to evaluate on
             eval_every = int(info.get("eval_every") or 0) if eval_data is not None else 0
         trainer = cls(
@@ -312,6 +319,17 @@ def _features(model: DINO, images: Any, batch_size: int) -> np.ndarray:
     if isinstance(images, np.ndarray) and images.dtype == np.float32 and images.ndim == 4:
         return model.forward_backbone(images, teacher=True, batch_size=batch_size)
     return model.embed(images, batch_size=batch_size, progress=False)
+
+
+def _check_crop_sizes(model: DINO, loader: MultiCropLoader) -> None:
+    """The ViT cuts crops into whole patches: say so now rather than at the first step."""
+    aug = loader.augmenter
+    sizes = [("global_size", aug.global_size)] + ([("local_size", aug.local_size)] if aug.n_local else [])
+    for name, size in sizes:
+        if size % model.patch_size:
+            raise ValueError(
+                f"the loader's {name}={size} is not a multiple of the model's patch size {model.patch_size}"
+            )
 
 
 def _check_eval(eval_every: int, eval_data: Optional[EvalData]) -> Tuple[int, Optional[EvalData]]:

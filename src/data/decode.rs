@@ -5,7 +5,7 @@
 use std::io::Cursor;
 use std::path::Path;
 
-use image::{ImageDecoder, ImageError as DecodeError, ImageFormat, ImageReader, Limits, RgbImage};
+use image::{DynamicImage, ImageDecoder, ImageError as DecodeError, ImageFormat, ImageReader, Limits, RgbImage};
 
 use crate::error::{Error, Result};
 
@@ -45,16 +45,31 @@ fn jpeg_is_complete(bytes: &[u8]) -> bool {
 
 /// Decodes the image at `path` to RGB8, refusing images with more than `max_pixels` pixels.
 pub fn load_rgb(path: &Path, max_pixels: u64) -> Result<RgbImage> {
+    // Reading a named pipe blocks until something writes to it and a device may never end: only
+    // regular files are read (a directory is left to fail below with the OS's EISDIR).
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() && !meta.is_dir() {
+        return Err(Error::image(
+            path,
+            "not a regular file (a named pipe, socket or device), not an image",
+        ));
+    }
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    decode_rgb(&bytes, path, max_pixels)
+}
+
+/// Decodes an image file's contents to RGB8 as [`load_rgb`] does; `path` only names the file in
+/// error messages.
+pub fn decode_rgb(bytes: &[u8], path: &Path, max_pixels: u64) -> Result<RgbImage> {
     if bytes.is_empty() {
         return Err(Error::image(path, "empty file (0 bytes), not an image"));
     }
-    let mut reader = ImageReader::new(Cursor::new(&bytes))
+    let mut reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| Error::io(path, e))?;
     match reader.format() {
         None => return Err(Error::image(path, "not a recognised image format")),
-        Some(ImageFormat::Jpeg) if !jpeg_is_complete(&bytes) => {
+        Some(ImageFormat::Jpeg) if !jpeg_is_complete(bytes) => {
             return Err(Error::image(
                 path,
                 "corrupt or truncated image (JPEG data ends before its end-of-image marker)",
@@ -81,5 +96,19 @@ pub fn load_rgb(path: &Path, max_pixels: u64) -> Result<RgbImage> {
     let orientation = decoder.orientation().map_err(|e| Error::image(path, describe(e)))?;
     let mut img = image::DynamicImage::from_decoder(decoder).map_err(|e| Error::image(path, describe(e)))?;
     img.apply_orientation(orientation);
-    Ok(img.into_rgb8())
+    Ok(match img {
+        // 16-bit samples keep their high byte, as PIL reads 16-bit PNGs; `into_rgb8` would round
+        // v / 257, one level off PIL in places. (PIL's convert('RGB') of 16-bit grey, mode I;16,
+        // clips at 255 and whitens the picture: that one quirk is not followed.)
+        DynamicImage::ImageLuma16(_)
+        | DynamicImage::ImageLumaA16(_)
+        | DynamicImage::ImageRgb16(_)
+        | DynamicImage::ImageRgba16(_) => {
+            let rgb16 = img.into_rgb16();
+            let (w, h) = rgb16.dimensions();
+            let high = rgb16.into_raw().into_iter().map(|v| (v >> 8) as u8).collect();
+            RgbImage::from_raw(w, h, high).expect("one byte per 16-bit sample")
+        }
+        other => other.into_rgb8(),
+    })
 }

@@ -10,7 +10,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 
 use super::augment::PyMultiCropAugmenter;
-use super::numpy::{f32_array, u8_array, u8_image_array};
+use super::numpy::{f32_array, shape_str, u8_array, u8_image_array};
 use crate::config::DEFAULT_MAX_PIXELS;
 use crate::data::loader::Next;
 use crate::data::{ArrayDataset, Dataset, EpochIter, ImageFolder, LoaderConfig, MultiCropLoader};
@@ -101,10 +101,11 @@ fn array_dataset(images: &Bound<'_, PyAny>, labels: Option<Vec<i64>>) -> PyResul
     let (data, shape) = u8_array(arr, "images")?;
     let (n, h, w, c) = match shape.as_slice() {
         [n, h, w] => (*n, *h, *w, 1),
-        [n, h, w, c] => (*n, *h, *w, *c),
+        [n, h, w, c] if *c == 1 || *c == 3 => (*n, *h, *w, *c),
         _ => {
             return Err(PyValueError::new_err(format!(
-                "ArrayDataset expects images of shape (N, H, W) or (N, H, W, 3), got {shape:?}"
+                "ArrayDataset expects images of shape (N, H, W) or (N, H, W, 3), got {}",
+                shape_str(&shape)
             )))
         }
     };

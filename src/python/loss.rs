@@ -2,7 +2,7 @@
 
 use candle_core::Device;
 use numpy::{IntoPyArray, PyArray1, PyArrayDyn};
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::{PyFloatingPointError, PyValueError};
 use pyo3::prelude::*;
 
 use super::numpy::{f32_tensor, tensor_array};
@@ -79,9 +79,21 @@ impl PyDinoLoss {
         }
         let loss = self
             .inner
-            .forward(&s, &t, epoch)
+            .loss(&s, &t, epoch)
             .map_err(|e| PyValueError::new_err(e.to_string()))?;
-        Ok(loss.to_scalar::<f32>().map_err(Error::from)? as f64)
+        let value = loss.to_scalar::<f32>().map_err(Error::from)? as f64;
+        // Finite outputs can still overflow (logits / student_temp beyond float32): say so, as
+        // Trainer.step does, rather than return NaN; the centre only moves after a finite loss.
+        if !value.is_finite() {
+            return Err(PyFloatingPointError::new_err(format!(
+                "non-finite DINO loss ({value}) at epoch {epoch} from finite student_out {:?} and teacher_out {:?}; \
+                 the centre was not updated (outputs this large overflow float32)",
+                s.dims(),
+                t.dims()
+            )));
+        }
+        self.inner.update_center(&t).map_err(Error::from)?;
+        Ok(value)
     }
 
     #[getter]

@@ -4,12 +4,12 @@ use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 use numpy::PyArrayDyn;
-use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::exceptions::{PyFloatingPointError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use rayon::prelude::*;
 
 use super::data::{dataset_of, PyArrayDataset, PyImageFolder};
-use super::numpy::{batch_inputs, f32_tensor, tensor_array, ImageInput};
+use super::numpy::{batch_inputs, f32_array, f32_tensor, ImageInput};
 use crate::augment::eval::EvalTransform;
 use crate::config::{DEFAULT_MAX_PIXELS, IMAGENET_MEAN, IMAGENET_STD};
 use crate::dino::Dino;
@@ -130,6 +130,32 @@ impl PyDino {
     }
 }
 
+/// `out` (computed from `crops`) as flat data and shape, refusing non-finite values: the crops were
+/// checked finite on the way in, but finite crops far outside the normalised range overflow
+/// float32 inside the network (so do non-finite weights), and NaN must not pass for a result.
+fn finite_output(out: &Tensor, crops: &Tensor) -> PyResult<(Vec<f32>, Vec<usize>)> {
+    let data = out
+        .to_dtype(candle_core::DType::F32)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1::<f32>())
+        .map_err(Error::from)?;
+    if let Some(i) = data.iter().position(|v| !v.is_finite()) {
+        let crop = i / (data.len() / out.dims()[0]).max(1);
+        let largest = crops
+            .abs()
+            .and_then(|t| t.max_all())
+            .and_then(|t| t.to_scalar::<f32>())
+            .map_err(Error::from)?;
+        return Err(PyFloatingPointError::new_err(format!(
+            "non-finite output for crops of shape {:?} (first at crop {crop}): the crops are finite, but their \
+             largest |value| {largest:.1e} overflows float32 inside the model (crops are expected normalised, \
+             mean 0 and std 1), or the model's weights are not finite",
+            crops.dims()
+        )));
+    }
+    Ok((data, out.dims().to_vec()))
+}
+
 /// A tqdm.auto bar for `n` images: always with `Some(true)`, never with `Some(false)`, and by
 /// default when there are more than four batches. None when tqdm is not installed.
 fn progress_bar<'py>(
@@ -200,6 +226,7 @@ impl PyDino {
             nlayers,
             norm_last_layer,
         };
+        head.validate()?;
         let device = parse_device(device)?;
         let dino = py
             .detach(move || Dino::new(vit, Some(head), seed, None, &device))
@@ -223,6 +250,7 @@ impl PyDino {
             return Err(PyValueError::new_err("batch_size must be at least 1"));
         }
         let x = f32_tensor(crops, "crops", &self.inner.device)?;
+        let input = x.clone();
         let dino = self.inner.clone();
         let out = py.detach(move || -> Result<Tensor> {
             let n = x.dims().first().copied().unwrap_or(0);
@@ -242,7 +270,8 @@ impl PyDino {
             }
             Ok(Tensor::cat(&parts, 0)?)
         })?;
-        tensor_array(py, &out)
+        let (data, shape) = finite_output(&out, &input)?;
+        f32_array(py, data, &shape)
     }
 
     /// Last-block CLS→patch attention (N, heads, H/p, W/p) of normalised crops.
@@ -254,9 +283,11 @@ impl PyDino {
         teacher: bool,
     ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
         let x = f32_tensor(crops, "crops", &self.inner.device)?;
+        let input = x.clone();
         let dino = self.inner.clone();
         let out = py.detach(move || dino.attention(&x, teacher))?;
-        tensor_array(py, &out)
+        let (data, shape) = finite_output(&out, &input)?;
+        f32_array(py, data, &shape)
     }
 
     /// Teacher CLS features (N, embed_dim) with DINO's eval transform (resize to 256/224 of
@@ -295,7 +326,7 @@ impl PyDino {
             };
             (self.embed_images(py, &load, n, batch_size, progress)?, n)
         };
-        super::numpy::f32_array(py, data, &[n, d])
+        f32_array(py, data, &[n, d])
     }
 
     /// Saves student, teacher and configuration to a safetensors file.

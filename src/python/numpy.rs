@@ -29,7 +29,8 @@ impl ImageInput {
     }
 }
 
-fn shape_str(shape: &[usize]) -> String {
+/// A shape for messages: `(2, 3)`; one dimension as `(10)`.
+pub(crate) fn shape_str(shape: &[usize]) -> String {
     format!(
         "({})",
         shape.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", ")

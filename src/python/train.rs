@@ -12,7 +12,7 @@ use pyo3::types::PyDict;
 
 use super::data::PyMultiCropLoader;
 use super::model::{parse_device, PyDino};
-use super::numpy::f32_tensor;
+use super::numpy::{f32_tensor, shape_str};
 use crate::data::loader::Next;
 use crate::data::Batch;
 use crate::error::{Error, Result};
@@ -59,7 +59,53 @@ fn crops(x: Tensor) -> Result<Tensor> {
     }
 }
 
+/// `x` as (views·B, 3, S, S) crops, and B, after checking that it holds `views` views of B ≥ 1
+/// images (`batch` of them when given) with 3 channels, as `what` says in the error; the loss would
+/// otherwise fail later with a row-count or matmul error that names none of the arguments.
+fn views_of(x: Tensor, name: &str, views: usize, batch: Option<usize>, what: &str) -> Result<(Tensor, usize)> {
+    let b = match *x.dims() {
+        [v, b, 3, _, _] if v == views => b,
+        [rows, 3, _, _] if rows % views == 0 => rows / views,
+        _ => 0,
+    };
+    if b == 0 || batch.is_some_and(|want| want != b) {
+        return Err(Error::Shape(format!(
+            "{name} must be ({views}, B, 3, S, S) or ({views}·B, 3, S, S) crops: {what}, got {}",
+            shape_str(x.dims())
+        )));
+    }
+    Ok((crops(x)?, b))
+}
+
 impl PyTrainer {
+    /// The crops `step` was given, checked against the trainer: 2 global views and `n_local` local
+    /// views of the same B ≥ 1 images. With n_local = 0 an empty locals array counts as none.
+    fn step_crops(&self, globals: Tensor, locals: Option<Tensor>) -> Result<(Tensor, Option<Tensor>)> {
+        let n_local = self.inner.config.n_local;
+        let (g, b) = views_of(
+            globals,
+            "globals",
+            2,
+            None,
+            "2 global views of B ≥ 1 images, 3 channels each",
+        )?;
+        match (locals.filter(|l| n_local > 0 || l.elem_count() > 0), n_local) {
+            (None, 0) => Ok((g, None)),
+            (None, n) => Err(Error::Shape(format!(
+                "this trainer was built for n_local={n} local views per image: pass locals ({n}, B, 3, L, L) \
+                 as well as globals"
+            ))),
+            (Some(l), 0) => Err(Error::Shape(format!(
+                "this trainer was built for n_local=0 local views: pass no locals, got {}",
+                shape_str(l.dims())
+            ))),
+            (Some(l), n) => {
+                let what = format!("n_local={n} local views of the same B={b} images as globals, 3 channels each");
+                Ok((g, Some(views_of(l, "locals", n, Some(b), &what)?.0)))
+            }
+        }
+    }
+
     fn batch_tensors(&self, batch: Batch, g: usize, l: usize, n_local: usize) -> Result<(Tensor, Option<Tensor>)> {
         let b = batch.len();
         let dev = &self.inner.dino.device;
@@ -110,8 +156,10 @@ impl PyTrainer {
                 "lr must be positive and min_lr >= 0",
             ),
             (
-                teacher_temp > 0.0 && warmup_teacher_temp > 0.0 && student_temp > 0.0,
-                "temperatures must be positive",
+                [teacher_temp, warmup_teacher_temp, student_temp]
+                    .iter()
+                    .all(|t| *t > 0.0 && t.is_finite()),
+                "temperatures must be positive and finite",
             ),
             (
                 (0.0..=1.0).contains(&momentum_teacher),
@@ -122,9 +170,14 @@ impl PyTrainer {
                 "center_momentum must be in [0, 1]",
             ),
             (
-                weight_decay >= 0.0 && weight_decay_end >= 0.0 && clip_grad >= 0.0,
-                "weight decay and clip_grad must be >= 0",
+                // clip_grad may be infinite (no clipping); an infinite weight decay only makes NaNs
+                weight_decay >= 0.0
+                    && weight_decay.is_finite()
+                    && weight_decay_end >= 0.0
+                    && weight_decay_end.is_finite(),
+                "weight decay must be finite and >= 0",
             ),
+            (clip_grad >= 0.0, "clip_grad must be >= 0"),
         ];
         if let Some((_, msg)) = checks.iter().find(|(ok, _)| !ok) {
             return Err(PyValueError::new_err(*msg));
@@ -166,12 +219,9 @@ impl PyTrainer {
         locals: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyDict>> {
         let dev = self.inner.dino.device.clone();
-        let g = crops(f32_tensor(globals, "globals", &dev)?)?;
-        let l = locals
-            .map(|l| f32_tensor(l, "locals", &dev))
-            .transpose()?
-            .map(crops)
-            .transpose()?;
+        let g = f32_tensor(globals, "globals", &dev)?;
+        let l = locals.map(|l| f32_tensor(l, "locals", &dev)).transpose()?;
+        let (g, l) = self.step_crops(g, l)?;
         let inner = &mut self.inner;
         let out = py
             .detach(move || inner.step(&g, l.as_ref()))
