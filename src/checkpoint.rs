@@ -79,23 +79,82 @@ fn remove_stale_temps(dir: &Path, prefix: &str) {
 /// Reads a safetensors file: its tensors and our JSON metadata (Null when absent).
 pub fn load(path: &Path) -> Result<(HashMap<String, Tensor>, serde_json::Value)> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+    load_bytes(&bytes, path)
+}
+
+/// [`load`] from a safetensors file's contents; `path` only names the file in error messages.
+pub fn load_bytes(bytes: &[u8], path: &Path) -> Result<(HashMap<String, Tensor>, serde_json::Value)> {
+    let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
         .map_err(|e| Error::checkpoint(path, format!("not a safetensors file ({e})")))?;
     let meta = match header.metadata().as_ref().and_then(|m| m.get(META_KEY)) {
         Some(s) => serde_json::from_str(s).map_err(|e| Error::checkpoint(path, format!("corrupt metadata ({e})")))?,
         None => serde_json::Value::Null,
     };
-    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
+    let tensors = candle_core::safetensors::load_buffer(bytes, &Device::Cpu)
         .map_err(|e| Error::checkpoint(path, format!("corrupt or truncated tensors ({e})")))?;
     Ok((tensors, meta))
+}
+
+/// The tensors of a `torch.save` archive (the state dict at `key`), read with candle's pickle
+/// support, which trusts the file more than it should (candle-core 0.11.1):
+/// * its unpickler indexes into the tuples it reads without checking their length (`Vec::remove`
+///   in `rebuild_args`) and panics on malformed files. That is inside the dependency, so the
+///   calls into it are wrapped in `catch_unwind`: it parses a file and shares no state, so
+///   nothing is left half-updated when it unwinds.
+/// * it allocates each tensor at the shape the pickle declares before reading its bytes. Its zip
+///   reader has no decompression (torch stores entries uncompressed), so a tensor cannot need more
+///   bytes than the file holds: larger claims are refused before anything is allocated.
+fn read_pth(path: &Path, file_len: u64, key: Option<&str>) -> std::result::Result<Vec<(String, Tensor)>, String> {
+    use std::panic::{catch_unwind, AssertUnwindSafe};
+    let malformed = |panic: Box<dyn std::any::Any + Send>| {
+        let why = (panic.downcast_ref::<&str>().copied())
+            .or(panic.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("the reader panicked");
+        format!("malformed pickle data: {why}")
+    };
+    let pth = catch_unwind(|| candle_core::pickle::PthTensors::new(path, key))
+        .map_err(malformed)?
+        .map_err(|e| e.to_string())?;
+    let mut names: Vec<&String> = pth.tensor_infos().keys().collect();
+    names.sort();
+    for name in &names {
+        let info = &pth.tensor_infos()[*name];
+        let (dims, stride) = (info.layout.dims(), info.layout.stride());
+        let bytes = dims
+            .iter()
+            .try_fold(info.dtype.size_in_bytes(), |n, &d| n.checked_mul(d))
+            .and_then(|n| n.checked_add(info.layout.start_offset()));
+        if stride.len() != dims.len() {
+            return Err(format!("tensor {name} has shape {dims:?} but stride {stride:?}"));
+        }
+        if bytes.is_none_or(|b| b as u64 > file_len) {
+            return Err(format!(
+                "tensor {name} declares shape {dims:?}, stride {stride:?} and offset {} of {:?}: more data than the {file_len}-byte file holds",
+                info.layout.start_offset(),
+                info.dtype
+            ));
+        }
+    }
+    let mut tensors = Vec::with_capacity(names.len());
+    for name in names {
+        if let Some(t) = catch_unwind(AssertUnwindSafe(|| pth.get(name)))
+            .map_err(malformed)?
+            .map_err(|e| e.to_string())?
+        {
+            tensors.push((name.clone(), t));
+        }
+    }
+    Ok(tensors)
 }
 
 /// Weights from a `.pth` (PyTorch pickle) or safetensors file, by content.
 pub fn load_weights(path: &Path) -> Result<HashMap<String, Tensor>> {
     let mut head = [0u8; 4];
+    let file_len;
     {
         use std::io::Read;
         let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        file_len = f.metadata().map_err(|e| Error::io(path, e))?.len();
         let n = f.read(&mut head).map_err(|e| Error::io(path, e))?;
         if n == 0 {
             return Err(Error::checkpoint(path, "empty file, not a checkpoint"));
@@ -103,7 +162,8 @@ pub fn load_weights(path: &Path) -> Result<HashMap<String, Tensor>> {
     }
     // torch.save writes a zip archive ("PK\x03\x04"); legacy pickles start with 0x80.
     if head.starts_with(b"PK") || head[0] == 0x80 {
-        let mut last = None;
+        // The first error: later keys mostly add "key ... not found".
+        let mut first_err = None;
         for key in [
             None,
             Some("teacher"),
@@ -111,13 +171,15 @@ pub fn load_weights(path: &Path) -> Result<HashMap<String, Tensor>> {
             Some("model"),
             Some("student"),
         ] {
-            match candle_core::pickle::read_all_with_key(path, key) {
+            match read_pth(path, file_len, key) {
                 Ok(v) if !v.is_empty() => return Ok(v.into_iter().collect()),
                 Ok(_) => {}
-                Err(e) => last = Some(e),
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
             }
         }
-        let why = last.map_or("no tensors found".to_string(), |e| e.to_string());
+        let why = first_err.unwrap_or_else(|| "no tensors found".to_string());
         return Err(Error::checkpoint(
             path,
             format!("cannot read PyTorch checkpoint ({why})"),

@@ -29,6 +29,9 @@ mod python;
 // ones go back to the kernel each time and every step pays page faults zeroing them again
 // (30% of a CPU step, measured with perf). mimalloc pools them, though its default purge delay
 // still returns idle memory after 1 s (MIMALLOC_PURGE_DELAY=-1 removed most remaining faults).
+// Not under cargo-fuzz (`--cfg fuzzing`): AddressSanitizer and libFuzzer's malloc limit only see
+// allocations that go through the system allocator.
+#[cfg(not(fuzzing))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

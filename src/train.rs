@@ -64,6 +64,33 @@ impl Default for TrainConfig {
     }
 }
 
+/// Most iterations (`epochs · niter_per_ep`) a configuration may ask for: the schedules hold one
+/// f64 per iteration, and 2^25 (800 epochs of 40k iterations) is already 256 MiB of them.
+pub const MAX_ITERATIONS: usize = 1 << 25;
+
+impl TrainConfig {
+    /// The sizes the trainer allocates by: a configuration read from a file must not ask for more
+    /// than a real run (values such as learning rates are checked by the Python constructor).
+    pub fn validate(&self) -> crate::Result<()> {
+        let total = self.epochs.checked_mul(self.niter_per_ep);
+        crate::error::ensure(
+            self.epochs > 0
+                && self.niter_per_ep > 0
+                && self.batch_size > 0
+                && total.is_some_and(|t| t <= MAX_ITERATIONS)
+                && self.warmup_epochs <= self.epochs
+                && self.n_local <= 1024,
+            || {
+                format!(
+                    "epochs ({}) and niter_per_ep ({}) must be positive with at most {MAX_ITERATIONS} iterations in all, \
+                     batch_size ({}) positive, warmup_epochs ({}) at most epochs and n_local ({}) at most 1024",
+                    self.epochs, self.niter_per_ep, self.batch_size, self.warmup_epochs, self.n_local
+                )
+            },
+        )
+    }
+}
+
 /// What one iteration did.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StepStats {
@@ -263,6 +290,9 @@ impl DinoTrainer {
             return Err(bad("not a dino_rs trainer checkpoint (saved by Trainer.save)".into()));
         }
         let config: TrainConfig = serde_json::from_value(meta["train"].clone()).map_err(|e| bad(e.to_string()))?;
+        config
+            .validate()
+            .map_err(|e| bad(format!("invalid training configuration: {e}")))?;
         let center = tensors
             .remove("center")
             .ok_or_else(|| bad("the centre is missing".into()))?;

@@ -12,6 +12,11 @@ use super::linear::TRUNC_NORMAL_STD;
 use super::patch_embed::PatchEmbed;
 use super::pos_embed;
 
+/// Upper bounds [`VitConfig::validate`] accepts (far above the official ViT-B/8: 224, 768, 12).
+pub const MAX_IMG_SIZE: usize = 1 << 16;
+pub const MAX_WIDTH: usize = 1 << 16;
+pub const MAX_DEPTH: usize = 1 << 12;
+
 /// Backbone hyper-parameters. Presets follow the official `vit_tiny/small/base`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct VitConfig {
@@ -80,6 +85,29 @@ impl VitConfig {
         })?;
         ensure((0.0..1.0).contains(&self.drop_path_rate), || {
             format!("drop_path_rate must be in [0, 1), got {}", self.drop_path_rate)
+        })?;
+        // Configurations also come from files (a saved model's metadata): bounds far above any
+        // real ViT keep every size derived from them (patch counts, fan-ins, MLP width) in range.
+        ensure(
+            self.img_size <= MAX_IMG_SIZE && self.embed_dim <= MAX_WIDTH && self.depth <= MAX_DEPTH,
+            || {
+                format!(
+                    "img_size ({}) must be at most {MAX_IMG_SIZE}, embed_dim ({}) at most {MAX_WIDTH} and depth ({}) at most {MAX_DEPTH}",
+                    self.img_size, self.embed_dim, self.depth
+                )
+            },
+        )?;
+        ensure(self.in_chans == 3, || {
+            format!("in_chans must be 3 (RGB crops), got {}", self.in_chans)
+        })?;
+        let hidden = self.embed_dim as f64 * self.mlp_ratio;
+        ensure((1.0..=MAX_WIDTH as f64 * 16.0).contains(&hidden), || {
+            format!(
+                "mlp_ratio ({}) must give an MLP width between 1 and {} (embed_dim {})",
+                self.mlp_ratio,
+                MAX_WIDTH * 16,
+                self.embed_dim
+            )
         })
     }
 }
