@@ -37,8 +37,9 @@ What it does
   LayerNorm eps 1e-6, ``interpolate_pos_encoding`` with bicubic ``F.interpolate`` for the 16x16
   crops, DINOHead with ``weight_norm``; the rate-0 Dropout layers are kept, they return their input),
   ``torch.set_num_threads(n)``. dino_rs: ``dr.DINO(...)`` + ``dr.Trainer(...)`` and
-  ``trainer.step(globals, locals)``, with ``RAYON_NUM_THREADS`` = ``DINO_RS_NUM_THREADS`` =
-  ``CANDLE_NUM_THREADS`` = n. Both get ``OMP_NUM_THREADS`` = ``MKL_NUM_THREADS`` = n.
+  ``trainer.step(globals, locals)``, with ``RAYON_NUM_THREADS`` = ``DINO_RS_NUM_THREADS`` = n and
+  candle's own element-wise pool at dino_rs's default (``CANDLE_NUM_THREADS`` unset: 1, for fork
+  safety). Both get ``OMP_NUM_THREADS`` = ``MKL_NUM_THREADS`` = n.
 * The schedules are the official ones with ``epochs`` = max(100, warmup + steps) and one iteration
   per epoch (dino_rs: a ``MultiCropLoader`` over 64 images, batch 64, only used to build the
   Trainer). Iteration 0 is in epoch 0 (last layer frozen); every timed iteration is in a later epoch,
@@ -584,13 +585,14 @@ def child_main(args) -> None:
 # --------------------------------------------------------------------------------------------------
 
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "RAYON_NUM_THREADS",
-               "DINO_RS_NUM_THREADS", "CANDLE_NUM_THREADS")
+               "DINO_RS_NUM_THREADS")
 CONTENDED = 0.2  # cores used by other processes above which the machine does not count as idle
 LABEL = {"torch": "PyTorch eager fp32", "dino_rs": "dino_rs"}
 
 
 def child_env(threads: int) -> dict:
     env = dict(os.environ)
+    env.pop("CANDLE_NUM_THREADS", None)  # dino_rs's default, as users get it
     for k in THREAD_VARS:
         env[k] = str(threads)
     return env
@@ -873,7 +875,7 @@ def main() -> None:
         "per-parameter grad clipping 3.0, AdamW with two parameter groups and per-iteration lr / wd, EMA teacher, "
         "centre update. PyTorch: the official model code (benches/bench_train.py), "
         "`torch.set_num_threads(n)`; dino_rs: `Trainer.step(globals, locals)` with RAYON_NUM_THREADS = "
-        "DINO_RS_NUM_THREADS = CANDLE_NUM_THREADS = n. Each configuration in its own process; "
+        "DINO_RS_NUM_THREADS = n (CANDLE_NUM_THREADS unset: dino_rs's default of 1). Each configuration in its own process; "
         f"{args.warmup} warm-up + {args.steps} timed iterations x {args.rounds} round(s); timed iterations are "
         "past epoch 0, so the last layer is updated.",
         "- images/s = batch / median iteration time (each image = 8 crops). dino_rs / PyTorch = ratio of median "
