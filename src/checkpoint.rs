@@ -99,22 +99,13 @@ pub fn load_bytes(bytes: &[u8], path: &Path) -> Result<(HashMap<String, Tensor>,
 /// support, which trusts the file more than it should (candle-core 0.11.1):
 /// * its unpickler indexes into the tuples it reads without checking their length (`Vec::remove`
 ///   in `rebuild_args`) and panics on malformed files. That is inside the dependency, so the
-///   calls into it are wrapped in `catch_unwind`: it parses a file and shares no state, so
+///   calls into it go through [`catch_quietly`]: it parses a file and shares no state, so
 ///   nothing is left half-updated when it unwinds.
 /// * it allocates each tensor at the shape the pickle declares before reading its bytes. Its zip
 ///   reader has no decompression (torch stores entries uncompressed), so a tensor cannot need more
 ///   bytes than the file holds: larger claims are refused before anything is allocated.
 fn read_pth(path: &Path, file_len: u64, key: Option<&str>) -> std::result::Result<Vec<(String, Tensor)>, String> {
-    use std::panic::{catch_unwind, AssertUnwindSafe};
-    let malformed = |panic: Box<dyn std::any::Any + Send>| {
-        let why = (panic.downcast_ref::<&str>().copied())
-            .or(panic.downcast_ref::<String>().map(String::as_str))
-            .unwrap_or("the reader panicked");
-        format!("malformed pickle data: {why}")
-    };
-    let pth = catch_unwind(|| candle_core::pickle::PthTensors::new(path, key))
-        .map_err(malformed)?
-        .map_err(|e| e.to_string())?;
+    let pth = catch_quietly(|| candle_core::pickle::PthTensors::new(path, key))?.map_err(|e| e.to_string())?;
     let mut names: Vec<&String> = pth.tensor_infos().keys().collect();
     names.sort();
     for name in &names {
@@ -137,14 +128,40 @@ fn read_pth(path: &Path, file_len: u64, key: Option<&str>) -> std::result::Resul
     }
     let mut tensors = Vec::with_capacity(names.len());
     for name in names {
-        if let Some(t) = catch_unwind(AssertUnwindSafe(|| pth.get(name)))
-            .map_err(malformed)?
-            .map_err(|e| e.to_string())?
-        {
+        if let Some(t) = catch_quietly(|| pth.get(name))?.map_err(|e| e.to_string())? {
             tensors.push((name.clone(), t));
         }
     }
     Ok(tensors)
+}
+
+thread_local! {
+    static QUIET_PANICS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// `f()`, with a panic inside it turned into `Err("malformed pickle data: …")` and kept off stderr:
+/// there the panic is the dependency's way of rejecting a malformed file, which the caller reports
+/// as an error naming the file; a "thread panicked" message beside it would only alarm. Other
+/// panics, on other threads or outside `f`, still reach the hook that was installed before.
+fn catch_quietly<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET_PANICS.with(|q| q.get()) {
+                previous(info);
+            }
+        }));
+    });
+    QUIET_PANICS.with(|q| q.set(true));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    QUIET_PANICS.with(|q| q.set(false));
+    result.map_err(|panic| {
+        let why = (panic.downcast_ref::<&str>().copied())
+            .or(panic.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("the reader panicked");
+        format!("malformed pickle data: {why}")
+    })
 }
 
 /// Weights from a `.pth` (PyTorch pickle) or safetensors file, by content.

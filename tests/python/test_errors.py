@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -159,3 +160,14 @@ def test_image_folder_broken_symlink_is_reported_or_skipped(tmp_path, photo_rgb)
         assert "b.png" in str(e) or "gone.png" in str(e)
     else:
         assert [os.path.basename(p) for p in ds.paths] == ["a.png"]
+
+
+def test_malformed_pth_raises_without_a_panic_message_on_stderr(capfd):
+    # candle's pickle reader panics on this file (found by fuzzing); dino_rs catches the panic and
+    # raises an error naming the file, and the panic's "thread ... panicked at" message must not
+    # reach stderr beside it
+    path = Path(__file__).resolve().parents[1] / "fixtures" / "fuzz" / "checkpoint" / "pth_storage_tuple_without_numel.pth"
+    with pytest.raises(ValueError, match="malformed pickle data") as e:
+        dino_rs.load_backbone(path)
+    assert path.name in str(e.value)
+    assert "panicked" not in capfd.readouterr().err
