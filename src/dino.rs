@@ -103,11 +103,13 @@ impl Dino {
         // On the dino_rs pool: gemm then splits work over its threads, not rayon's global pool
         // (which, among other things, a fork()ed child inherits without threads).
         crate::parallel::install(|| {
-            Ok(self
-                .wrapper(teacher)
-                .backbone
-                .forward_t::<rand_chacha::ChaCha8Rng>(crops, None)?
-                .detach())
+            crate::ops::no_grad(|| {
+                Ok(self
+                    .wrapper(teacher)
+                    .backbone
+                    .forward_t::<rand_chacha::ChaCha8Rng>(crops, None)?
+                    .detach())
+            })
         })
     }
 
@@ -123,7 +125,9 @@ impl Dino {
                 &self.device,
             )?);
         }
-        crate::parallel::install(|| Ok(self.wrapper(teacher).backbone.cls_attention_maps(crops)?.detach()))
+        crate::parallel::install(|| {
+            crate::ops::no_grad(|| Ok(self.wrapper(teacher).backbone.cls_attention_maps(crops)?.detach()))
+        })
     }
 
     fn meta(&self) -> serde_json::Value {

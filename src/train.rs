@@ -180,7 +180,7 @@ impl DinoTrainer {
     ) -> Result<std::result::Result<Computed, NonFiniteLoss>> {
         let it = self.iteration;
         let epoch = it / self.config.niter_per_ep.max(1);
-        let teacher_out = self.dino.teacher.forward_t::<ChaCha8Rng>(&[globals], None)?.detach();
+        let teacher_out = crate::ops::no_grad(|| self.dino.teacher.forward_t::<ChaCha8Rng>(&[globals], None))?.detach();
         let groups: Vec<&Tensor> = std::iter::once(globals).chain(locals).collect();
         let student_out = self.dino.student.forward_t(&groups, Some(&mut self.rng))?;
         let loss = self.loss.loss(&student_out, &teacher_out, epoch)?;

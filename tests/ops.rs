@@ -181,11 +181,15 @@ fn attention_backward_twice_recomputes_what_the_first_took() -> Result<()> {
     let mut rng = ChaCha8Rng::seed_from_u64(11);
     let qkv = Var::from_tensor(&randn(&mut rng, &[2, 33, 3 * 16], 1.5)?)?;
     let r = randn(&mut rng, &[2, 33, 16], 1.0)?;
-    let loss = (ops::attention(qkv.as_tensor(), 2, 0.25)? * r)?.sum_all()?;
+    let loss = (ops::attention(qkv.as_tensor(), 2, 0.25)? * &r)?.sum_all()?;
     let first = loss.backward()?.get(qkv.as_tensor()).expect("gradient").clone();
     let second = loss.backward()?.get(qkv.as_tensor()).expect("gradient").clone();
     assert!(max_abs(&first)? > 0.0);
     assert_eq!(max_abs_diff(&first, &second)?, 0.0);
+    // A forward pass under no_grad keeps nothing; its backward recomputes, with the same result.
+    let loss = ops::no_grad(|| (ops::attention(qkv.as_tensor(), 2, 0.25)? * &r).and_then(|y| y.sum_all()))?;
+    let third = loss.backward()?.get(qkv.as_tensor()).expect("gradient").clone();
+    assert_eq!(max_abs_diff(&first, &third)?, 0.0);
     Ok(())
 }
 

@@ -6,8 +6,9 @@
 //! (B, heads, N, N) logits, probabilities and their intermediates for the backward pass, and
 //! copied the output back into token order. Here the matmuls read `qkv` and write the output
 //! through strides. Only the (B, heads, N, N) probabilities are kept for the backward pass (as
-//! PyTorch keeps its softmax output), and only when `qkv` needs a gradient: inference keeps
-//! nothing, and a second backward pass over the same graph recomputes them one pair at a time.
+//! PyTorch keeps its softmax output), and only when `qkv` needs a gradient outside
+//! [`super::no_grad`]: inference keeps nothing, and a backward pass that finds nothing kept (a
+//! second one over the same graph) recomputes them one pair at a time.
 
 use std::sync::{Arc, Mutex};
 
@@ -24,7 +25,7 @@ pub fn attention(qkv: &Tensor, num_heads: usize, scale: f64) -> Result<Tensor> {
     qkv.contiguous()?.apply_op1(AttentionOp {
         heads: num_heads,
         scale: scale as f32,
-        saved: qkv.track_op().then(Default::default),
+        saved: (qkv.track_op() && super::grad_enabled()).then(Default::default),
     })
 }
 

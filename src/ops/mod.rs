@@ -35,6 +35,32 @@ const ROWS_PER_TASK: usize = 64;
 /// Elements per parallel task for element-wise kernels.
 const ELEMS_PER_TASK: usize = 1 << 14;
 
+thread_local! {
+    static NO_GRAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with the fused ops keeping nothing for a backward pass, like `torch.no_grad()`: for
+/// inference and the EMA teacher. Their parameters are `Var`s, so candle records the graph
+/// anyway; without this, attention would also keep every block's probabilities until the output
+/// is dropped. Thread-local: call it on the thread that runs the forward pass (inside
+/// `parallel::install`, not around it). A backward pass through such a graph still works: it
+/// recomputes what was not kept.
+pub fn no_grad<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            NO_GRAD.with(|g| g.set(self.0));
+        }
+    }
+    let _restore = Restore(NO_GRAD.with(|g| g.replace(true)));
+    f()
+}
+
+/// Whether ops may keep buffers for a backward pass (false inside [`no_grad`]).
+fn grad_enabled() -> bool {
+    !NO_GRAD.with(|g| g.get())
+}
+
 /// Whether the fused kernels apply to `x` (CPU, f32); elsewhere callers compose candle ops.
 pub fn fused(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == candle_core::DType::F32
