@@ -58,16 +58,8 @@ impl DinoLoss {
     /// The loss for student outputs `(ncrops·B, D)` and teacher outputs `(2·B, D)`; differentiable
     /// in the student only. Does not touch the centre: call [`DinoLoss::update_center`] after.
     pub fn loss(&self, student_out: &Tensor, teacher_out: &Tensor, epoch: usize) -> Result<Tensor> {
-        let (rows, _) = student_out.dims2()?;
-        let b = rows / self.ncrops;
-        if b == 0 || b * self.ncrops != rows || teacher_out.dim(0)? != 2 * b {
-            candle_core::bail!(
-                "DINO loss expects student rows = ncrops·B ({}·B) and teacher rows = 2·B with B ≥ 1, got {} and {}",
-                self.ncrops,
-                rows,
-                teacher_out.dim(0)?
-            );
-        }
+        // Checked before the teacher's softmax, which would accept any row count.
+        crate::ops::dino_loss_rows(self.ncrops, student_out.dims2()?.0, teacher_out.dim(0)?)?;
         let q = candle_nn::ops::softmax(
             &(teacher_out.broadcast_sub(&self.center)? / self.teacher_temp(epoch))?,
             D::Minus1,

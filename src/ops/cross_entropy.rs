@@ -28,13 +28,43 @@ struct CrossEntropy {
     student_temp: f64,
 }
 
-/// The batch size B and the number of (teacher, student) pairs.
-fn shape(ncrops: usize, rows: usize, teacher_rows: usize) -> Result<(usize, usize)> {
+/// The batch size B and the number of (teacher, student) pairs, for `rows` student rows
+/// (ncrops·B, view-major) and `teacher_rows` teacher rows (2·B).
+pub fn dino_loss_rows(ncrops: usize, rows: usize, teacher_rows: usize) -> Result<(usize, usize)> {
     let b = rows / ncrops.max(1);
     if ncrops < 2 || b == 0 || b * ncrops != rows || teacher_rows != 2 * b {
-        candle_core::bail!("dino_cross_entropy: {rows} student and {teacher_rows} teacher rows for ncrops={ncrops}");
+        candle_core::bail!(
+            "DINO loss expects student rows = ncrops·B ({ncrops}·B) and teacher rows = 2·B with B ≥ 1, got {rows} and {teacher_rows}"
+        );
     }
     Ok((b, 2 * (ncrops - 1)))
+}
+
+/// The student (rows, K) and teacher (2·B, K) buffers of a forward or backward call, checked.
+struct Operands<'a> {
+    s: &'a [f32],
+    q: &'a [f32],
+    k: usize,
+    b: usize,
+    /// (teacher, student) view pairs.
+    terms: usize,
+}
+
+impl<'a> Operands<'a> {
+    fn new(
+        ncrops: usize,
+        (ss, ls): (&'a CpuStorage, &Layout),
+        (sq, lq): (&'a CpuStorage, &Layout),
+        op: &str,
+    ) -> Result<Self> {
+        let (s, q) = (f32_slice(ss, ls, op)?, f32_slice(sq, lq, op)?);
+        let (rows, k) = ls.shape().dims2()?;
+        if lq.dims().len() != 2 || lq.dims()[1] != k {
+            candle_core::bail!("DINO loss: student {:?} and teacher {:?} outputs", ls.dims(), lq.dims());
+        }
+        let (b, terms) = dino_loss_rows(ncrops, rows, lq.dims()[0])?;
+        Ok(Self { s, q, k, b, terms })
+    }
 }
 
 avx2_multiversion! {
@@ -95,7 +125,7 @@ impl CrossEntropy {
 
     fn composed(&self, student: &Tensor, q: &Tensor) -> Result<Tensor> {
         use candle_core::D;
-        let (b, terms) = shape(self.ncrops, student.dim(0)?, q.dim(0)?)?;
+        let (b, terms) = dino_loss_rows(self.ncrops, student.dim(0)?, q.dim(0)?)?;
         let log_p = candle_nn::ops::log_softmax(&(student / self.student_temp)?, D::Minus1)?;
         let q = q.detach();
         let mut total: Option<Tensor> = None;
@@ -119,12 +149,7 @@ impl CustomOp2 for CrossEntropy {
     }
 
     fn cpu_fwd(&self, ss: &CpuStorage, ls: &Layout, sq: &CpuStorage, lq: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (s, q) = (f32_slice(ss, ls, self.name())?, f32_slice(sq, lq, self.name())?);
-        let (rows, k) = ls.shape().dims2()?;
-        if lq.dims().get(1) != Some(&k) {
-            candle_core::bail!("DINO loss: student {:?} and teacher {:?} outputs", ls.dims(), lq.dims());
-        }
-        let (b, terms) = shape(self.ncrops, rows, lq.dims()[0])?;
+        let Operands { s, q, k, b, terms } = Operands::new(self.ncrops, (ss, ls), (sq, lq), self.name())?;
         // One value per row, added up in row order afterwards: the same sum on any thread count.
         let per_row: Vec<f32> = crate::parallel::install(|| {
             s.par_chunks(k)
@@ -166,9 +191,7 @@ impl CustomOp2 for Backward {
     }
 
     fn cpu_fwd(&self, ss: &CpuStorage, ls: &Layout, sq: &CpuStorage, lq: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (s, q) = (f32_slice(ss, ls, self.name())?, f32_slice(sq, lq, self.name())?);
-        let (rows, k) = ls.shape().dims2()?;
-        let (b, terms) = shape(self.op.ncrops, rows, lq.dims()[0])?;
+        let Operands { s, q, k, b, terms } = Operands::new(self.op.ncrops, (ss, ls), (sq, lq), self.name())?;
         let scale = self.grad / (self.op.student_temp as f32 * (b * terms) as f32);
         let mut ds = vec![0f32; s.len()];
         crate::parallel::install(|| {

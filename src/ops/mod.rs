@@ -18,7 +18,7 @@ mod update;
 
 pub use attention::attention;
 pub use bias::add_bias;
-pub use cross_entropy::dino_cross_entropy;
+pub use cross_entropy::{dino_cross_entropy, dino_loss_rows};
 pub use gelu::{bias_gelu, gelu_erf};
 pub use layer_norm::layer_norm;
 pub use linear::linear;
