@@ -30,6 +30,12 @@ def tiny(**kw) -> dr.DINO:
     return dr.DINO(**{**TINY, **kw})
 
 
+def make_loader(images: np.ndarray, batch_size: int = 8, **kw) -> dr.MultiCropLoader:
+    """A loader of 16x16 globals and two 8x8 locals (the tiny model's crops) over `images`."""
+    aug = dr.MultiCropAugmenter(global_size=16, local_size=8, n_local=2)
+    return dr.MultiCropLoader(dr.ArrayDataset(images), aug, batch_size=batch_size, **kw)
+
+
 # --------------------------------------------------------------------------------------------------
 # a minimal safetensors reader / writer (8-byte LE header length, JSON header, raw little-endian data)
 # --------------------------------------------------------------------------------------------------

@@ -1,11 +1,10 @@
 """Faults and long runs: kill -9 during a checkpoint save, real Ctrl-C (SIGINT) during fit, embed
-and loader iteration, loaders dropped mid-epoch, memory over 2,000 steps, two Python threads at
-once, and training in a fork()ed child."""
+and loader iteration, loaders dropped mid-epoch, memory over 2,000 steps and two Python threads at
+once (fork()ed children: test_fork.py)."""
 
 from __future__ import annotations
 
 import gc
-import multiprocessing as mp
 import os
 import signal
 import subprocess
@@ -20,16 +19,11 @@ import numpy as np
 import pytest
 
 import dino_rs as dr
-from helpers import tiny
+from helpers import make_loader, tiny
 
 LINUX = sys.platform.startswith("linux")
 IMAGES = np.random.default_rng(0).integers(0, 256, (32, 16, 16, 3), dtype=np.uint8)
 TRAIN = dict(epochs=2, warmup_epochs=1, progress=False)
-
-
-def make_loader(images: np.ndarray = IMAGES, batch_size: int = 8, **kw) -> dr.MultiCropLoader:
-    aug = dr.MultiCropAugmenter(global_size=16, local_size=8, n_local=2)
-    return dr.MultiCropLoader(dr.ArrayDataset(images), aug, batch_size=batch_size, **kw)
 
 
 def thread_names() -> list[str]:
@@ -75,7 +69,7 @@ CHILD = textwrap.dedent(
     import numpy as np
     import dino_rs as dr
     sys.path.insert(0, {tests!r})
-    from helpers import tiny
+    from helpers import make_loader, tiny
     images = np.random.default_rng(0).integers(0, 256, (32, 16, 16, 3), dtype=np.uint8)
     aug = dr.MultiCropAugmenter(global_size=16, local_size=8, n_local=2)
     loader = dr.MultiCropLoader(dr.ArrayDataset(images), aug, batch_size=8)
@@ -118,15 +112,15 @@ def test_kill_9_during_save_keeps_the_previous_checkpoint_and_resume_continues(t
 
         # the checkpoint on disk is a complete one: the last save that finished, or the one the
         # kill interrupted if its rename had already happened
-        t = dr.Trainer.resume(path, make_loader())
+        t = dr.Trainer.resume(path, make_loader(IMAGES))
         assert t.iteration in (saved[-1], saved[-1] + 1), (t.iteration, saved[-5:])
         # and training goes on from there: one more step, then a save that replaces it
-        g, l = next(iter(make_loader()))
+        g, l = next(iter(make_loader(IMAGES)))
         assert np.isfinite(t.step(g, l)["loss"])
         t.save(path)
         # the next save removed the killed save's temporary file
         assert sorted(p.name for p in tmp_path.iterdir()) == [path.name], temps
-        assert dr.Trainer.resume(path, make_loader()).iteration == t.iteration
+        assert dr.Trainer.resume(path, make_loader(IMAGES)).iteration == t.iteration
         path.unlink()
     print(f"{kills} kills, {mid_save} inside a save")
 
@@ -279,35 +273,3 @@ def test_two_threads_augment_at_once_give_the_serial_results():
             for (g, l), (g2, l2) in zip(serial, together):
                 np.testing.assert_array_equal(g, g2)
                 np.testing.assert_array_equal(l, l2)
-
-
-# --------------------------------------------------------------------------------------------------
-# training in a fork()ed child after the parent trained
-# --------------------------------------------------------------------------------------------------
-def _train_two_steps(batches) -> np.ndarray:
-    # out_dim 16384: the head's tensors are large enough for candle's own element-wise thread pool
-    t = dr.Trainer(tiny(out_dim=16384), make_loader(), **TRAIN)
-    for g, l in batches:
-        t.step(g, l)
-    return t.model.embed(IMAGES, progress=False)
-
-
-def _train_in_child(batches, q) -> None:
-    q.put(_train_two_steps(batches))
-
-
-@pytest.mark.skipif("fork" not in mp.get_all_start_methods(), reason="no fork() on this platform")
-def test_training_in_a_forked_child_after_the_parent_trained():
-    batches = [b for _, b in zip(range(2), make_loader())]
-    expected = _train_two_steps(batches)  # the parent has now used every thread pool
-    ctx = mp.get_context("fork")
-    q = ctx.Queue()
-    p = ctx.Process(target=_train_in_child, args=(batches, q))
-    p.start()
-    p.join(120)
-    if p.is_alive():
-        p.kill()
-        pytest.fail("training in the forked child hung on a thread pool inherited from the parent")
-    assert p.exitcode == 0
-    np.testing.assert_array_equal(q.get(timeout=10), expected)
-    np.testing.assert_array_equal(_train_two_steps(batches), expected)  # the parent still trains

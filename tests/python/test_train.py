@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import dino_rs as dr
-from helpers import read_safetensors, tiny
+from helpers import make_loader, read_safetensors, tiny
 
 N_IMAGES = 32
 BATCH = 8
@@ -44,10 +44,6 @@ def augmenter() -> dr.MultiCropAugmenter:
 @pytest.fixture(scope="module")
 def images() -> np.ndarray:
     return np.random.default_rng(0).integers(0, 256, (N_IMAGES, 16, 16, 3), dtype=np.uint8)
-
-
-def make_loader(images: np.ndarray, batch_size: int = BATCH, seed: int = 0) -> dr.MultiCropLoader:
-    return dr.MultiCropLoader(dr.ArrayDataset(images), augmenter(), batch_size=batch_size, seed=seed)
 
 
 @pytest.fixture
