@@ -150,6 +150,19 @@ fn fused_ops_propagate_nan() -> Result<()> {
     Ok(())
 }
 
+/// Attention of `qkv` (B, N, 3C) composed of candle ops, as the official code writes it.
+fn attention_composed(qkv: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, n, c3) = qkv.dims3()?;
+    let (c, hd) = (c3 / 3, c3 / 3 / heads);
+    let scale = (hd as f64).powf(-0.5);
+    let qkv = qkv.reshape((b, n, 3, heads, hd))?.permute((2, 0, 3, 1, 4))?;
+    let q = (qkv.get(0)?.contiguous()? * scale)?;
+    let k = qkv.get(1)?.contiguous()?;
+    let v = qkv.get(2)?.contiguous()?;
+    let attn = candle_nn::ops::softmax(&q.matmul(&k.t()?)?, D::Minus1)?;
+    attn.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))
+}
+
 #[test]
 fn attention_matches_composed() -> Result<()> {
     let mut rng = ChaCha8Rng::seed_from_u64(4);
@@ -160,14 +173,7 @@ fn attention_matches_composed() -> Result<()> {
         check(
             vec![qkv],
             |t| ops::attention(&t[0], heads, scale),
-            |t| {
-                let qkv = t[0].reshape((b, n, 3, heads, hd))?.permute((2, 0, 3, 1, 4))?;
-                let q = (qkv.get(0)?.contiguous()? * scale)?;
-                let k = qkv.get(1)?.contiguous()?;
-                let v = qkv.get(2)?.contiguous()?;
-                let attn = candle_nn::ops::softmax(&q.matmul(&k.t()?)?, D::Minus1)?;
-                attn.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))
-            },
+            |t| attention_composed(&t[0], heads),
             2e-5,
         )?;
     }
@@ -305,4 +311,172 @@ fn dino_cross_entropy_matches_composed() -> Result<()> {
         |t| ops::dino_cross_entropy(&t[0], &q64, ncrops, 0.1),
         1e-5,
     )
+}
+
+/// A transformer block layer by layer with the per-layer ops (composed candle ops in f64), with
+/// `attention` for its core; `t` = [x, the twelve parameters in `ops::BLOCK_PARAMS` order].
+fn block_by_layers(
+    t: &[Tensor],
+    keep: [Option<&[f32]>; 2],
+    attention: impl Fn(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let (x, p) = (&t[0], &t[1..]);
+    let qkv = ops::linear(&ops::layer_norm(x, &p[0], &p[1], 1e-6)?, &p[2], Some(&p[3]))?;
+    let y1 = ops::residual(x, &ops::linear(&attention(&qkv)?, &p[4], Some(&p[5]))?, keep[0])?;
+    let z2 = ops::layer_norm(&y1, &p[6], &p[7], 1e-6)?;
+    let h = ops::bias_gelu(&ops::linear(&z2, &p[8], None)?, &p[9])?;
+    ops::residual(&y1, &ops::linear(&h, &p[10], Some(&p[11]))?, keep[1])
+}
+
+/// x (B, N, C) and random block parameters (LayerNorm weights near 1, everything else spread).
+fn block_inputs(rng: &mut ChaCha8Rng, b: usize, n: usize, c: usize, hidden: usize) -> Result<Vec<Tensor>> {
+    let mut t = vec![randn(rng, &[b, n, c], 1.0)?];
+    for (i, shape) in [
+        vec![c],
+        vec![c],
+        vec![3 * c, c],
+        vec![3 * c],
+        vec![c, c],
+        vec![c],
+        vec![c],
+        vec![c],
+        vec![hidden, c],
+        vec![hidden],
+        vec![c, hidden],
+        vec![c],
+    ]
+    .iter()
+    .enumerate()
+    {
+        let p = randn(rng, shape, if shape.len() == 2 { 0.3 } else { 0.5 })?;
+        t.push(if i == 0 || i == 6 { (p + 1.0)? } else { p });
+    }
+    Ok(t)
+}
+
+fn params(t: &[Tensor]) -> [&Tensor; 12] {
+    std::array::from_fn(|i| &t[i + 1])
+}
+
+/// Masks that drop some samples and scale the others, as stochastic depth does.
+fn keep_masks(b: usize) -> [Vec<f32>; 2] {
+    [
+        (0..b).map(|i| if i % 3 == 1 { 0.0 } else { 1.25 }).collect(),
+        (0..b).map(|i| if i % 2 == 0 { 0.0 } else { 2.0 }).collect(),
+    ]
+}
+
+#[test]
+fn transformer_block_matches_composed() -> Result<()> {
+    let mut rng = ChaCha8Rng::seed_from_u64(12);
+    // 5 x 17 rows = more than one parallel task; widths that are not multiples of 8.
+    for (b, n, heads, hd, masked) in [
+        (5usize, 17usize, 3usize, 6usize, false),
+        (5, 17, 3, 6, true),
+        (2, 1, 1, 5, false),
+    ] {
+        let (c, hidden) = (heads * hd, 4 * heads * hd + 3);
+        let masks = keep_masks(b);
+        let keep = if masked {
+            [Some(&masks[0][..]), Some(&masks[1][..])]
+        } else {
+            [None, None]
+        };
+        check(
+            block_inputs(&mut rng, b, n, c, hidden)?,
+            |t| ops::transformer_block(&t[0], params(t), heads, 1e-6, keep),
+            |t| block_by_layers(t, keep, |qkv| attention_composed(qkv, heads)),
+            5e-5,
+        )?;
+    }
+    Ok(())
+}
+
+/// The output and the gradients of Σ y·r for every input.
+fn value_and_grads(
+    inputs: &[Tensor],
+    f: impl Fn(&[Tensor]) -> Result<Tensor>,
+    r: &Tensor,
+) -> Result<(Tensor, Vec<Tensor>)> {
+    let vars: Vec<Var> = inputs.iter().map(Var::from_tensor).collect::<Result<_>>()?;
+    let t: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let y = f(&t)?;
+    let grads = (&y * r)?.sum_all()?.backward()?;
+    let g = vars
+        .iter()
+        .map(|v| grads.get(v.as_tensor()).expect("a gradient for every input").clone())
+        .collect();
+    Ok((y, g))
+}
+
+#[test]
+fn transformer_block_equals_its_layers_bit_for_bit() -> Result<()> {
+    // The fused block calls the per-layer kernels in the same order, so training with it takes
+    // exactly the path the golden tests checked layer by layer.
+    let mut rng = ChaCha8Rng::seed_from_u64(13);
+    let (b, n, heads, c) = (6usize, 33usize, 2usize, 24usize);
+    let inputs = block_inputs(&mut rng, b, n, c, 4 * c)?;
+    let r = randn(&mut rng, &[b, n, c], 1.0)?;
+    let masks = keep_masks(b);
+    for keep in [[None, None], [Some(&masks[0][..]), Some(&masks[1][..])]] {
+        let (y1, g1) = value_and_grads(
+            &inputs,
+            |t| ops::transformer_block(&t[0], params(t), heads, 1e-6, keep),
+            &r,
+        )?;
+        let (y2, g2) = value_and_grads(
+            &inputs,
+            |t| {
+                block_by_layers(t, keep, |qkv| {
+                    ops::attention(qkv, heads, (c as f64 / heads as f64).powf(-0.5))
+                })
+            },
+            &r,
+        )?;
+        assert_eq!(max_abs_diff(&y1, &y2)?, 0.0);
+        for (i, (a, b)) in g1.iter().zip(&g2).enumerate() {
+            assert!(max_abs(a)? > 0.0, "gradient of input {i} is zero");
+            assert_eq!(max_abs_diff(a, b)?, 0.0, "gradient of input {i}");
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn transformer_block_backward_recomputes_what_it_did_not_keep() -> Result<()> {
+    let mut rng = ChaCha8Rng::seed_from_u64(14);
+    let inputs = block_inputs(&mut rng, 3, 9, 12, 48)?;
+    let vars: Vec<Var> = inputs.iter().map(Var::from_tensor).collect::<Result<_>>()?;
+    let t: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let r = randn(&mut rng, &[3, 9, 12], 1.0)?;
+    let run = || (ops::transformer_block(&t[0], params(&t), 2, 1e-6, [None, None])? * &r)?.sum_all();
+    let grads = |loss: &Tensor| -> Result<Vec<Tensor>> {
+        let g = loss.backward()?;
+        Ok(t.iter().map(|v| g.get(v).expect("gradient").clone()).collect())
+    };
+    let loss = run()?;
+    // The first backward pass takes what the forward pass kept; the second finds nothing.
+    let (first, second) = (grads(&loss)?, grads(&loss)?);
+    // Under no_grad nothing is kept at all.
+    let third = grads(&ops::no_grad(run)?)?;
+    for i in 0..t.len() {
+        assert_eq!(max_abs_diff(&first[i], &second[i])?, 0.0, "input {i}, second pass");
+        assert_eq!(max_abs_diff(&first[i], &third[i])?, 0.0, "input {i}, after no_grad");
+    }
+    Ok(())
+}
+
+#[test]
+fn transformer_block_rejects_wrong_shapes() -> Result<()> {
+    let mut rng = ChaCha8Rng::seed_from_u64(15);
+    let mut t = block_inputs(&mut rng, 2, 5, 8, 32)?;
+    let err = ops::transformer_block(&t[0], params(&t), 2, 1e-6, [Some(&[1.0][..]), None]).unwrap_err();
+    assert!(
+        err.to_string().contains("1 stochastic-depth scales for a batch of 2"),
+        "{err}"
+    );
+    t[10] = randn(&mut rng, &[31], 1.0)?;
+    let err = ops::transformer_block(&t[0], params(&t), 2, 1e-6, [None, None]).unwrap_err();
+    assert!(err.to_string().contains("mlp.fc1.bias is [31], expected [32]"), "{err}");
+    Ok(())
 }

@@ -27,6 +27,18 @@ impl Attention {
         })
     }
 
+    pub fn qkv(&self) -> &Linear {
+        &self.qkv
+    }
+
+    pub fn proj(&self) -> &Linear {
+        &self.proj
+    }
+
+    pub fn num_heads(&self) -> usize {
+        self.num_heads
+    }
+
     /// Returns the output (B, N, D) and the attention weights (B, heads, N, N).
     pub fn forward_with_attention(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
         let (b, n, c) = x.dims3()?;

@@ -1,5 +1,6 @@
 //! A pre-norm transformer block with stochastic depth:
-//! x + drop_path(attn(norm1(x))), then x + drop_path(mlp(norm2(x))).
+//! x + drop_path(attn(norm1(x))), then x + drop_path(mlp(norm2(x))). On the CPU in f32 the whole
+//! block is the one graph node [`crate::ops::transformer_block`]; elsewhere, layer by layer.
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -39,8 +40,39 @@ impl Block {
     }
 
     pub fn forward_masked(&self, x: &Tensor, masks: Option<&DropPathMasks>) -> Result<Tensor> {
+        if crate::ops::fused(x) {
+            if let Some(params) = self.params() {
+                let keep = masks.map_or([None, None], |m| [Some(m.attn.as_slice()), Some(m.mlp.as_slice())]);
+                return crate::ops::transformer_block(x, params, self.attn.num_heads(), self.norm1.eps(), keep);
+            }
+        }
+        self.forward_layers(x, masks)
+    }
+
+    /// Layer by layer: the reference the fused block is tested against.
+    pub fn forward_layers(&self, x: &Tensor, masks: Option<&DropPathMasks>) -> Result<Tensor> {
         let x = residual(x, self.attn.forward(&self.norm1.forward(x)?)?, masks.map(|m| &m.attn))?;
         residual(&x, self.mlp.forward(&self.norm2.forward(&x)?)?, masks.map(|m| &m.mlp))
+    }
+
+    /// The parameters in [`crate::ops::BLOCK_PARAMS`] order (None if a linear layer has no bias).
+    fn params(&self) -> Option<[&Tensor; 12]> {
+        let (qkv, proj) = (self.attn.qkv(), self.attn.proj());
+        let (fc1, fc2) = (self.mlp.fc1(), self.mlp.fc2());
+        Some([
+            self.norm1.weight(),
+            self.norm1.bias(),
+            qkv.weight(),
+            qkv.bias()?,
+            proj.weight(),
+            proj.bias()?,
+            self.norm2.weight(),
+            self.norm2.bias(),
+            fc1.weight(),
+            fc1.bias()?,
+            fc2.weight(),
+            fc2.bias()?,
+        ])
     }
 
     /// The attention weights this block computes for `x` (the official `get_last_selfattention`).

@@ -17,6 +17,18 @@ impl LayerNorm {
         let bias = vb.get_with_hints(dim, "bias", Init::Const(0.0))?;
         Ok(Self { weight, bias, eps })
     }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn bias(&self) -> &Tensor {
+        &self.bias
+    }
+
+    pub fn eps(&self) -> f64 {
+        self.eps
+    }
 }
 
 impl Module for LayerNorm {

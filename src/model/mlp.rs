@@ -18,6 +18,14 @@ impl Mlp {
             fc2: linear(hidden, dim, true, vb.pp("fc2"))?,
         })
     }
+
+    pub fn fc1(&self) -> &Linear {
+        &self.fc1
+    }
+
+    pub fn fc2(&self) -> &Linear {
+        &self.fc2
+    }
 }
 
 impl Module for Mlp {

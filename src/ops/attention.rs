@@ -36,32 +36,31 @@ struct AttentionOp {
     saved: Option<Arc<Mutex<Vec<f32>>>>,
 }
 
-/// Sizes of one call: batch, tokens, channels C, head dim.
+/// Sizes of one call: batch, tokens, channels C, heads, head dim.
 #[derive(Clone, Copy)]
-struct Dims {
-    b: usize,
-    n: usize,
-    c: usize,
+pub(super) struct Dims {
+    pub(super) b: usize,
+    pub(super) n: usize,
+    pub(super) c: usize,
+    heads: usize,
     hd: usize,
 }
 
-impl AttentionOp {
-    fn dims(&self, l: &Layout) -> Result<Dims> {
-        let &[b, n, c3] = l.dims() else {
-            candle_core::bail!("attention: qkv must be (B, N, 3C), got {:?}", l.dims());
+impl Dims {
+    /// From the dimensions of `qkv`, (B, N, 3C).
+    pub(super) fn new(dims: &[usize], heads: usize) -> Result<Self> {
+        let &[b, n, c3] = dims else {
+            candle_core::bail!("attention: qkv must be (B, N, 3C), got {dims:?}");
         };
-        if c3 % (3 * self.heads) != 0 || n == 0 {
-            candle_core::bail!(
-                "attention: qkv {:?} does not split into 3 x {} heads",
-                l.dims(),
-                self.heads
-            );
+        if heads == 0 || c3 % (3 * heads) != 0 || n == 0 {
+            candle_core::bail!("attention: qkv {dims:?} does not split into 3 x {heads} heads");
         }
         Ok(Dims {
             b,
             n,
             c: c3 / 3,
-            hd: c3 / 3 / self.heads,
+            heads,
+            hd: c3 / 3 / heads,
         })
     }
 }
@@ -129,6 +128,89 @@ unsafe fn probabilities(qkv: &[f32], d: Dims, bi: usize, h: usize, scale: f32, s
     softmax::rows_forward(s, d.n, p);
 }
 
+/// The attention output (B, N, C) for `qkv` (B, N, 3C), and, with `keep`, the probabilities
+/// (B·heads, N, N) for the backward pass (else an empty buffer).
+pub(super) fn forward(qkv: &[f32], d: Dims, scale: f32, keep: bool) -> (Vec<f32>, Vec<f32>) {
+    let mut out = vec![0f32; d.b * d.n * d.c];
+    let dst = SharedMut(out.as_mut_ptr());
+    let c3 = 3 * d.c;
+    let nn = d.n * d.n;
+    let mut kept = vec![0f32; if keep { d.b * d.heads * nn } else { 0 }];
+    let kept_ptr = SharedMut(kept.as_mut_ptr());
+    crate::parallel::install(|| {
+        (0..d.b * d.heads).into_par_iter().for_each_init(
+            || (vec![0f32; nn], vec![0f32; nn]),
+            |(s, scratch), bh| {
+                let (bi, h) = (bh / d.heads, bh % d.heads);
+                // SAFETY: indices stay inside qkv (B·N·3C), out (B·N·C) and kept (B·heads·N²);
+                // each pair writes only its own head's columns of its own image, and its own
+                // block of `kept`.
+                unsafe {
+                    let p = if keep {
+                        std::slice::from_raw_parts_mut(kept_ptr.ptr().add(bh * nn), nn)
+                    } else {
+                        scratch.as_mut_slice()
+                    };
+                    probabilities(qkv, d, bi, h, scale, s, p);
+                    let v = qkv.as_ptr().add(bi * d.n * c3 + 2 * d.c + h * d.hd);
+                    let o = dst.ptr().add(bi * d.n * d.c + h * d.hd);
+                    mm(d.n, d.hd, d.n, o, d.c, p.as_ptr(), d.n, 1, v, c3, 1, 1.0);
+                }
+            },
+        )
+    });
+    (out, kept)
+}
+
+/// d qkv for the output gradient `g` (B, N, C), from the forward pass's probabilities or, without
+/// them, recomputing each pair's.
+pub(super) fn backward(qkv: &[f32], g: &[f32], d: Dims, scale: f32, probs: Option<&[f32]>) -> Vec<f32> {
+    let c3 = 3 * d.c;
+    let mut dqkv = vec![0f32; qkv.len()];
+    let dst = SharedMut(dqkv.as_mut_ptr());
+    let nn = d.n * d.n;
+    crate::parallel::install(|| {
+        (0..d.b * d.heads).into_par_iter().for_each_init(
+            || (vec![0f32; nn], vec![0f32; nn], vec![0f32; nn], vec![0f32; nn]),
+            |(s, scratch, dp, ds), bh| {
+                let (bi, h) = (bh / d.heads, bh % d.heads);
+                // SAFETY: as in the forward pass; each pair writes its head's columns of the
+                // q, k and v thirds of its own image's rows.
+                unsafe {
+                    let p: &[f32] = match probs {
+                        Some(all) => &all[bh * nn..(bh + 1) * nn],
+                        None => {
+                            probabilities(qkv, d, bi, h, scale, s, scratch);
+                            scratch
+                        }
+                    };
+                    let base = bi * d.n * c3 + h * d.hd;
+                    let (q, k, v) = (
+                        qkv.as_ptr().add(base),
+                        qkv.as_ptr().add(base + d.c),
+                        qkv.as_ptr().add(base + 2 * d.c),
+                    );
+                    let go = g.as_ptr().add(bi * d.n * d.c + h * d.hd);
+                    let (dq, dk, dv) = (
+                        dst.ptr().add(base),
+                        dst.ptr().add(base + d.c),
+                        dst.ptr().add(base + 2 * d.c),
+                    );
+                    // dV = Pᵀ·dO
+                    mm(d.n, d.hd, d.n, dv, c3, p.as_ptr(), 1, d.n, go, d.c, 1, 1.0);
+                    // dP = dO·Vᵀ, then through the softmax
+                    mm(d.n, d.n, d.hd, dp.as_mut_ptr(), d.n, go, d.c, 1, v, 1, c3, 1.0);
+                    softmax::rows_backward(p, dp, d.n, ds);
+                    // dQ = scale·dS·K, dK = scale·dSᵀ·Q
+                    mm(d.n, d.hd, d.n, dq, c3, ds.as_ptr(), d.n, 1, k, c3, 1, scale);
+                    mm(d.n, d.hd, d.n, dk, c3, ds.as_ptr(), 1, d.n, q, c3, 1, scale);
+                }
+            },
+        )
+    });
+    dqkv
+}
+
 impl CustomOp1 for AttentionOp {
     fn name(&self) -> &'static str {
         "dino-attention"
@@ -136,35 +218,8 @@ impl CustomOp1 for AttentionOp {
 
     fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let qkv = f32_slice(st, l, self.name())?;
-        let d = self.dims(l)?;
-        let mut out = vec![0f32; d.b * d.n * d.c];
-        let dst = SharedMut(out.as_mut_ptr());
-        let c3 = 3 * d.c;
-        let nn = d.n * d.n;
-        let mut kept = vec![0f32; if self.saved.is_some() { d.b * self.heads * nn } else { 0 }];
-        let (keeping, keep) = (!kept.is_empty(), SharedMut(kept.as_mut_ptr()));
-        crate::parallel::install(|| {
-            (0..d.b * self.heads).into_par_iter().for_each_init(
-                || (vec![0f32; nn], vec![0f32; nn]),
-                |(s, scratch), bh| {
-                    let (bi, h) = (bh / self.heads, bh % self.heads);
-                    // SAFETY: indices stay inside qkv (B·N·3C), out (B·N·C) and kept (B·heads·N²);
-                    // each pair writes only its own head's columns of its own image, and its own
-                    // block of `kept`.
-                    unsafe {
-                        let p = if keeping {
-                            std::slice::from_raw_parts_mut(keep.ptr().add(bh * nn), nn)
-                        } else {
-                            scratch.as_mut_slice()
-                        };
-                        probabilities(qkv, d, bi, h, self.scale, s, p);
-                        let v = qkv.as_ptr().add(bi * d.n * c3 + 2 * d.c + h * d.hd);
-                        let o = dst.ptr().add(bi * d.n * d.c + h * d.hd);
-                        mm(d.n, d.hd, d.n, o, d.c, p.as_ptr(), d.n, 1, v, c3, 1, 1.0);
-                    }
-                },
-            )
-        });
+        let d = Dims::new(l.dims(), self.heads)?;
+        let (out, kept) = forward(qkv, d, self.scale, self.saved.is_some());
         if let Some(saved) = &self.saved {
             *saved.lock().unwrap_or_else(|e| e.into_inner()) = kept;
         }
@@ -201,58 +256,11 @@ impl CustomOp2 for AttentionBackward {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let qkv = f32_slice(s1, l1, self.name())?;
         let g = f32_slice(s2, l2, self.name())?;
-        let fwd = AttentionOp {
-            heads: self.heads,
-            scale: self.scale,
-            saved: None,
-        };
-        let d = fwd.dims(l1)?;
+        let d = Dims::new(l1.dims(), self.heads)?;
         if l2.dims() != [d.b, d.n, d.c] {
             candle_core::bail!("attention backward: qkv {:?} but grad {:?}", l1.dims(), l2.dims());
         }
-        let c3 = 3 * d.c;
-        let mut dqkv = vec![0f32; qkv.len()];
-        let dst = SharedMut(dqkv.as_mut_ptr());
-        let nn = d.n * d.n;
-        crate::parallel::install(|| {
-            (0..d.b * self.heads).into_par_iter().for_each_init(
-                || (vec![0f32; nn], vec![0f32; nn], vec![0f32; nn], vec![0f32; nn]),
-                |(s, scratch, dp, ds), bh| {
-                    let (bi, h) = (bh / self.heads, bh % self.heads);
-                    // SAFETY: as in the forward pass; each pair writes its head's columns of the
-                    // q, k and v thirds of its own image's rows.
-                    unsafe {
-                        let p: &[f32] = match &self.probs {
-                            Some(all) => &all[bh * nn..(bh + 1) * nn],
-                            None => {
-                                probabilities(qkv, d, bi, h, self.scale, s, scratch);
-                                scratch
-                            }
-                        };
-                        let base = bi * d.n * c3 + h * d.hd;
-                        let (q, k, v) = (
-                            qkv.as_ptr().add(base),
-                            qkv.as_ptr().add(base + d.c),
-                            qkv.as_ptr().add(base + 2 * d.c),
-                        );
-                        let go = g.as_ptr().add(bi * d.n * d.c + h * d.hd);
-                        let (dq, dk, dv) = (
-                            dst.ptr().add(base),
-                            dst.ptr().add(base + d.c),
-                            dst.ptr().add(base + 2 * d.c),
-                        );
-                        // dV = Pᵀ·dO
-                        mm(d.n, d.hd, d.n, dv, c3, p.as_ptr(), 1, d.n, go, d.c, 1, 1.0);
-                        // dP = dO·Vᵀ, then through the softmax
-                        mm(d.n, d.n, d.hd, dp.as_mut_ptr(), d.n, go, d.c, 1, v, 1, c3, 1.0);
-                        softmax::rows_backward(p, dp, d.n, ds);
-                        // dQ = scale·dS·K, dK = scale·dSᵀ·Q
-                        mm(d.n, d.hd, d.n, dq, c3, ds.as_ptr(), d.n, 1, k, c3, 1, self.scale);
-                        mm(d.n, d.hd, d.n, dk, c3, ds.as_ptr(), 1, d.n, q, c3, 1, self.scale);
-                    }
-                },
-            )
-        });
+        let dqkv = backward(qkv, g, d, self.scale, self.probs.as_deref());
         Ok((CpuStorage::F32(dqkv), l1.shape().clone()))
     }
 }

@@ -60,6 +60,26 @@ impl CustomOp2 for AddBias {
     }
 }
 
+/// Adds the column sums of `g`, rows of `acc.len()`, into `acc`: per task of rows, then in task
+/// order (the same result on any number of threads).
+pub(super) fn column_sums(g: &[f32], acc: &mut [f32]) {
+    let d = acc.len();
+    let partials: Vec<Vec<f32>> = crate::parallel::install(|| {
+        g.par_chunks(ROWS_PER_TASK * d)
+            .map(|c| {
+                let mut p = vec![0f32; d];
+                sum_rows(c, &mut p);
+                p
+            })
+            .collect()
+    });
+    for p in partials {
+        for (o, v) in acc.iter_mut().zip(p) {
+            *o += v;
+        }
+    }
+}
+
 /// Column sums of a (rows, d) buffer, added up per task and then in task order.
 pub(super) struct SumRows {
     pub(super) d: usize,
@@ -76,21 +96,8 @@ impl CustomOp1 for SumRows {
         if d == 0 || g.len() % d != 0 {
             candle_core::bail!("sum rows: {:?} is not rows of {d}", l.dims());
         }
-        let partials: Vec<Vec<f32>> = crate::parallel::install(|| {
-            g.par_chunks(ROWS_PER_TASK * d)
-                .map(|c| {
-                    let mut acc = vec![0f32; d];
-                    sum_rows(c, &mut acc);
-                    acc
-                })
-                .collect()
-        });
         let mut out = vec![0f32; d];
-        for p in partials {
-            for (o, v) in out.iter_mut().zip(p) {
-                *o += v;
-            }
-        }
+        column_sums(g, &mut out);
         Ok((CpuStorage::F32(out), Shape::from(d)))
     }
 }

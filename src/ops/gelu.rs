@@ -108,6 +108,16 @@ avx2_multiversion! {
     }
 }
 
+/// `gelu_erf(x + b)` over rows of `b.len()`, as a new buffer.
+pub(super) fn bias_gelu_forward(x: &[f32], b: &[f32]) -> Vec<f32> {
+    par_map(x, ROWS_PER_TASK * b.len(), |xc, yc| bias_forward(xc, b, yc))
+}
+
+/// dx of `gelu_erf(x + b)` for the gradient `g` into `dx`, and its column sums added into `db`.
+pub(super) fn bias_gelu_backward(x: &[f32], b: &[f32], g: &[f32], dx: &mut [f32], db: &mut [f32]) {
+    rows_with_sums(x, g, dx, b.len(), db, |xc, gc, dc, p| bias_backward(xc, b, gc, dc, p));
+}
+
 struct BiasGelu;
 
 impl CustomOp2 for BiasGelu {
@@ -121,7 +131,7 @@ impl CustomOp2 for BiasGelu {
         if l1.dims().last() != Some(&d) || d == 0 {
             candle_core::bail!("bias gelu: input {:?} with bias {:?}", l1.dims(), l2.dims());
         }
-        let y = par_map(x, ROWS_PER_TASK * d, |xc, yc| bias_forward(xc, b, yc));
+        let y = bias_gelu_forward(x, b);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -166,7 +176,7 @@ impl CustomOp3 for BiasGeluBackward {
         let n = x.len();
         let mut out = vec![0f32; n + d];
         let (dx, db) = out.split_at_mut(n);
-        rows_with_sums(x, g, dx, d, db, |xc, gc, dc, p| bias_backward(xc, b, gc, dc, p));
+        bias_gelu_backward(x, b, g, dx, db);
         Ok((CpuStorage::F32(out), Shape::from(n + d)))
     }
 }

@@ -70,7 +70,7 @@ avx2_multiversion! {
 }
 
 avx2_multiversion! {
-    /// dx for these rows; dw and db of these rows added into `dwdb` (`[dw | db]`).
+    /// dx for these rows added into `dx`; dw and db of these rows added into `dwdb` (`[dw | db]`).
     fn backward_rows(x: &[f32], w: &[f32], g: &[f32], eps: f32, dx: &mut [f32], dwdb: &mut [f32]) {
         let d = w.len();
         let (dw, db) = dwdb.split_at_mut(d);
@@ -89,10 +89,22 @@ avx2_multiversion! {
             let c = sum(&gwx) / d as f32;
             for i in 0..d {
                 let xhat = (xr[i] - mean) * rstd;
-                dxr[i] = rstd * (gw[i] - a - xhat * c);
+                dxr[i] += rstd * (gw[i] - a - xhat * c);
             }
         }
     }
+}
+
+/// LayerNorm of rows of `w.len()`, as a new buffer.
+pub(super) fn forward(x: &[f32], w: &[f32], b: &[f32], eps: f32) -> Vec<f32> {
+    par_map(x, ROWS_PER_TASK * w.len(), |xc, yc| forward_rows(xc, w, b, eps, yc))
+}
+
+/// Adds dx for the gradient `g` into `dx`, and d weight, d bias into `dwdb` (`[dw | db]`).
+pub(super) fn backward(x: &[f32], w: &[f32], g: &[f32], eps: f32, dx: &mut [f32], dwdb: &mut [f32]) {
+    rows_with_sums(x, g, dx, w.len(), dwdb, |xc, gc, dc, p| {
+        backward_rows(xc, w, gc, eps, dc, p)
+    });
 }
 
 struct LayerNormOp {
@@ -127,7 +139,7 @@ impl CustomOp3 for LayerNormOp {
                 b.len()
             );
         }
-        let y = par_map(x, ROWS_PER_TASK * d, |xc, yc| forward_rows(xc, w, b, self.eps, yc));
+        let y = forward(x, w, b, self.eps);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -184,9 +196,7 @@ impl CustomOp3 for LayerNormBackward {
         let n = x.len();
         let mut out = vec![0f32; n + 2 * d];
         let (dx, dwdb) = out.split_at_mut(n);
-        rows_with_sums(x, g, dx, d, dwdb, |xc, gc, dc, p| {
-            backward_rows(xc, w, gc, self.eps, dc, p)
-        });
+        backward(x, w, g, self.eps, dx, dwdb);
         Ok((CpuStorage::F32(out), Shape::from(n + 2 * d)))
     }
 }

@@ -51,7 +51,7 @@ fn composed(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor
 /// # Safety
 /// `dst` must be valid for m·n writes (and reads with `accumulate`).
 #[allow(clippy::too_many_arguments)]
-unsafe fn matmul(
+pub(super) unsafe fn matmul(
     m: usize,
     n: usize,
     k: usize,
@@ -111,7 +111,7 @@ impl SendPtr {
 }
 
 /// `a · b` (see [`matmul`]) into a new m×n buffer, without zero-filling it first.
-fn matmul_new(m: usize, n: usize, k: usize, a: &[f32], a_t: bool, b: &[f32], b_t: bool) -> Vec<f32> {
+pub(super) fn matmul_new(m: usize, n: usize, k: usize, a: &[f32], a_t: bool, b: &[f32], b_t: bool) -> Vec<f32> {
     let mut v = Vec::with_capacity(m * n);
     // SAFETY: the capacity holds m·n elements; the gemm (without accumulate) writes every one of
     // them before the length makes them readable.
@@ -140,35 +140,38 @@ fn forward(
 ) -> Result<(CpuStorage, Shape)> {
     let (rows, k, n) = dims(lx, lw)?;
     let (x, w) = (f32_slice(sx, lx, "linear")?, f32_slice(sw, lw, "linear")?);
-    let y = match bias {
-        Some(b) => {
-            if b.len() != n {
-                candle_core::bail!("linear: bias of {} for {n} outputs", b.len());
-            }
-            let mut y = Vec::with_capacity(rows * n);
-            crate::parallel::install(|| {
-                y.spare_capacity_mut()[..rows * n]
-                    .par_chunks_mut(ROWS_PER_TASK * n)
-                    .for_each(|c| {
-                        for r in c.chunks_exact_mut(n) {
-                            for (o, &v) in r.iter_mut().zip(b) {
-                                o.write(v);
-                            }
-                        }
-                    })
-            });
-            // SAFETY: every row was just written with the bias; the gemm then adds onto them.
-            unsafe {
-                y.set_len(rows * n);
-                matmul(rows, n, k, x, false, w, true, y.as_mut_ptr(), true);
-            }
-            y
-        }
-        None => matmul_new(rows, n, k, x, false, w, true),
-    };
+    if bias.is_some_and(|b| b.len() != n) {
+        candle_core::bail!("linear: bias of {} for {n} outputs", bias.map_or(0, <[f32]>::len));
+    }
+    let y = rows_forward(x, w, bias, rows, k, n);
     let mut out = lx.dims().to_vec();
     *out.last_mut().expect("dims checked") = n;
     Ok((CpuStorage::F32(y), Shape::from(out)))
+}
+
+/// `x · wᵀ (+ bias)` for `rows` rows of `k` inputs and a weight (n, k), as a new (rows, n) buffer.
+pub(super) fn rows_forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, rows: usize, k: usize, n: usize) -> Vec<f32> {
+    let Some(b) = bias else {
+        return matmul_new(rows, n, k, x, false, w, true);
+    };
+    let mut y = Vec::with_capacity(rows * n);
+    crate::parallel::install(|| {
+        y.spare_capacity_mut()[..rows * n]
+            .par_chunks_mut(ROWS_PER_TASK * n)
+            .for_each(|c| {
+                for r in c.chunks_exact_mut(n) {
+                    for (o, &v) in r.iter_mut().zip(b) {
+                        o.write(v);
+                    }
+                }
+            })
+    });
+    // SAFETY: every row was just written with the bias; the gemm then adds onto them.
+    unsafe {
+        y.set_len(rows * n);
+        matmul(rows, n, k, x, false, w, true, y.as_mut_ptr(), true);
+    }
+    y
 }
 
 /// (dx, dW) for y = x · Wᵀ: dx = g · W (None when `x` needs no gradient), dW = gᵀ · x.

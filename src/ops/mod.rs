@@ -7,6 +7,7 @@
 
 mod attention;
 mod bias;
+mod block;
 mod cross_entropy;
 mod gelu;
 mod layer_norm;
@@ -18,6 +19,7 @@ mod update;
 
 pub use attention::attention;
 pub use bias::add_bias;
+pub use block::{transformer_block, BLOCK_PARAMS};
 pub use cross_entropy::{dino_cross_entropy, dino_loss_rows};
 pub use gelu::{bias_gelu, gelu_erf};
 pub use layer_norm::layer_norm;

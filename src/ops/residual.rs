@@ -20,7 +20,7 @@ pub fn residual(x: &Tensor, branch: &Tensor, scale: Option<&[f32]>) -> Result<Te
     }
     if !fused(x) {
         return match scale {
-            Some(s) => x + branch.broadcast_mul(&Tensor::from_slice(s, (b, 1, 1), x.device())?)?,
+            Some(s) => x + branch.broadcast_mul(&Tensor::from_slice(s, (b, 1, 1), x.device())?.to_dtype(x.dtype())?)?,
             None => x + branch,
         };
     }
@@ -47,12 +47,7 @@ avx2_multiversion! {
 }
 
 /// Applies `f(sample scale, input chunks, output chunk)` over every sample's elements in parallel.
-fn per_sample(
-    n: usize,
-    b: usize,
-    scale: &Option<Arc<Vec<f32>>>,
-    f: impl Fn(f32, usize, &mut [f32]) + Sync,
-) -> Vec<f32> {
+fn per_sample(n: usize, b: usize, scale: Option<&[f32]>, f: impl Fn(f32, usize, &mut [f32]) + Sync) -> Vec<f32> {
     let mut out = vec![0f32; n];
     let per = n / b.max(1);
     crate::parallel::install(|| {
@@ -64,13 +59,29 @@ fn per_sample(
                 let at = start + off;
                 let sample = at / per.max(1);
                 let end = ((sample + 1) * per - start).min(chunk.len());
-                let a = scale.as_ref().map_or(1.0, |s| s[sample]);
+                let a = scale.map_or(1.0, |s| s[sample]);
                 f(a, at, &mut chunk[off..end]);
                 off = end;
             }
         })
     });
     out
+}
+
+/// `x + y · scale[sample]` for a batch of `b` samples.
+pub(super) fn add_scaled(x: &[f32], y: &[f32], b: usize, scale: Option<&[f32]>) -> Vec<f32> {
+    per_sample(x.len(), b, scale, |a, at, o| {
+        let n = o.len();
+        axpy(&x[at..at + n], &y[at..at + n], a, o)
+    })
+}
+
+/// `g · scale[sample]` for a batch of `b` samples.
+pub(super) fn scale_samples(g: &[f32], b: usize, scale: &[f32]) -> Vec<f32> {
+    per_sample(g.len(), b, Some(scale), |a, at, o| {
+        let n = o.len();
+        scale_into(&g[at..at + n], a, o)
+    })
 }
 
 struct Residual {
@@ -88,10 +99,7 @@ impl CustomOp2 for Residual {
             candle_core::bail!("residual: input {:?} but branch {:?}", l1.dims(), l2.dims());
         }
         let b = l1.dims().first().copied().unwrap_or(1);
-        let out = per_sample(x.len(), b, &self.scale, |a, at, o| {
-            let n = o.len();
-            axpy(&x[at..at + n], &y[at..at + n], a, o)
-        });
+        let out = add_scaled(x, y, b, self.scale.as_deref().map(Vec::as_slice));
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -124,11 +132,7 @@ impl CustomOp1 for ScaleSamples {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = f32_slice(s, l, self.name())?;
         let b = l.dims().first().copied().unwrap_or(1);
-        let scale = Some(self.scale.clone());
-        let out = per_sample(g.len(), b, &scale, |a, at, o| {
-            let n = o.len();
-            scale_into(&g[at..at + n], a, o)
-        });
+        let out = scale_samples(g, b, &self.scale);
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 }

@@ -1,0 +1,378 @@
+//! A whole pre-norm transformer block, `y = x + keep₁·attn(norm1(x))`, then
+//! `y + keep₂·mlp(norm2(y))`, as one graph node over the input and the block's twelve parameters
+//! (concatenated, so that they are one operand).
+//!
+//! Built of one node per layer, a block had twenty activation-widths of graph edges (two for each
+//! residual input, three for qkv, four each around the GELU, ...), and candle's backprop
+//! zero-fills a gradient buffer for every edge and adds into it: a memset and an add per width,
+//! single-threaded under the fork-safe `CANDLE_NUM_THREADS=1`. Here the backward pass is one
+//! function that hands each gradient straight to the next kernel, leaving candle one edge per
+//! block. The kernels are the per-layer ones (src/ops), called in the same order on the same
+//! data, so the results are the same bit for bit.
+//!
+//! Kept for the backward pass, when something needs a gradient outside [`super::no_grad`]: qkv,
+//! the attention probabilities, the attention output, the first residual sum and the MLP's
+//! hidden layer before and after the GELU (what PyTorch keeps). The two LayerNorm outputs are
+//! recomputed from their inputs. A backward pass that finds nothing kept reruns the forward pass.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+
+use super::attention::{self, Dims};
+use super::bias::column_sums;
+use super::linear::{matmul, matmul_new, rows_forward};
+use super::{f32_slice, gelu, layer_norm, residual};
+
+/// The block's parameters in the order [`transformer_block`] takes them (official names).
+pub const BLOCK_PARAMS: [&str; 12] = [
+    "norm1.weight",
+    "norm1.bias",
+    "attn.qkv.weight",
+    "attn.qkv.bias",
+    "attn.proj.weight",
+    "attn.proj.bias",
+    "norm2.weight",
+    "norm2.bias",
+    "mlp.fc1.weight",
+    "mlp.fc1.bias",
+    "mlp.fc2.weight",
+    "mlp.fc2.bias",
+];
+
+/// One transformer block on `x` (B, N, C) with the parameters named in [`BLOCK_PARAMS`], in that
+/// order; `keep` holds the per-sample stochastic-depth scales (0 or 1/keep_prob) of the attention
+/// and MLP branches, or None for 1. CPU and f32 only: see [`super::fused`].
+pub fn transformer_block(
+    x: &Tensor,
+    params: [&Tensor; 12],
+    num_heads: usize,
+    eps: f64,
+    keep: [Option<&[f32]>; 2],
+) -> Result<Tensor> {
+    let (b, _, c) = x.dims3()?;
+    let hidden = params[8].dim(0)?;
+    let sizes = Sizes {
+        c,
+        hidden,
+        heads: num_heads,
+        eps: eps as f32,
+        scale: ((c / num_heads.max(1)) as f32).powf(-0.5),
+    };
+    for ((p, name), want) in params.iter().zip(BLOCK_PARAMS).zip(sizes.shapes()) {
+        if p.dims() != want.as_slice() {
+            candle_core::bail!("transformer block: {name} is {:?}, expected {want:?}", p.dims());
+        }
+    }
+    for k in keep.iter().flatten() {
+        if k.len() != b {
+            candle_core::bail!(
+                "transformer block: {} stochastic-depth scales for a batch of {b}",
+                k.len()
+            );
+        }
+    }
+    let flat: Vec<Tensor> = params.iter().map(|p| p.flatten_all()).collect::<Result<_>>()?;
+    let packed = Tensor::cat(&flat, 0)?;
+    let track = (x.track_op() || packed.track_op()) && super::grad_enabled();
+    let op = BlockOp {
+        sizes,
+        keep: keep.map(|k| k.map(|s| Arc::new(s.to_vec()))),
+        saved: track.then(Default::default),
+    };
+    x.contiguous()?.apply_op2(&packed, op)
+}
+
+/// Widths of one block, and its LayerNorm epsilon and attention scale.
+#[derive(Clone, Copy)]
+struct Sizes {
+    c: usize,
+    hidden: usize,
+    heads: usize,
+    eps: f32,
+    scale: f32,
+}
+
+impl Sizes {
+    fn shapes(&self) -> [Vec<usize>; 12] {
+        let (c, h) = (self.c, self.hidden);
+        [
+            vec![c],
+            vec![c],
+            vec![3 * c, c],
+            vec![3 * c],
+            vec![c, c],
+            vec![c],
+            vec![c],
+            vec![c],
+            vec![h, c],
+            vec![h],
+            vec![c, h],
+            vec![c],
+        ]
+    }
+
+    fn param_count(&self) -> usize {
+        self.shapes().iter().map(|s| s.iter().product::<usize>()).sum()
+    }
+
+    /// (B, N) of an input, checked against these sizes.
+    fn batch(&self, lx: &Layout, lp: &Layout) -> Result<(usize, usize)> {
+        match lx.dims() {
+            &[b, n, c] if c == self.c && n > 0 && lp.dims() == [self.param_count()] => Ok((b, n)),
+            d => candle_core::bail!("transformer block: input {d:?} with {:?} parameters", lp.dims()),
+        }
+    }
+}
+
+/// The packed parameters cut into the twelve tensors, in [`BLOCK_PARAMS`] order.
+fn split<'a>(sizes: &Sizes, mut p: &'a [f32]) -> [&'a [f32]; 12] {
+    sizes.shapes().map(|s| {
+        let (head, rest) = p.split_at(s.iter().product());
+        p = rest;
+        head
+    })
+}
+
+/// A gradient buffer packed like the parameters, cut into ten: each LayerNorm's weight and bias
+/// stay together, as `[d weight | d bias]`, the way the LayerNorm kernel writes them.
+fn split_grads<'a>(sizes: &Sizes, mut p: &'a mut [f32]) -> [&'a mut [f32]; 10] {
+    let len = sizes.shapes().map(|s| s.iter().product::<usize>());
+    let merged = [
+        len[0] + len[1],
+        len[2],
+        len[3],
+        len[4],
+        len[5],
+        len[6] + len[7],
+        len[8],
+        len[9],
+        len[10],
+        len[11],
+    ];
+    merged.map(|l| {
+        let (head, rest) = std::mem::take(&mut p).split_at_mut(l);
+        p = rest;
+        head
+    })
+}
+
+/// What the backward pass needs from the forward pass (see the module comment).
+struct Saved {
+    qkv: Vec<f32>,
+    probs: Vec<f32>,
+    attn_out: Vec<f32>,
+    y1: Vec<f32>,
+    /// fc1's output before its bias and the GELU.
+    fc1: Vec<f32>,
+    hidden: Vec<f32>,
+}
+
+struct Block<'a> {
+    sizes: Sizes,
+    keep: &'a [Option<Arc<Vec<f32>>>; 2],
+    b: usize,
+    n: usize,
+}
+
+impl Block<'_> {
+    fn keep(&self, i: usize) -> Option<&[f32]> {
+        self.keep[i].as_deref().map(Vec::as_slice)
+    }
+
+    fn dims(&self) -> Result<Dims> {
+        Dims::new(&[self.b, self.n, 3 * self.sizes.c], self.sizes.heads)
+    }
+
+    /// The block's output, and what the backward pass needs when `save`.
+    fn forward(&self, x: &[f32], p: [&[f32]; 12], save: bool) -> Result<(Vec<f32>, Option<Saved>)> {
+        let [n1w, n1b, qkv_w, qkv_b, proj_w, proj_b, n2w, n2b, fc1_w, fc1_b, fc2_w, fc2_b] = p;
+        let Sizes { c, hidden, eps, .. } = self.sizes;
+        let rows = self.b * self.n;
+        let qkv = rows_forward(
+            &layer_norm::forward(x, n1w, n1b, eps),
+            qkv_w,
+            Some(qkv_b),
+            rows,
+            c,
+            3 * c,
+        );
+        let (attn_out, probs) = attention::forward(&qkv, self.dims()?, self.sizes.scale, save);
+        let proj = rows_forward(&attn_out, proj_w, Some(proj_b), rows, c, c);
+        let y1 = residual::add_scaled(x, &proj, self.b, self.keep(0));
+        drop(proj);
+        let fc1 = rows_forward(&layer_norm::forward(&y1, n2w, n2b, eps), fc1_w, None, rows, c, hidden);
+        let h = gelu::bias_gelu_forward(&fc1, fc1_b);
+        let fc2 = rows_forward(&h, fc2_w, Some(fc2_b), rows, hidden, c);
+        let y2 = residual::add_scaled(&y1, &fc2, self.b, self.keep(1));
+        let saved = save.then_some(Saved {
+            qkv,
+            probs,
+            attn_out,
+            y1,
+            fc1,
+            hidden: h,
+        });
+        Ok((y2, saved))
+    }
+
+    /// `[dx | d params]` for the output gradient `g`, `dparams` packed like the parameters.
+    fn backward(&self, x: &[f32], p: [&[f32]; 12], g: &[f32], s: &Saved) -> Result<Vec<f32>> {
+        let [n1w, n1b, qkv_w, _, proj_w, _, n2w, n2b, fc1_w, fc1_b, fc2_w, _] = p;
+        let Sizes { c, hidden, eps, .. } = self.sizes;
+        let rows = self.b * self.n;
+        // Zeroed: the bias, LayerNorm and dx parts are accumulated into.
+        let mut out = vec![0f32; rows * c + self.sizes.param_count()];
+        let (dx, dp) = out.split_at_mut(rows * c);
+        let [dn1, dqkv_w, dqkv_b, dproj_w, dproj_b, dn2, dfc1_w, dfc1_b, dfc2_w, dfc2_b] = split_grads(&self.sizes, dp);
+
+        // MLP branch: y2 = y1 + keep₂ · fc2(gelu(fc1(norm2(y1)))).
+        let scaled;
+        let gb: &[f32] = match self.keep(1) {
+            Some(k) => {
+                scaled = residual::scale_samples(g, self.b, k);
+                &scaled
+            }
+            None => g,
+        };
+        column_sums(gb, dfc2_b);
+        // SAFETY (all `matmul` calls): each destination is a parameter's own (rows × cols) slice.
+        unsafe { matmul(c, hidden, rows, gb, true, &s.hidden, false, dfc2_w.as_mut_ptr(), false) };
+        let dh = matmul_new(rows, hidden, c, gb, false, fc2_w, false);
+        let mut da = vec![0f32; rows * hidden];
+        gelu::bias_gelu_backward(&s.fc1, fc1_b, &dh, &mut da, dfc1_b);
+        drop(dh);
+        let z2 = layer_norm::forward(&s.y1, n2w, n2b, eps);
+        unsafe { matmul(hidden, c, rows, &da, true, &z2, false, dfc1_w.as_mut_ptr(), false) };
+        drop(z2);
+        let dz2 = matmul_new(rows, c, hidden, &da, false, fc1_w, false);
+        drop(da);
+        dx.copy_from_slice(g);
+        layer_norm::backward(&s.y1, n2w, &dz2, eps, dx, dn2);
+        drop(dz2);
+
+        // Attention branch: y1 = x + keep₁ · proj(attention(qkv(norm1(x)))); dx holds dy1.
+        let scaled;
+        let gb: &[f32] = match self.keep(0) {
+            Some(k) => {
+                scaled = residual::scale_samples(dx, self.b, k);
+                &scaled
+            }
+            None => dx,
+        };
+        column_sums(gb, dproj_b);
+        unsafe { matmul(c, c, rows, gb, true, &s.attn_out, false, dproj_w.as_mut_ptr(), false) };
+        let d_out = matmul_new(rows, c, c, gb, false, proj_w, false);
+        let probs = (!s.probs.is_empty()).then_some(s.probs.as_slice());
+        let dqkv = attention::backward(&s.qkv, &d_out, self.dims()?, self.sizes.scale, probs);
+        drop(d_out);
+        column_sums(&dqkv, dqkv_b);
+        let z1 = layer_norm::forward(x, n1w, n1b, eps);
+        unsafe { matmul(3 * c, c, rows, &dqkv, true, &z1, false, dqkv_w.as_mut_ptr(), false) };
+        drop(z1);
+        let dz1 = matmul_new(rows, c, 3 * c, &dqkv, false, qkv_w, false);
+        drop(dqkv);
+        layer_norm::backward(x, n1w, &dz1, eps, dx, dn1);
+        Ok(out)
+    }
+}
+
+struct BlockOp {
+    sizes: Sizes,
+    keep: [Option<Arc<Vec<f32>>>; 2],
+    saved: Option<Arc<Mutex<Option<Saved>>>>,
+}
+
+impl BlockOp {
+    fn block(&self, lx: &Layout, lp: &Layout) -> Result<Block<'_>> {
+        let (b, n) = self.sizes.batch(lx, lp)?;
+        Ok(Block {
+            sizes: self.sizes,
+            keep: &self.keep,
+            b,
+            n,
+        })
+    }
+}
+
+impl CustomOp2 for BlockOp {
+    fn name(&self) -> &'static str {
+        "dino-transformer-block"
+    }
+
+    fn cpu_fwd(&self, sx: &CpuStorage, lx: &Layout, sp: &CpuStorage, lp: &Layout) -> Result<(CpuStorage, Shape)> {
+        let block = self.block(lx, lp)?;
+        let (x, p) = (f32_slice(sx, lx, self.name())?, f32_slice(sp, lp, self.name())?);
+        let (y, saved) = block.forward(x, split(&self.sizes, p), self.saved.is_some())?;
+        if let Some(slot) = &self.saved {
+            *slot.lock().unwrap_or_else(|e| e.into_inner()) = saved;
+        }
+        Ok((CpuStorage::F32(y), lx.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, packed: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let saved = self
+            .saved
+            .as_ref()
+            .and_then(|m| m.lock().unwrap_or_else(|e| e.into_inner()).take());
+        let op = BlockBackward {
+            sizes: self.sizes,
+            keep: self.keep.clone(),
+            saved: Mutex::new(saved),
+        };
+        let flat = x.apply_op3_no_bwd(packed, &grad.contiguous()?, &op)?;
+        let n = x.elem_count();
+        let dx = flat.narrow(0, 0, n)?.reshape(x.shape())?;
+        let dp = flat.narrow(0, n, packed.elem_count())?;
+        Ok((Some(dx), Some(dp)))
+    }
+}
+
+struct BlockBackward {
+    sizes: Sizes,
+    keep: [Option<Arc<Vec<f32>>>; 2],
+    /// Taken from the forward pass; recomputed when absent.
+    saved: Mutex<Option<Saved>>,
+}
+
+impl CustomOp3 for BlockBackward {
+    fn name(&self) -> &'static str {
+        "dino-transformer-block-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sp: &CpuStorage,
+        lp: &Layout,
+        sg: &CpuStorage,
+        lg: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, n) = self.sizes.batch(lx, lp)?;
+        if lg.dims() != lx.dims() {
+            candle_core::bail!(
+                "transformer block backward: input {:?} but grad {:?}",
+                lx.dims(),
+                lg.dims()
+            );
+        }
+        let block = Block {
+            sizes: self.sizes,
+            keep: &self.keep,
+            b,
+            n,
+        };
+        let x = f32_slice(sx, lx, self.name())?;
+        let p = split(&self.sizes, f32_slice(sp, lp, self.name())?);
+        let g = f32_slice(sg, lg, self.name())?;
+        let taken = self.saved.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let saved = match taken {
+            Some(s) => s,
+            None => block.forward(x, p, true)?.1.expect("saved when asked"),
+        };
+        let out = block.backward(x, p, g, &saved)?;
+        let len = out.len();
+        Ok((CpuStorage::F32(out), Shape::from(len)))
+    }
+}
