@@ -480,3 +480,29 @@ def test_trainer_uses_the_loader_batch_size(images, batch):
     assert t4.config["batch_size"] == 4 and t4.config["niter_per_ep"] == 8
     assert t4.step(*batch)["lr"] == pytest.approx(5e-4 * 4 / 256)
     assert t8.step(*batch)["lr"] == pytest.approx(5e-4 * 8 / 256)
+
+
+def test_training_is_the_same_bit_for_bit_on_one_or_two_threads():
+    # Reductions run in fixed-size tasks added in task order, and gemm does not split its inner
+    # dimension across threads: so the number of threads changes no result. A model wide enough
+    # that gemm and the row kernels do split their work.
+    rng = np.random.default_rng(0)
+    images = (rng.random((32, 32, 32, 3)) * 255).astype(np.uint8)
+    g = rng.standard_normal((2, 16, 3, 32, 32)).astype(np.float32)
+    l = rng.standard_normal((2, 16, 3, 16, 16)).astype(np.float32)
+    before = dr.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2):
+            dr.set_num_threads(n)
+            m = dr.DINO(patch_size=4, img_size=32, embed_dim=96, depth=2, num_heads=3, out_dim=512,
+                        hidden_dim=256, bottleneck_dim=64, seed=0, device="cpu")
+            aug = dr.MultiCropAugmenter(global_size=32, local_size=16, n_local=2)
+            loader = dr.MultiCropLoader(dr.ArrayDataset(images), aug, batch_size=16)
+            t = dr.Trainer(m, loader, epochs=2, warmup_epochs=1, progress=False)
+            losses = [t.step(g, l)["loss"] for _ in range(3)]
+            runs.append((losses, m.forward_backbone(g.reshape(-1, 3, 32, 32), teacher=False)))
+    finally:
+        dr.set_num_threads(before)
+    assert runs[0][0] == runs[1][0]
+    assert np.array_equal(runs[0][1], runs[1][1])
