@@ -135,33 +135,10 @@ fn read_pth(path: &Path, file_len: u64, key: Option<&str>) -> std::result::Resul
     Ok(tensors)
 }
 
-thread_local! {
-    static QUIET_PANICS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// `f()`, with a panic inside it turned into `Err("malformed pickle data: …")` and kept off stderr:
-/// there the panic is the dependency's way of rejecting a malformed file, which the caller reports
-/// as an error naming the file; a "thread panicked" message beside it would only alarm. Other
-/// panics, on other threads or outside `f`, still reach the hook that was installed before.
+/// `f()` with a panic in candle's pickle reader turned into an error (see [`crate::panic`]): there
+/// the panic is the dependency's way of rejecting a malformed file.
 fn catch_quietly<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
-    static HOOK: std::sync::Once = std::sync::Once::new();
-    HOOK.call_once(|| {
-        let previous = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            if !QUIET_PANICS.with(|q| q.get()) {
-                previous(info);
-            }
-        }));
-    });
-    QUIET_PANICS.with(|q| q.set(true));
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
-    QUIET_PANICS.with(|q| q.set(false));
-    result.map_err(|panic| {
-        let why = (panic.downcast_ref::<&str>().copied())
-            .or(panic.downcast_ref::<String>().map(String::as_str))
-            .unwrap_or("the reader panicked");
-        format!("malformed pickle data: {why}")
-    })
+    crate::panic::catch_quietly("malformed pickle data", f)
 }
 
 /// Weights from a `.pth` (PyTorch pickle) or safetensors file, by content.

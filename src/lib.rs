@@ -17,6 +17,7 @@ pub mod loss;
 pub mod model;
 pub mod ops;
 pub mod optim;
+pub mod panic;
 pub mod parallel;
 pub mod schedule;
 pub mod teacher;
