@@ -1,0 +1,258 @@
+"""DINO on a GPU: dino_rs (CUDA build) against PyTorch on the same card, in the same run.
+
+Run on the GPU machine (scripts/gpu_check.sh does, after installing the CUDA wheel)::
+
+    python benches/bench_gpu.py                # ViT-S/16, the configurations of issue 5
+    python benches/bench_gpu.py --device cpu --config tiny --steps 2   # a dry run of every code path
+
+What it measures (each configuration in its own child process, so that GPU memory peaks are its own)
+
+* ``iteration``: one official DINO iteration (benches/dino_torch.py, the same code bench_train.py
+  times on the CPU) for ViT-S/16, 2 x 224 + 8 x 96 crops, out_dim 65536, batch 64, the full recipe
+  (EMA teacher, centering, clipping, AdamW schedules). PyTorch under bf16 autocast, with the official
+  explicit attention and with ``scaled_dot_product_attention``; dino_rs ``Trainer.step`` in its
+  precision (float32 until bf16 lands).
+* ``embed``: teacher embedding throughput, B = 256 crops of 224 px, no gradients: PyTorch bf16 SDPA
+  and fp32 against dino_rs ``forward_backbone(batch_size=256)``.
+* images/s from the median of the timed iterations (each call ends in a host sync: ``loss.item()``,
+  or the features copied to NumPy), achieved TFLOP/s from the FLOP count (~112 GFLOP per image for
+  the iteration, DESIGN.md / ../shared/GPU.md; 3 x the forward for the embedding is not used, only
+  its forward FLOPs), and the peak GPU memory this process used (``nvidia-smi`` polled every 50 ms by
+  the parent; the same method for both frameworks, CUDA context included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+VITS16 = dict(
+    name="vits16", batch_size=64, n_global=2, n_local=8, global_size=224, local_size=96, patch_size=16,
+    embed_dim=384, depth=12, num_heads=6, mlp_ratio=4, drop_path_rate=0.1, out_dim=65536, hidden_dim=2048,
+    bottleneck_dim=256, nlayers=3, norm_last_layer=True, embed_batch=256,
+)
+# Every code path, small enough for a CPU: `--device cpu --config tiny`.
+TINY = dict(VITS16, name="tiny", batch_size=4, global_size=32, local_size=16, patch_size=8, embed_dim=48, depth=2,
+            num_heads=3, out_dim=256, hidden_dim=64, bottleneck_dim=32, embed_batch=8)
+RECIPE = dict(
+    lr=5e-4, min_lr=1e-6, warmup_epochs=10, weight_decay=0.04, weight_decay_end=0.4, momentum_teacher=0.996,
+    teacher_temp=0.04, warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=0, student_temp=0.1,
+    center_momentum=0.9, clip_grad=3.0, freeze_last_layer=1, input_seed=0, model_seed=0,
+)
+CONFIGS = {"vits16": VITS16, "tiny": TINY}
+RUNS = [
+    ("iteration", "torch-bf16"),
+    ("iteration", "torch-bf16-sdpa"),
+    ("iteration", "dino_rs"),
+    ("embed", "torch-bf16-sdpa"),
+    ("embed", "torch-fp32-sdpa"),
+    ("embed", "dino_rs"),
+]
+
+
+def backbone_gflop_per_crop(c: dict, size: int) -> float:
+    """Forward GFLOP of the ViT backbone for one crop (matmuls and attention; 2 per multiply-add)."""
+    n = (size // c["patch_size"]) ** 2 + 1
+    d = c["embed_dim"]
+    per_block = 2 * n * (4 * d * d + 2 * 4 * d * d) + 2 * 2 * n * n * d
+    return (c["depth"] * per_block + 2 * (n - 1) * 3 * c["patch_size"] ** 2 * d) / 1e9
+
+
+def iteration_gflop_per_image(c: dict) -> float:
+    """Teacher forward on the globals + student forward and backward (3x) on all crops + the head."""
+    g = backbone_gflop_per_crop(c, c["global_size"])
+    lo = backbone_gflop_per_crop(c, c["local_size"])
+    d, h, b, k = c["embed_dim"], c["hidden_dim"], c["bottleneck_dim"], c["out_dim"]
+    head = 2 * (d * h + h * h + h * b + b * k) / 1e9
+    ncrops = c["n_global"] + c["n_local"]
+    return c["n_global"] * (g + head) + 3 * (c["n_global"] * g + c["n_local"] * lo + ncrops * head)
+
+
+def inputs(c: dict):
+    import numpy as np
+
+    rng = np.random.default_rng(RECIPE["input_seed"])
+    b = c["batch_size"]
+    g = rng.standard_normal((c["n_global"], b, 3, c["global_size"], c["global_size"]), dtype=np.float32)
+    lo = rng.standard_normal((c["n_local"], b, 3, c["local_size"], c["local_size"]), dtype=np.float32)
+    return g, lo
+
+
+def timed(step, warmup: int, steps: int) -> list[float]:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def child(kind: str, framework: str, c: dict, device: str, warmup: int, steps: int) -> dict:
+    import numpy as np
+
+    c = {**RECIPE, **c}
+    epochs = max(100, warmup + steps)
+    if framework.startswith("torch"):
+        import torch
+
+        sys.path.insert(0, str(HERE))
+        import dino_torch
+
+        dino_torch.Attention.use_sdpa = framework.endswith("-sdpa")
+        dtype = torch.bfloat16 if "bf16" in framework else None
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32, as in dino_rs
+        if kind == "iteration":
+            step, _ = dino_torch.build_iteration(c, epochs, 1, inputs(c), device=device, autocast_dtype=dtype)
+        else:
+            step_model, student = dino_torch.build_iteration(c, epochs, 1, inputs(c), device=device)
+            backbone = student.backbone.eval()
+            x = torch.from_numpy(np.random.default_rng(1).standard_normal(
+                (c["embed_batch"], 3, c["global_size"], c["global_size"]), dtype=np.float32)).to(device)
+
+            def step():
+                with torch.no_grad(), torch.autocast(torch.device(device).type, dtype=dtype or torch.float32,
+                                                     enabled=dtype is not None):
+                    return backbone(x).float().cpu().numpy()
+    else:
+        import dino_rs as dr
+
+        model = dr.DINO(patch_size=c["patch_size"], img_size=c["global_size"], embed_dim=c["embed_dim"],
+                        depth=c["depth"], num_heads=c["num_heads"], out_dim=c["out_dim"], hidden_dim=c["hidden_dim"],
+                        bottleneck_dim=c["bottleneck_dim"], norm_last_layer=c["norm_last_layer"],
+                        drop_path_rate=c["drop_path_rate"], device=device, seed=c["model_seed"])
+        if kind == "iteration":
+            aug = dr.MultiCropAugmenter(global_size=c["global_size"], local_size=c["local_size"], n_local=c["n_local"])
+            pixels = np.zeros((c["batch_size"], c["global_size"], c["global_size"], 3), dtype=np.uint8)
+            loader = dr.MultiCropLoader(dr.ArrayDataset(pixels), aug, batch_size=c["batch_size"], drop_last=True)
+            trainer = dr.Trainer(
+                model, loader, epochs=epochs, lr=c["lr"], min_lr=c["min_lr"], warmup_epochs=c["warmup_epochs"],
+                weight_decay=c["weight_decay"], weight_decay_end=c["weight_decay_end"],
+                momentum_teacher=c["momentum_teacher"], teacher_temp=c["teacher_temp"],
+                warmup_teacher_temp=c["warmup_teacher_temp"],
+                warmup_teacher_temp_epochs=c["warmup_teacher_temp_epochs"], student_temp=c["student_temp"],
+                center_momentum=c["center_momentum"], clip_grad=c["clip_grad"],
+                freeze_last_layer=c["freeze_last_layer"], progress=False,
+            )
+            g, lo = inputs(c)
+
+            def step():
+                return trainer.step(g, lo)["loss"]
+        else:
+            x = np.random.default_rng(1).standard_normal(
+                (c["embed_batch"], 3, c["global_size"], c["global_size"]), dtype=np.float32)
+
+            def step():
+                return model.forward_backbone(x, teacher=True, batch_size=c["embed_batch"])
+    times = timed(step, warmup, steps)
+    images = c["batch_size"] if kind == "iteration" else c["embed_batch"]
+    gflop = iteration_gflop_per_image(c) if kind == "iteration" else backbone_gflop_per_crop(c, c["global_size"])
+    med = statistics.median(times)
+    return {"kind": kind, "framework": framework, "median_s": med, "min_s": min(times), "images_s": images / med,
+            "tflops": images * gflop / med / 1e3, "gflop_per_image": gflop}
+
+
+def gpu_memory_used_mib() -> float | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+                             capture_output=True, text=True, timeout=5).stdout
+        return float(out.split()[0])
+    except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+        return None
+
+
+def run_child(kind: str, framework: str, args) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", f"{kind}:{framework}", "--config", args.config,
+           "--device", args.device, "--warmup", str(args.warmup), "--steps", str(args.steps)]
+    base = gpu_memory_used_mib() if args.device.startswith("cuda") else None
+    peak = [base]
+    done = threading.Event()
+
+    def poll():
+        while not done.wait(0.05):
+            m = gpu_memory_used_mib()
+            if m is not None and (peak[0] is None or m > peak[0]):
+                peak[0] = m
+
+    poller = threading.Thread(target=poll, daemon=True)
+    if base is not None:
+        poller.start()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.child_timeout)
+    except subprocess.TimeoutExpired:
+        return {"kind": kind, "framework": framework, "error": f"timed out after {args.child_timeout} s"}
+    finally:
+        done.set()
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        return {"kind": kind, "framework": framework,
+                "error": f"exit {proc.returncode}: {(proc.stderr or proc.stdout).strip()[-1500:]}"}
+    res = json.loads(lines[-1][len("RESULT "):])
+    if base is not None and peak[0] is not None:
+        res["peak_mib"] = peak[0] - base
+    return res
+
+
+def table(results: list[dict]) -> str:
+    rows = ["| what | framework | median s | images/s | vs PyTorch best | TFLOP/s | peak GPU MiB |",
+            "|---|---|---:|---:|---:|---:|---:|"]
+    for kind in ("iteration", "embed"):
+        best = max((r["images_s"] for r in results if r["kind"] == kind and r["framework"].startswith("torch")
+                    and "images_s" in r), default=None)
+        for r in (r for r in results if r["kind"] == kind):
+            if "error" in r:
+                rows.append(f"| {kind} | {r['framework']} | failed: {r['error'].splitlines()[-1][:120]} | | | | |")
+                continue
+            ratio = f"{r['images_s'] / best:.2f}x" if best and r["framework"] == "dino_rs" else "-"
+            peak = f"{r['peak_mib']:.0f}" if "peak_mib" in r else "-"
+            rows.append(f"| {kind} | {r['framework']} | {r['median_s']:.4f} | {r['images_s']:.1f} | {ratio} | "
+                        f"{r['tflops']:.2f} | {peak} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", choices=sorted(CONFIGS), default="vits16")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--only", default=None, help="comma-separated kind:framework pairs (default: all)")
+    ap.add_argument("--child-timeout", type=float, default=240.0)
+    ap.add_argument("--json", type=Path, default=None, help="also write the results here, one JSON object per line")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    c = CONFIGS[args.config]
+    if args.child:
+        kind, framework = args.child.split(":")
+        print("RESULT " + json.dumps(child(kind, framework, c, args.device, args.warmup, args.steps)), flush=True)
+        return
+    runs = RUNS if not args.only else [tuple(s.split(":")) for s in args.only.split(",")]
+    print(f"config {c['name']}: batch {c['batch_size']}, {c['n_global']}x{c['global_size']} + "
+          f"{c['n_local']}x{c['local_size']} px, ViT dim {c['embed_dim']} depth {c['depth']} patch {c['patch_size']}, "
+          f"out_dim {c['out_dim']}; device {args.device}; {args.warmup} warm-up + {args.steps} timed; "
+          f"{iteration_gflop_per_image({**RECIPE, **c}):.1f} GFLOP per image per iteration", flush=True)
+    results = []
+    for kind, framework in runs:
+        t = time.perf_counter()
+        r = run_child(kind, framework, args)
+        results.append(r)
+        print(f"  {kind:9s} {framework:16s} {json.dumps(r)[:300]} ({time.perf_counter() - t:.0f} s)", flush=True)
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps(r) + "\n")
+    print(table(results))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()

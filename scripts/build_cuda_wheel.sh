@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Builds the CUDA variant of dino_rs as an abi3 wheel, on a machine WITHOUT a GPU (x86_64 Linux with
+# Rust and python3; needs only PyPI and crates.io). Output: dist-cuda/dino_rs-*.whl, and pytest's wheels
+# in dist-cuda/wheels for the GPU machine (override the folder with OUT_DIR).
+#
+#   bash scripts/build_cuda_wheel.sh             # sm_90 (H100/H200); CUDA_COMPUTE_CAP=80 for A100
+#   pip install dist-cuda/dino_rs-*.whl          # on the GPU machine; then dino_rs.cuda_is_available()
+#
+# Why each step (../shared/GPU.md has the measurements behind them):
+#  * nvcc 13.0 from PyPI into a venv ($CUDA_VENV). Not newer: a CUDA 13.0-level driver cannot JIT
+#    newer PTX.
+#  * candle-core 0.11.1 hard-wires cudarc's `dynamic-linking`, which needs libcuda etc. at link
+#    time. We build against a copy of it whose only change is cudarc `dynamic-loading` +
+#    `cuda-13000`: the extension then opens libcuda/cublas/cublasLt/curand/nvrtc at run time, and
+#    only libcudart.so.13 is a link-time dependency (PyTorch's venv on the GPU machine has it).
+#  * An nvcc wrapper adds `-compress-mode=size` to candle-kernels' fatbins (51 -> 23 MB binaries),
+#    so that the wheel can be carried to the GPU machine.
+#  * `--auditwheel skip`: libcudart is provided by the CUDA installation, not vendored.
+# A cold build takes ~15 min on 2 cores (~10 of them nvcc); later builds with the same environment
+# reuse candle-kernels' objects ($WORK keeps the target directory).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+WORK="${DINO_RS_CUDA_WORK:-/tmp/dino_rs_cuda}"
+CUDA_VENV="${CUDA_VENV:-$WORK/cudavenv}"
+OUT_DIR="${OUT_DIR:-$ROOT/dist-cuda}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$WORK/target}"
+mkdir -p "$WORK"
+
+if [ ! -x "$CUDA_VENV/bin/python" ]; then python3 -m venv "$CUDA_VENV"; fi
+"$CUDA_VENV/bin/pip" install -q "nvidia-cuda-nvcc==13.0.88" "nvidia-cuda-runtime==13.0.96" \
+    "nvidia-cuda-crt==13.0.88" "nvidia-nvvm==13.0.88" "nvidia-cuda-cccl==13.0.85"
+CUDA_HOME="$("$CUDA_VENV/bin/python" -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13"))')"
+# The runtime wheel ships only the versioned soname; the linker looks for libcudart.so.
+mkdir -p "$WORK/linkstubs"
+ln -sf "$CUDA_HOME/lib/libcudart.so.13" "$WORK/linkstubs/libcudart.so"
+
+cd "$ROOT"
+cargo fetch -q
+SRC="$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/candle-core-0.11.1 | head -1)"
+PATCHED="$WORK/candle-core-0.11.1"
+# A fresh copy has new mtimes and makes cargo rebuild candle-core: copy only when missing or stale.
+if ! { [ -f "$PATCHED/Cargo.toml" ] && grep -q '"dynamic-loading",' "$PATCHED/Cargo.toml" &&
+       diff -rq -x Cargo.toml "$SRC" "$PATCHED" >/dev/null 2>&1; }; then
+  rm -rf "$PATCHED"
+  cp -r "$SRC" "$PATCHED"
+  python3 - "$PATCHED/Cargo.toml" <<'PY'
+import sys
+p = sys.argv[1]
+s = open(p).read()
+old = '    "cuda-version-from-build-system",\n    "dynamic-linking",\n'
+assert old in s, "candle-core's Cargo.toml changed: update scripts/build_cuda_wheel.sh"
+open(p, "w").write(s.replace(old, '    "cuda-13000",\n    "dynamic-loading",\n'))
+PY
+fi
+
+# Must sit in $CUDA_HOME/bin: candle-kernels' build derives the include directory from nvcc's path.
+cat > "$WORK/nvcc_size.new" <<'SH'
+#!/bin/sh
+for a in "$@"; do [ "$a" = "-c" ] && exec "$(dirname "$0")/nvcc" -compress-mode=size "$@"; done
+exec "$(dirname "$0")/nvcc" "$@"
+SH
+cmp -s "$WORK/nvcc_size.new" "$CUDA_HOME/bin/nvcc_size" || cp "$WORK/nvcc_size.new" "$CUDA_HOME/bin/nvcc_size"
+chmod +x "$CUDA_HOME/bin/nvcc_size"
+export NVCC="$CUDA_HOME/bin/nvcc_size" PATH="$CUDA_HOME/bin:$PATH" CUDA_HOME
+export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}" CUDARC_CUDA_VERSION=13000
+export RUSTFLAGS="${RUSTFLAGS:-} -L native=$WORK/linkstubs"
+
+rm -rf "$OUT_DIR"
+python3 -m maturin build --release --features python,cuda --strip --auditwheel skip -o "$OUT_DIR" \
+    --config "patch.crates-io.candle-core.path=\"$PATCHED\""
+# The GPU machine has no network: scripts/gpu_check.sh installs pytest from these (pure Python) wheels.
+python3 -m pip download -q --only-binary=:all: --python-version 3.12 -d "$OUT_DIR/wheels" pytest
+ls -l "$OUT_DIR" "$OUT_DIR/wheels"
