@@ -180,6 +180,15 @@ impl Block<'_> {
         self.keep[i].as_deref().map(Vec::as_slice)
     }
 
+    /// The gradient of residual branch `i` (0 attention, 1 MLP) from that of the block's sum: scaled
+    /// per sample by the stochastic-depth factors, or `g` itself without them.
+    fn branch_grad<'g>(&self, i: usize, g: &'g [f32]) -> std::borrow::Cow<'g, [f32]> {
+        match self.keep(i) {
+            Some(k) => std::borrow::Cow::Owned(residual::scale_samples(g, self.b, k)),
+            None => std::borrow::Cow::Borrowed(g),
+        }
+    }
+
     fn dims(&self) -> Result<Dims> {
         Dims::new(&[self.b, self.n, 3 * self.sizes.c], self.sizes.heads)
     }
@@ -227,14 +236,8 @@ impl Block<'_> {
         let [dn1, dqkv_w, dqkv_b, dproj_w, dproj_b, dn2, dfc1_w, dfc1_b, dfc2_w, dfc2_b] = split_grads(&self.sizes, dp);
 
         // MLP branch: y2 = y1 + keep₂ · fc2(gelu(fc1(norm2(y1)))).
-        let scaled;
-        let gb: &[f32] = match self.keep(1) {
-            Some(k) => {
-                scaled = residual::scale_samples(g, self.b, k);
-                &scaled
-            }
-            None => g,
-        };
+        let gb = self.branch_grad(1, g);
+        let gb = &gb[..];
         column_sums(gb, dfc2_b);
         // SAFETY (all `matmul` calls): each destination is a parameter's own (rows × cols) slice.
         unsafe { matmul(c, hidden, rows, gb, true, &s.hidden, false, dfc2_w.as_mut_ptr(), false) };
@@ -252,17 +255,11 @@ impl Block<'_> {
         drop(dz2);
 
         // Attention branch: y1 = x + keep₁ · proj(attention(qkv(norm1(x)))); dx holds dy1.
-        let scaled;
-        let gb: &[f32] = match self.keep(0) {
-            Some(k) => {
-                scaled = residual::scale_samples(dx, self.b, k);
-                &scaled
-            }
-            None => dx,
-        };
-        column_sums(gb, dproj_b);
-        unsafe { matmul(c, c, rows, gb, true, &s.attn_out, false, dproj_w.as_mut_ptr(), false) };
-        let d_out = matmul_new(rows, c, c, gb, false, proj_w, false);
+        let gb = self.branch_grad(0, dx);
+        column_sums(&gb, dproj_b);
+        unsafe { matmul(c, c, rows, &gb, true, &s.attn_out, false, dproj_w.as_mut_ptr(), false) };
+        let d_out = matmul_new(rows, c, c, &gb, false, proj_w, false);
+        drop(gb);
         let probs = (!s.probs.is_empty()).then_some(s.probs.as_slice());
         let dqkv = attention::backward(&s.qkv, &d_out, self.dims()?, self.sizes.scale, probs);
         drop(d_out);
