@@ -237,11 +237,11 @@ impl Block<'_> {
 
         // MLP branch: y2 = y1 + keep₂ · fc2(gelu(fc1(norm2(y1)))).
         let gb = self.branch_grad(1, g);
-        let gb = &gb[..];
-        column_sums(gb, dfc2_b);
+        column_sums(&gb, dfc2_b);
         // SAFETY (all `matmul` calls): each destination is a parameter's own (rows × cols) slice.
-        unsafe { matmul(c, hidden, rows, gb, true, &s.hidden, false, dfc2_w.as_mut_ptr(), false) };
-        let dh = matmul_new(rows, hidden, c, gb, false, fc2_w, false);
+        unsafe { matmul(c, hidden, rows, &gb, true, &s.hidden, false, dfc2_w.as_mut_ptr(), false) };
+        let dh = matmul_new(rows, hidden, c, &gb, false, fc2_w, false);
+        drop(gb);
         let mut da = vec![0f32; rows * hidden];
         gelu::bias_gelu_backward(&s.fc1, fc1_b, &dh, &mut da, dfc1_b);
         drop(dh);
