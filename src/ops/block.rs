@@ -115,14 +115,6 @@ impl Sizes {
     fn param_count(&self) -> usize {
         self.shapes().iter().map(|s| s.iter().product::<usize>()).sum()
     }
-
-    /// (B, N) of an input, checked against these sizes.
-    fn batch(&self, lx: &Layout, lp: &Layout) -> Result<(usize, usize)> {
-        match lx.dims() {
-            &[b, n, c] if c == self.c && n > 0 && lp.dims() == [self.param_count()] => Ok((b, n)),
-            d => candle_core::bail!("transformer block: input {d:?} with {:?} parameters", lp.dims()),
-        }
-    }
 }
 
 /// The packed parameters cut into the twelve tensors, in [`BLOCK_PARAMS`] order.
@@ -175,7 +167,17 @@ struct Block<'a> {
     n: usize,
 }
 
-impl Block<'_> {
+impl<'a> Block<'a> {
+    /// The block for an input and packed parameters of these layouts, checked against `sizes`.
+    fn new(sizes: Sizes, keep: &'a [Option<Arc<Vec<f32>>>; 2], lx: &Layout, lp: &Layout) -> Result<Self> {
+        match lx.dims() {
+            &[b, n, c] if c == sizes.c && n > 0 && lp.dims() == [sizes.param_count()] => {
+                Ok(Block { sizes, keep, b, n })
+            }
+            d => candle_core::bail!("transformer block: input {d:?} with {:?} parameters", lp.dims()),
+        }
+    }
+
     fn keep(&self, i: usize) -> Option<&[f32]> {
         self.keep[i].as_deref().map(Vec::as_slice)
     }
@@ -280,25 +282,13 @@ struct BlockOp {
     saved: Option<Arc<Mutex<Option<Saved>>>>,
 }
 
-impl BlockOp {
-    fn block(&self, lx: &Layout, lp: &Layout) -> Result<Block<'_>> {
-        let (b, n) = self.sizes.batch(lx, lp)?;
-        Ok(Block {
-            sizes: self.sizes,
-            keep: &self.keep,
-            b,
-            n,
-        })
-    }
-}
-
 impl CustomOp2 for BlockOp {
     fn name(&self) -> &'static str {
         "dino-transformer-block"
     }
 
     fn cpu_fwd(&self, sx: &CpuStorage, lx: &Layout, sp: &CpuStorage, lp: &Layout) -> Result<(CpuStorage, Shape)> {
-        let block = self.block(lx, lp)?;
+        let block = Block::new(self.sizes, &self.keep, lx, lp)?;
         let (x, p) = (f32_slice(sx, lx, self.name())?, f32_slice(sp, lp, self.name())?);
         let (y, saved) = block.forward(x, split(&self.sizes, p), self.saved.is_some())?;
         if let Some(slot) = &self.saved {
@@ -346,7 +336,7 @@ impl CustomOp3 for BlockBackward {
         sg: &CpuStorage,
         lg: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (b, n) = self.sizes.batch(lx, lp)?;
+        let block = Block::new(self.sizes, &self.keep, lx, lp)?;
         if lg.dims() != lx.dims() {
             candle_core::bail!(
                 "transformer block backward: input {:?} but grad {:?}",
@@ -354,12 +344,6 @@ impl CustomOp3 for BlockBackward {
                 lg.dims()
             );
         }
-        let block = Block {
-            sizes: self.sizes,
-            keep: &self.keep,
-            b,
-            n,
-        };
         let x = f32_slice(sx, lx, self.name())?;
         let p = split(&self.sizes, f32_slice(sp, lp, self.name())?);
         let g = f32_slice(sg, lg, self.name())?;
