@@ -140,8 +140,8 @@ fn forward(
 ) -> Result<(CpuStorage, Shape)> {
     let (rows, k, n) = dims(lx, lw)?;
     let (x, w) = (f32_slice(sx, lx, "linear")?, f32_slice(sw, lw, "linear")?);
-    if bias.is_some_and(|b| b.len() != n) {
-        candle_core::bail!("linear: bias of {} for {n} outputs", bias.map_or(0, <[f32]>::len));
+    if let Some(b) = bias.filter(|b| b.len() != n) {
+        candle_core::bail!("linear: bias of {} for {n} outputs", b.len());
     }
     let y = rows_forward(x, w, bias, rows, k, n);
     let mut out = lx.dims().to_vec();
