@@ -10,10 +10,10 @@ What it measures (each configuration in its own child process, so that GPU memor
 * ``iteration``: one official DINO iteration (benches/dino_torch.py, the same code bench_train.py
   times on the CPU) for ViT-S/16, 2 x 224 + 8 x 96 crops, out_dim 65536, batch 64, the full recipe
   (EMA teacher, centering, clipping, AdamW schedules). PyTorch under bf16 autocast, with the official
-  explicit attention and with ``scaled_dot_product_attention``; dino_rs ``Trainer.step`` in its
-  precision (float32 until bf16 lands).
+  explicit attention and with ``scaled_dot_product_attention``; dino_rs ``Trainer.step`` with
+  ``dtype="bfloat16"`` (the same autocast policy).
 * ``embed``: teacher embedding throughput, B = 256 crops of 224 px, no gradients: PyTorch bf16 SDPA
-  and fp32 against dino_rs ``forward_backbone(batch_size=256)``.
+  and fp32 against dino_rs ``forward_backbone(batch_size=256)`` in bfloat16 and float32.
 * images/s from the median of the timed iterations (each call ends in a host sync: ``loss.item()``,
   or the features copied to NumPy), achieved TFLOP/s from the FLOP count (~112 GFLOP per image for
   the iteration, DESIGN.md / ../shared/GPU.md; 3 x the forward for the embedding is not used, only
@@ -52,10 +52,11 @@ CONFIGS = {"vits16": VITS16, "tiny": TINY}
 RUNS = [
     ("iteration", "torch-bf16"),
     ("iteration", "torch-bf16-sdpa"),
-    ("iteration", "dino_rs"),
+    ("iteration", "dino_rs-bf16"),
     ("embed", "torch-bf16-sdpa"),
     ("embed", "torch-fp32-sdpa"),
-    ("embed", "dino_rs"),
+    ("embed", "dino_rs-bf16"),
+    ("embed", "dino_rs-fp32"),
 ]
 
 
@@ -130,7 +131,8 @@ def child(kind: str, framework: str, c: dict, device: str, warmup: int, steps: i
         model = dr.DINO(patch_size=c["patch_size"], img_size=c["global_size"], embed_dim=c["embed_dim"],
                         depth=c["depth"], num_heads=c["num_heads"], out_dim=c["out_dim"], hidden_dim=c["hidden_dim"],
                         bottleneck_dim=c["bottleneck_dim"], norm_last_layer=c["norm_last_layer"],
-                        drop_path_rate=c["drop_path_rate"], device=device, seed=c["model_seed"])
+                        drop_path_rate=c["drop_path_rate"], device=device, seed=c["model_seed"],
+                        dtype="bfloat16" if framework.endswith("bf16") else "float32")
         if kind == "iteration":
             aug = dr.MultiCropAugmenter(global_size=c["global_size"], local_size=c["local_size"], n_local=c["n_local"])
             pixels = np.zeros((c["batch_size"], c["global_size"], c["global_size"], 3), dtype=np.uint8)
@@ -213,7 +215,7 @@ def table(results: list[dict]) -> str:
             if "error" in r:
                 rows.append(f"| {kind} | {r['framework']} | failed: {r['error'].splitlines()[-1][:120]} | | | | |")
                 continue
-            ratio = f"{r['images_s'] / best:.2f}x" if best and r["framework"] == "dino_rs" else "-"
+            ratio = f"{r['images_s'] / best:.2f}x" if best and r["framework"].startswith("dino_rs") else "-"
             peak = f"{r['peak_mib']:.0f}" if "peak_mib" in r else "-"
             rows.append(f"| {kind} | {r['framework']} | {r['median_s']:.4f} | {r['images_s']:.1f} | {ratio} | "
                         f"{r['tflops']:.2f} | {peak} |")

@@ -113,7 +113,7 @@ pub fn checkpoint(data: &[u8]) {
     }
     let path = temp_path();
     std::fs::write(&path, data).expect("write the temp file");
-    if let Ok((trainer, _extra)) = DinoTrainer::load(&path, &Device::Cpu) {
+    if let Ok((trainer, _extra)) = DinoTrainer::load(&path, &Device::Cpu, None) {
         exercise(&trainer.dino);
     }
     let loaded = Dino::load_backbone(&path, None, &Device::Cpu);

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{Device, Result as CResult, Tensor};
+use candle_core::{DType, Device, Result as CResult, Tensor};
 use serde_json::json;
 
 use crate::checkpoint;
@@ -20,6 +20,9 @@ pub struct Dino {
     pub student: MultiCropWrapper,
     pub teacher: MultiCropWrapper,
     pub device: Device,
+    /// The compute dtype of inference: F32, or BF16 for mixed precision ([`crate::ops::autocast`]).
+    /// Parameters are f32 either way; a trainer has its own setting.
+    pub dtype: DType,
 }
 
 impl Dino {
@@ -56,6 +59,7 @@ impl Dino {
             student,
             teacher,
             device: device.clone(),
+            dtype: DType::F32,
         })
     }
 
@@ -104,11 +108,14 @@ impl Dino {
         // (which, among other things, a fork()ed child inherits without threads).
         crate::parallel::install(|| {
             crate::ops::no_grad(|| {
-                Ok(self
-                    .wrapper(teacher)
-                    .backbone
-                    .forward_t::<rand_chacha::ChaCha8Rng>(crops, None)?
-                    .detach())
+                crate::ops::autocast::autocast(self.dtype, || {
+                    Ok(self
+                        .wrapper(teacher)
+                        .backbone
+                        .forward_t::<rand_chacha::ChaCha8Rng>(crops, None)?
+                        .detach()
+                        .to_dtype(DType::F32)?)
+                })
             })
         })
     }
@@ -121,12 +128,21 @@ impl Dino {
             let p = self.vit.patch_size;
             return Ok(Tensor::zeros(
                 (0, self.vit.num_heads, h / p, w / p),
-                candle_core::DType::F32,
+                DType::F32,
                 &self.device,
             )?);
         }
         crate::parallel::install(|| {
-            crate::ops::no_grad(|| Ok(self.wrapper(teacher).backbone.cls_attention_maps(crops)?.detach()))
+            crate::ops::no_grad(|| {
+                crate::ops::autocast::autocast(self.dtype, || {
+                    Ok(self
+                        .wrapper(teacher)
+                        .backbone
+                        .cls_attention_maps(crops)?
+                        .detach()
+                        .to_dtype(DType::F32)?)
+                })
+            })
         })
     }
 
@@ -243,10 +259,7 @@ impl Dino {
             let k = k.strip_prefix("module.").unwrap_or(&k);
             let k = k.strip_prefix("backbone.").unwrap_or(k);
             if !k.starts_with("head.") {
-                w.insert(
-                    format!("backbone.{k}"),
-                    t.to_dtype(candle_core::DType::F32)?.to_device(device)?,
-                );
+                w.insert(format!("backbone.{k}"), t.to_dtype(DType::F32)?.to_device(device)?);
             }
         }
         let bad = |m: String| Error::checkpoint(path, m);

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
@@ -128,6 +128,9 @@ pub struct DinoTrainer {
     pub momentum_schedule: Vec<f64>,
     pub iteration: usize,
     pub rng: ChaCha8Rng,
+    /// Compute dtype of the forward passes: F32, or BF16 for mixed precision (f32 weights,
+    /// gradients, optimiser state, loss and centre; [`crate::ops::autocast`]).
+    pub dtype: DType,
 }
 
 fn at(schedule: &[f64], it: usize) -> f64 {
@@ -158,6 +161,7 @@ impl DinoTrainer {
         let optimizer = AdamW::new(dino.trainable())?;
         let rng = ChaCha8Rng::seed_from_u64(crate::augment::multicrop::mix_seed(seed, 0xD1_7A7A));
         Ok(Self {
+            dtype: dino.dtype,
             dino,
             config,
             loss,
@@ -180,9 +184,14 @@ impl DinoTrainer {
     ) -> Result<std::result::Result<Computed, NonFiniteLoss>> {
         let it = self.iteration;
         let epoch = it / self.config.niter_per_ep.max(1);
-        let teacher_out = crate::ops::no_grad(|| self.dino.teacher.forward_t::<ChaCha8Rng>(&[globals], None))?.detach();
+        let autocast = |f: &mut dyn FnMut() -> Result<Tensor>| crate::ops::autocast::autocast(self.dtype, f);
+        let teacher = &self.dino.teacher;
+        let teacher_out = crate::ops::no_grad(|| autocast(&mut || teacher.forward_t::<ChaCha8Rng>(&[globals], None)))?
+            .detach()
+            .to_dtype(DType::F32)?;
         let groups: Vec<&Tensor> = std::iter::once(globals).chain(locals).collect();
-        let student_out = self.dino.student.forward_t(&groups, Some(&mut self.rng))?;
+        let (student, rng) = (&self.dino.student, &mut self.rng);
+        let student_out = autocast(&mut || student.forward_t(&groups, Some(&mut *rng)))?.to_dtype(DType::F32)?;
         let loss = self.loss.loss(&student_out, &teacher_out, epoch)?;
         let value = loss.to_scalar::<f32>()? as f64;
         if !value.is_finite() {
@@ -276,13 +285,19 @@ impl DinoTrainer {
         });
         let meta = serde_json::json!({
             "format": "dino_rs.trainer", "version": 1, "vit": self.dino.vit, "head": self.dino.head,
+            "dtype": crate::ops::autocast::dtype_name(self.dtype),
             "train": self.config, "iteration": self.iteration, "optim_steps": steps, "rng": rng, "extra": extra,
         });
         crate::checkpoint::save(path, &tensors, &meta)
     }
 
-    /// A trainer saved by [`DinoTrainer::save`], and its `extra` JSON.
-    pub fn load(path: &std::path::Path, device: &candle_core::Device) -> crate::Result<(Self, serde_json::Value)> {
+    /// A trainer saved by [`DinoTrainer::save`], and its `extra` JSON. `dtype` overrides the saved
+    /// compute dtype (for the trainer and its model).
+    pub fn load(
+        path: &std::path::Path,
+        device: &candle_core::Device,
+        dtype: Option<DType>,
+    ) -> crate::Result<(Self, serde_json::Value)> {
         use crate::error::Error;
         let bad = |m: String| Error::checkpoint(path, m);
         let (mut tensors, meta) = crate::checkpoint::load(path)?;
@@ -312,7 +327,17 @@ impl DinoTrainer {
                 t.as_u64().unwrap_or(0),
             ));
         }
-        let dino = Arc::new(crate::dino::Dino::from_saved(path, tensors, &meta, device)?);
+        // Checkpoints from before mixed precision have no dtype: they trained in f32.
+        let saved = match meta["dtype"].as_str() {
+            None => DType::F32,
+            Some(name) => {
+                crate::ops::autocast::parse_dtype(name).ok_or_else(|| bad(format!("unknown compute dtype {name:?}")))?
+            }
+        };
+        let dtype = dtype.unwrap_or(saved);
+        let mut dino = crate::dino::Dino::from_saved(path, tensors, &meta, device)?;
+        dino.dtype = dtype;
+        let dino = Arc::new(dino);
         let mut trainer = Self::new(dino, config, 0)?;
         trainer.optimizer.load_state(optim).map_err(|e| bad(e.to_string()))?;
         if center.shape() != trainer.loss.center.shape() {

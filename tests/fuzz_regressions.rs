@@ -81,7 +81,7 @@ fn model_err(name: &str) -> String {
 
 fn trainer_err(name: &str) -> String {
     let path = fixture("checkpoint", name);
-    match _dino_rs::train::DinoTrainer::load(&path, &candle_core::Device::Cpu) {
+    match _dino_rs::train::DinoTrainer::load(&path, &candle_core::Device::Cpu, None) {
         Ok(_) => panic!("{name} loaded"),
         Err(e) => e.to_string(),
     }

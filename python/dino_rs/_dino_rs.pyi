@@ -1,7 +1,7 @@
 """Type stubs for the Rust extension module ``dino_rs._dino_rs``."""
 
 import os
-from typing import Any, Iterator, Optional, Sequence, Tuple, Union, final
+from typing import Any, Iterator, Literal, Optional, Sequence, Tuple, Union, final
 
 import numpy as np
 import numpy.typing as npt
@@ -184,6 +184,7 @@ class DINO:
         depth: Optional[int] = None,
         num_heads: Optional[int] = None,
         nlayers: int = 3,
+        dtype: Literal["float32", "bfloat16"] = "float32",
     ) -> "DINO": ...
     def forward_backbone(self, crops: npt.NDArray[np.float32], teacher: bool = True, batch_size: int = 256) -> _F32:
         """CLS features (N, embed_dim) of normalised crops (N, 3, H, W)."""
@@ -196,7 +197,7 @@ class DINO:
         ``progress=True`` (default: for more than four batches, when tqdm is installed)."""
     def save(self, path: _Path) -> None: ...
     @staticmethod
-    def load(path: _Path, device: str = "auto") -> "DINO": ...
+    def load(path: _Path, device: str = "auto", dtype: Literal["float32", "bfloat16"] = "float32") -> "DINO": ...
     def export_backbone(self, path: _Path) -> None:
         """The teacher backbone as safetensors with the official DINO key names."""
     @property
@@ -214,9 +215,17 @@ class DINO:
     @property
     def device(self) -> str: ...
     @property
+    def dtype(self) -> str:
+        """The compute dtype of inference ("float32" or "bfloat16"); the weights are float32."""
+    @property
     def config(self) -> dict[str, Any]: ...
 
-def load_backbone(path: _Path, num_heads: Optional[int] = None, device: str = "auto") -> DINO:
+def load_backbone(
+    path: _Path,
+    num_heads: Optional[int] = None,
+    device: str = "auto",
+    dtype: Literal["float32", "bfloat16"] = "float32",
+) -> DINO:
     """A backbone from official DINO weights (.pth or safetensors), read without torch."""
 
 @final
@@ -271,14 +280,19 @@ class _Trainer:
         center_momentum: float = 0.9,
         clip_grad: float = 3.0,
         freeze_last_layer: int = 1,
+        dtype: Optional[Literal["float32", "bfloat16"]] = None,
     ) -> "_Trainer": ...
     def step(self, globals: npt.NDArray[np.float32], locals: Optional[npt.NDArray[np.float32]] = None) -> dict[str, float]: ...
     def train_epoch(self, loader: MultiCropLoader, epoch: int, callback: Optional[Any] = None) -> dict[str, float]: ...
     def save(self, path: _Path, extra: str = "{}") -> None: ...
     @staticmethod
-    def load(path: _Path, device: str = "auto") -> Tuple["_Trainer", DINO, str]: ...
+    def load(
+        path: _Path, device: str = "auto", dtype: Optional[Literal["float32", "bfloat16"]] = None
+    ) -> Tuple["_Trainer", DINO, str]: ...
     @property
     def iteration(self) -> int: ...
+    @property
+    def dtype(self) -> str: ...
     @property
     def niter_per_ep(self) -> int: ...
     @property

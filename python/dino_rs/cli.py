@@ -137,7 +137,7 @@ def add_train_command(sub: "argparse._SubParsersAction[argparse.ArgumentParser]"
 
     o = p.add_argument_group("training and optimisation (main_dino.py)")
     o.add_argument("--use_fp16", type=bool_flag, default=None,
-                   help="accepted for compatibility and ignored: dino_rs trains in float32")
+                   help="accepted for compatibility and ignored: dino_rs has no float16 mode (see --dtype)")
     o.add_argument("--weight_decay", type=float, default=0.04, help="initial weight decay (default 0.04)")
     o.add_argument("--weight_decay_end", type=float, default=0.4, help="final weight decay (default 0.4)")
     o.add_argument("--clip_grad", type=float, default=3.0, help="per-parameter gradient norm clipping, 0 for none (default 3.0)")
@@ -176,6 +176,9 @@ def add_train_command(sub: "argparse._SubParsersAction[argparse.ArgumentParser]"
     x.add_argument("--hidden_dim", type=int, default=2048, help="DINO head hidden width (default 2048)")
     x.add_argument("--bottleneck_dim", type=int, default=256, help="DINO head bottleneck width (default 256)")
     x.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
+    x.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                   help="compute dtype: bfloat16 is mixed precision for GPUs, float32 weights and loss "
+                        "(default float32, or the checkpoint's when resuming)")
     x.add_argument("--resume", default=None, metavar="PATH",
                    help="resume from this checkpoint file or folder instead of OUTPUT_DIR/checkpoint.safetensors")
     x.add_argument("--no_progress", action="store_true", help="no progress bar, one line per epoch")
@@ -201,7 +204,8 @@ def run_train(args: argparse.Namespace) -> int:
     if args.batch_size_per_gpu < 1:
         raise CliError(f"--batch_size_per_gpu must be at least 1, got {args.batch_size_per_gpu}")
     if args.use_fp16:
-        _note("--use_fp16 is ignored: dino_rs trains in float32 (on CPU and GPU)")
+        _note("--use_fp16 is ignored: dino_rs has no float16 mode; --dtype bfloat16 is its mixed precision "
+              "(no loss scaling needed)")
     data = _data_folder(args.data_path)
     if args.num_workers is not None:
         if args.num_workers < 1:
@@ -231,7 +235,7 @@ def run_train(args: argparse.Namespace) -> int:
     if resume_from is not None:
         if not resume_from.exists():
             raise CliError(f"checkpoint not found: {resume_from}")
-        trainer = dr.Trainer.resume(resume_from, loader, progress=progress, device=args.device)
+        trainer = dr.Trainer.resume(resume_from, loader, progress=progress, device=args.device, dtype=args.dtype)
         trainer.checkpoint_dir = output_dir
         trainer.saveckp_freq = max(1, args.saveckp_freq)
         print(f"resuming from {resume_from} at epoch {trainer.epoch}/{trainer.epochs} (iteration {trainer.iteration})")
@@ -252,6 +256,7 @@ def run_train(args: argparse.Namespace) -> int:
             embed_dim=args.embed_dim,
             depth=args.depth,
             num_heads=args.num_heads,
+            dtype=args.dtype or "float32",
         )
         trainer = dr.Trainer(
             model,

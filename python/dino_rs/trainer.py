@@ -79,6 +79,11 @@ class Trainer:
         ArrayDataset), or float32 (N, 3, H, W) normalised crops used as they are (no eval
         transform: for small images at the model's own size); the labels integer arrays. Kept in memory only: checkpoints store
         ``eval_every``, never these arrays (pass them again to :meth:`resume`).
+    dtype : {"float32", "bfloat16"}, optional
+        The compute dtype of the forward passes; default: the model's (:attr:`DINO.dtype`).
+        "bfloat16" is mixed precision as PyTorch's autocast does it: float32 weights, gradients,
+        optimiser state, loss and centre; bfloat16 matmuls and attention; LayerNorm and softmax
+        in float32. It is meant for GPUs: on the CPU it is slower than float32.
     callbacks : sequence of callables, default ()
         Each is called as ``callback(stats)`` after every training step of :meth:`fit`, with the
         step's dict (``loss``, ``lr``, ``wd``, ``momentum``, ``teacher_temp``, ``iteration``,
@@ -113,6 +118,7 @@ class Trainer:
         eval_every: int = 0,
         eval_data: Optional[EvalData] = None,
         callbacks: Sequence[StepCallback] = (),
+        dtype: Optional[str] = None,
         _rust: Optional[_Trainer] = None,
     ) -> None:
         if saveckp_freq < 1:
@@ -150,7 +156,13 @@ class Trainer:
             center_momentum=center_momentum,
             clip_grad=clip_grad,
             freeze_last_layer=freeze_last_layer,
+            dtype=dtype,
         )
+
+    @property
+    def dtype(self) -> str:
+        """The compute dtype of training ("float32" or "bfloat16")."""
+        return self._rust.dtype
 
     @property
     def iteration(self) -> int:
@@ -271,18 +283,20 @@ class Trainer:
         eval_data: Optional[EvalData] = None,
         eval_every: Optional[int] = None,
         callbacks: Sequence[StepCallback] = (),
+        dtype: Optional[str] = None,
     ) -> "Trainer":
         """Continues from a checkpoint file, or from the latest checkpoint in a directory.
 
         The recipe, history, ``epochs``, ``checkpoint_dir`` and ``saveckp_freq`` come from the
         checkpoint. ``eval_data`` is not stored in checkpoints: pass it again to keep evaluating;
         ``eval_every=None`` then takes the checkpoint's value (0 without ``eval_data``).
-        ``callbacks`` as in :class:`Trainer`.
+        ``callbacks`` as in :class:`Trainer`. ``dtype=None`` continues in the checkpoint's compute
+        dtype; "float32" or "bfloat16" switch (the model gets the same).
         """
         p = Path(path)
         if p.is_dir():
             p = p / LATEST
-        rust, model, extra = _Trainer.load(os.fspath(p), device)
+        rust, model, extra = _Trainer.load(os.fspath(p), device, dtype)
         info = json.loads(extra) if extra else {}
         if rust.niter_per_ep != len(loader):
             raise ValueError(

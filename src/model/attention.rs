@@ -52,7 +52,11 @@ impl Attention {
         let k = qkv.get(1)?.contiguous()?;
         let v = qkv.get(2)?.contiguous()?;
         let attn = crate::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?;
-        let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?;
+        // The probabilities are f32 (softmax); under autocast the product is a bf16 matmul.
+        let out = crate::ops::autocast::lower(&attn)?
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((b, n, c))?;
         Ok((self.proj.forward(&out)?, attn))
     }
 }

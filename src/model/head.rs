@@ -55,8 +55,9 @@ pub struct DinoHead {
     weight_v: Tensor,
 }
 
-/// `F.normalize(x, dim=-1)`: x / max(‖x‖, 1e-12).
+/// `F.normalize(x, dim=-1)`: x / max(‖x‖, 1e-12), in f32 under autocast (as PyTorch's `norm`).
 pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
+    let x = &crate::ops::autocast::widen(x)?;
     let norm = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::INFINITY)?;
     x.broadcast_div(&norm)
 }

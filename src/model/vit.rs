@@ -168,6 +168,9 @@ impl VisionTransformer {
         }
         let patches = self.patch_embed.forward(x)?;
         let cls = self.cls_token.broadcast_as((b, 1, self.config.embed_dim))?;
+        // Under autocast the patches come out of a bf16 matmul; like torch.cat, the tokens take the
+        // wider dtype (the CLS token's f32), so the residual stream stays f32.
+        let patches = crate::ops::autocast::promote_to(&cls, &patches)?;
         let tokens = Tensor::cat(&[&cls, &patches], 1)?;
         let (n, d) = (tokens.dim(1)?, self.config.embed_dim);
         // The position embedding is a bias over (token, channel) shared by the batch: the fused

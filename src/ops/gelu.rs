@@ -75,7 +75,8 @@ impl CustomOp2 for GeluBackward {
 /// activation, as in the ViT MLP and the DINO head); the backward recomputes `x + bias`.
 pub fn bias_gelu(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
     if !fused(x) {
-        return gelu_erf(&x.broadcast_add(bias)?);
+        // The bias belongs to a linear layer: under autocast it is added in bf16, as nn.Linear's.
+        return gelu_erf(&x.broadcast_add(&super::autocast::lower(bias)?)?);
     }
     x.contiguous()?.apply_op2(&bias.contiguous()?, BiasGelu)
 }

@@ -3,6 +3,7 @@
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
+use super::autocast::widen;
 use super::{f32_slice, fused, par_map, rows_with_sums, ROWS_PER_TASK};
 
 /// `(x - mean) / sqrt(var + eps) * weight + bias` over the last dimension, differentiable in all three.
@@ -19,11 +20,13 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
 
 fn composed(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     use candle_core::D;
+    // In f32 under autocast, as PyTorch's: bf16 moments over a row lose the small variations.
+    let (x, weight, bias) = (widen(x)?, widen(weight)?, widen(bias)?);
     let mean = x.mean_keepdim(D::Minus1)?;
     let centered = x.broadcast_sub(&mean)?;
     let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
     let normed = centered.broadcast_div(&(var + eps)?.sqrt()?)?;
-    normed.broadcast_mul(weight)?.broadcast_add(bias)
+    normed.broadcast_mul(&weight)?.broadcast_add(&bias)
 }
 
 #[inline(always)]

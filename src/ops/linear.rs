@@ -26,6 +26,8 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
 }
 
 fn composed(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    use super::autocast::lower;
+    let (x, weight, bias) = (lower(x)?, lower(weight)?, bias.map(lower).transpose()?);
     let dims = x.dims();
     let Some(&k) = dims.last() else {
         candle_core::bail!("linear: a scalar has no features");
@@ -35,7 +37,7 @@ fn composed(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor
         .contiguous()?
         .reshape((x.elem_count() / k.max(1), k))?
         .matmul(&weight.t()?)?;
-    let y = match bias {
+    let y = match &bias {
         Some(b) => y.broadcast_add(b)?,
         None => y,
     };

@@ -6,6 +6,7 @@
 //! `softmax_last_dim` have no backward: DESIGN.md §3).
 
 mod attention;
+pub mod autocast;
 mod bias;
 mod block;
 mod cross_entropy;
@@ -63,14 +64,15 @@ fn grad_enabled() -> bool {
     !NO_GRAD.with(|g| g.get())
 }
 
-/// Whether the fused kernels apply to `x` (CPU, f32); elsewhere callers compose candle ops.
+/// Whether the fused kernels apply to `x` (CPU, f32, outside [`autocast::autocast`]); elsewhere
+/// callers compose candle ops.
 /// `DINO_RS_COMPOSED_OPS=1` (read once per process) turns them off on the CPU as well, so that the
 /// path CUDA and other dtypes take is tested here: tests/composed.rs reruns the golden tests so.
 pub fn fused(x: &Tensor) -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let enabled =
         *ENABLED.get_or_init(|| std::env::var("DINO_RS_COMPOSED_OPS").map_or(true, |v| v.is_empty() || v == "0"));
-    enabled && x.device().is_cpu() && x.dtype() == candle_core::DType::F32
+    enabled && x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && autocast::active().is_none()
 }
 
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {

@@ -19,6 +19,10 @@ pub fn residual(x: &Tensor, branch: &Tensor, scale: Option<&[f32]>) -> Result<Te
         }
     }
     if !fused(x) {
+        // Under autocast the branch ends in a bf16 matmul and the stream is f32: the sum takes
+        // the wider dtype, as PyTorch's type promotion does.
+        use super::autocast::promote_to;
+        let (x, branch) = (&promote_to(branch, x)?, &promote_to(x, branch)?);
         return match scale {
             Some(s) => x + branch.broadcast_mul(&Tensor::from_slice(s, (b, 1, 1), x.device())?.to_dtype(x.dtype())?)?,
             None => x + branch,

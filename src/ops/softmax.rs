@@ -8,7 +8,8 @@ use super::{f32_slice, fused, math, par_map, par_map2, ROWS_PER_TASK};
 /// Differentiable softmax over the last dimension.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     if !fused(x) {
-        return candle_nn::ops::softmax(x, candle_core::D::Minus1);
+        // f32 under autocast (PyTorch's policy for softmax).
+        return candle_nn::ops::softmax(&super::autocast::widen(x)?, candle_core::D::Minus1);
     }
     x.contiguous()?.apply_op1(SoftmaxOp)
 }

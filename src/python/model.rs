@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use numpy::PyArrayDyn;
 use pyo3::exceptions::{PyFloatingPointError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
@@ -51,6 +51,12 @@ pub fn parse_device(device: &str) -> PyResult<Device> {
     }
 }
 
+/// "float32" or "bfloat16" (mixed precision: f32 weights, bf16 matmuls).
+pub fn parse_dtype(dtype: &str) -> PyResult<DType> {
+    crate::ops::autocast::parse_dtype(dtype)
+        .ok_or_else(|| PyValueError::new_err(format!("dtype must be 'float32' or 'bfloat16', got {dtype:?}")))
+}
+
 fn device_name(d: &Device) -> String {
     match d {
         Device::Cpu => "cpu".into(),
@@ -64,7 +70,10 @@ fn device_name(d: &Device) -> String {
 /// `arch` is "vit_tiny", "vit_small" or "vit_base" (the official presets); `embed_dim`, `depth`
 /// and `num_heads` override the preset for a custom ViT. Weights are initialised from `seed`
 /// (identical on every machine). Crops given to the methods are float32 (N, 3, H, W), already
-/// normalised, with H and W multiples of `patch_size`.
+/// normalised, with H and W multiples of `patch_size`. `dtype="bfloat16"` runs inference (and, by
+/// default, training) in mixed precision: float32 weights, bfloat16 matmuls and attention,
+/// LayerNorm and softmax in float32; outputs are float32. It is meant for GPUs (on the CPU it is
+/// slower than float32).
 #[pyclass(name = "DINO", module = "dino_rs", frozen)]
 pub struct PyDino {
     pub inner: Arc<Dino>,
@@ -183,7 +192,7 @@ impl PyDino {
     #[new]
     #[pyo3(signature = (arch="vit_small", patch_size=16, img_size=224, out_dim=65536, hidden_dim=2048,
         bottleneck_dim=256, norm_last_layer=true, drop_path_rate=0.1, device="auto", seed=0,
-        embed_dim=None, depth=None, num_heads=None, nlayers=3))]
+        embed_dim=None, depth=None, num_heads=None, nlayers=3, dtype="float32"))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -201,7 +210,9 @@ impl PyDino {
         depth: Option<usize>,
         num_heads: Option<usize>,
         nlayers: usize,
+        dtype: &str,
     ) -> PyResult<Self> {
+        let dtype = parse_dtype(dtype)?;
         let mut vit = VitConfig::preset(arch, patch_size).ok_or_else(|| {
             PyValueError::new_err(format!(
                 "arch must be 'vit_tiny', 'vit_small' or 'vit_base', got {arch:?}"
@@ -228,9 +239,10 @@ impl PyDino {
         };
         head.validate()?;
         let device = parse_device(device)?;
-        let dino = py
+        let mut dino = py
             .detach(move || Dino::new(vit, Some(head), seed, None, &device))
             .map_err(Error::from)?;
+        dino.dtype = dtype;
         Ok(Self {
             inner: Arc::new(dino),
             seed,
@@ -336,10 +348,11 @@ impl PyDino {
 
     /// Loads a model written by `save` (or a Trainer checkpoint).
     #[staticmethod]
-    #[pyo3(signature = (path, device="auto"))]
-    fn load(py: Python<'_>, path: std::path::PathBuf, device: &str) -> PyResult<Self> {
-        let device = parse_device(device)?;
-        let dino = py.detach(|| Dino::load(&path, &device))?;
+    #[pyo3(signature = (path, device="auto", dtype="float32"))]
+    fn load(py: Python<'_>, path: std::path::PathBuf, device: &str, dtype: &str) -> PyResult<Self> {
+        let (device, dtype) = (parse_device(device)?, parse_dtype(dtype)?);
+        let mut dino = py.detach(|| Dino::load(&path, &device))?;
+        dino.dtype = dtype;
         Ok(Self {
             inner: Arc::new(dino),
             seed: 0,
@@ -379,6 +392,11 @@ impl PyDino {
     fn device(&self) -> String {
         device_name(&self.inner.device)
     }
+    /// The compute dtype of inference ("float32" or "bfloat16"); the weights are float32 either way.
+    #[getter]
+    fn dtype(&self) -> &'static str {
+        crate::ops::autocast::dtype_name(self.inner.dtype)
+    }
     /// The architecture as a dict (`vit` and `head` entries).
     #[getter]
     fn config<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
@@ -388,14 +406,15 @@ impl PyDino {
     fn __repr__(&self) -> String {
         let v = &self.inner.vit;
         format!(
-            "DINO(embed_dim={}, depth={}, num_heads={}, patch_size={}, img_size={}, out_dim={}, device={:?})",
+            "DINO(embed_dim={}, depth={}, num_heads={}, patch_size={}, img_size={}, out_dim={}, device={:?}, dtype={:?})",
             v.embed_dim,
             v.depth,
             v.num_heads,
             v.patch_size,
             v.img_size,
             self.out_dim().map_or("None".to_string(), |d| d.to_string()),
-            self.device()
+            self.device(),
+            self.dtype()
         )
     }
 }
@@ -405,15 +424,17 @@ impl PyDino {
 /// architecture is inferred from the shapes; `num_heads` defaults to embed_dim // 64. The model
 /// can embed and show attention but has no head to train.
 #[pyfunction]
-#[pyo3(signature = (path, num_heads=None, device="auto"))]
+#[pyo3(signature = (path, num_heads=None, device="auto", dtype="float32"))]
 pub fn load_backbone(
     py: Python<'_>,
     path: std::path::PathBuf,
     num_heads: Option<usize>,
     device: &str,
+    dtype: &str,
 ) -> PyResult<PyDino> {
-    let device = parse_device(device)?;
-    let dino = py.detach(|| Dino::load_backbone(&path, num_heads, &device))?;
+    let (device, dtype) = (parse_device(device)?, parse_dtype(dtype)?);
+    let mut dino = py.detach(|| Dino::load_backbone(&path, num_heads, &device))?;
+    dino.dtype = dtype;
     Ok(PyDino {
         inner: Arc::new(dino),
         seed: 0,

@@ -11,7 +11,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use super::data::PyMultiCropLoader;
-use super::model::{parse_device, PyDino};
+use super::model::{parse_device, parse_dtype, PyDino};
 use super::numpy::{f32_tensor, shape_str};
 use crate::data::loader::Next;
 use crate::data::Batch;
@@ -124,7 +124,8 @@ impl PyTrainer {
     #[new]
     #[pyo3(signature = (model, batch_size, niter_per_ep, n_local, epochs=100, lr=5e-4, min_lr=1e-6, warmup_epochs=10,
         weight_decay=0.04, weight_decay_end=0.4, momentum_teacher=0.996, teacher_temp=0.04, warmup_teacher_temp=0.04,
-        warmup_teacher_temp_epochs=0, student_temp=0.1, center_momentum=0.9, clip_grad=3.0, freeze_last_layer=1))]
+        warmup_teacher_temp_epochs=0, student_temp=0.1, center_momentum=0.9, clip_grad=3.0, freeze_last_layer=1,
+        dtype=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         model: Bound<'_, PyDino>,
@@ -145,7 +146,9 @@ impl PyTrainer {
         center_momentum: f64,
         clip_grad: f64,
         freeze_last_layer: usize,
+        dtype: Option<&str>,
     ) -> PyResult<Self> {
+        let dtype = dtype.map(parse_dtype).transpose()?;
         let checks = [
             (epochs > 0, "epochs must be at least 1"),
             (batch_size > 0, "batch_size must be at least 1"),
@@ -203,7 +206,8 @@ impl PyTrainer {
         };
         let dino = model.get().inner.clone();
         let seed = model.get().seed;
-        let inner = DinoTrainer::new(dino, config, seed).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        let mut inner = DinoTrainer::new(dino, config, seed).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        inner.dtype = dtype.unwrap_or(inner.dtype);
         Ok(Self {
             inner,
             model: model.unbind(),
@@ -305,10 +309,15 @@ impl PyTrainer {
 
     /// Loads a checkpoint written by `save`: returns (trainer, model, extra JSON string).
     #[staticmethod]
-    #[pyo3(signature = (path, device="auto"))]
-    fn load(py: Python<'_>, path: std::path::PathBuf, device: &str) -> PyResult<(Self, Py<PyDino>, String)> {
-        let device = parse_device(device)?;
-        let (inner, extra) = py.detach(|| DinoTrainer::load(&path, &device))?;
+    #[pyo3(signature = (path, device="auto", dtype=None))]
+    fn load(
+        py: Python<'_>,
+        path: std::path::PathBuf,
+        device: &str,
+        dtype: Option<&str>,
+    ) -> PyResult<(Self, Py<PyDino>, String)> {
+        let (device, dtype) = (parse_device(device)?, dtype.map(parse_dtype).transpose()?);
+        let (inner, extra) = py.detach(|| DinoTrainer::load(&path, &device, dtype))?;
         let model = Py::new(
             py,
             PyDino {
@@ -329,6 +338,11 @@ impl PyTrainer {
     #[getter]
     fn iteration(&self) -> usize {
         self.inner.iteration
+    }
+    /// The compute dtype of the training forward passes ("float32" or "bfloat16").
+    #[getter]
+    fn dtype(&self) -> &'static str {
+        crate::ops::autocast::dtype_name(self.inner.dtype)
     }
     #[getter]
     fn niter_per_ep(&self) -> usize {

@@ -1,5 +1,6 @@
 """The CUDA build against the CPU one (issue 5): the same checkpoint gives the same features,
-attention and training steps on both devices (f32, 1e-4 relative).
+attention and training steps on both devices: float32 within 1e-4 relative, CUDA bfloat16 (mixed
+precision) within 1e-2 of CPU float32.
 
 These tests need a CUDA build of dino_rs and a GPU: scripts/gpu_check.sh runs them on the GPU
 machine. CI is CPU-only, and there this whole module is reported as skipped."""
@@ -18,6 +19,7 @@ pytestmark = pytest.mark.skipif(not dr.cuda_is_available(), reason="needs a CUDA
 ARCH = dict(patch_size=16, img_size=224, embed_dim=192, depth=4, num_heads=3, out_dim=4096,
             hidden_dim=512, bottleneck_dim=128, drop_path_rate=0.0, seed=0)
 TOL = 1e-4
+BF16_TOL = 1e-2
 
 
 def rel(a: np.ndarray, b: np.ndarray) -> float:
@@ -53,6 +55,16 @@ def test_backbone_matches_cpu(pair, size, teacher):
     assert rel(gpu.forward_backbone(x, teacher=teacher), cpu.forward_backbone(x, teacher=teacher)) < TOL
 
 
+@pytest.mark.parametrize("size", [224, 96])
+def test_bf16_backbone_matches_cpu_float32(checkpoint, pair, size):
+    cpu, _ = pair
+    gpu = dr.DINO.load(checkpoint, device="cuda", dtype="bfloat16")
+    x = crops(4, size, seed=size)
+    for teacher in (True, False):
+        assert rel(gpu.forward_backbone(x, teacher=teacher), cpu.forward_backbone(x, teacher=teacher)) < BF16_TOL
+    assert rel(gpu.attention(x), cpu.attention(x)) < BF16_TOL
+
+
 def test_attention_matches_cpu(pair):
     cpu, gpu = pair
     x = crops(2, 224, seed=1)
@@ -61,13 +73,15 @@ def test_attention_matches_cpu(pair):
     assert rel(a, b) < TOL
 
 
-def test_training_steps_match_cpu(checkpoint):
+@pytest.mark.parametrize("dtype,tol", [("float32", TOL), ("bfloat16", BF16_TOL)])
+def test_training_steps_match_cpu(checkpoint, dtype, tol):
     g = crops(8, 224, seed=2).reshape(2, 4, 3, 224, 224)
     l = crops(8, 96, seed=3).reshape(2, 4, 3, 96, 96)
     images = (np.random.default_rng(4).random((8, 64, 64, 3)) * 255).astype(np.uint8)
     results = []
     for device in ("cpu", "cuda"):
-        model = dr.DINO.load(checkpoint, device=device)
+        # the CPU side is the float32 reference in both cases
+        model = dr.DINO.load(checkpoint, device=device, dtype=dtype if device == "cuda" else "float32")
         aug = dr.MultiCropAugmenter(global_size=224, local_size=96, n_local=2)
         loader = dr.MultiCropLoader(dr.ArrayDataset(images), aug, batch_size=4)
         # No warm-up and a large rate, so that the two steps move the weights visibly.
@@ -78,7 +92,7 @@ def test_training_steps_match_cpu(checkpoint):
         results.append((losses, model.forward_backbone(probe, teacher=False), model.forward_backbone(probe)))
     (cpu_losses, cpu_student, cpu_teacher), (gpu_losses, gpu_student, gpu_teacher) = results
     before = dr.DINO.load(checkpoint, device="cpu").forward_backbone(crops(2, 224, seed=5), teacher=False)
-    assert rel(cpu_student, before) > 100 * TOL, "the steps must change the student for this test to mean anything"
-    assert np.allclose(gpu_losses, cpu_losses, rtol=TOL, atol=0), (gpu_losses, cpu_losses)
-    assert rel(gpu_student, cpu_student) < TOL
-    assert rel(gpu_teacher, cpu_teacher) < TOL
+    assert rel(cpu_student, before) > 10 * tol, "the steps must change the student for this test to mean anything"
+    assert np.allclose(gpu_losses, cpu_losses, rtol=tol, atol=0), (gpu_losses, cpu_losses)
+    assert rel(gpu_student, cpu_student) < tol
+    assert rel(gpu_teacher, cpu_teacher) < tol

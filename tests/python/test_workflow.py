@@ -23,6 +23,7 @@ from PIL import Image
 import dino_rs as dr
 from dino_rs import cli
 from dino_rs.plot import _normalize, attention_mask, attention_maps, eval_crop
+from helpers import read_safetensors
 
 matplotlib = pytest.importorskip("matplotlib")
 matplotlib.use("Agg")
@@ -574,6 +575,15 @@ def folder(tmp_path_factory) -> Path:
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "dino_rs", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_cli_train_dtype_reaches_the_checkpoint(folder, tmp_path):
+    out = tmp_path / "run"
+    assert cli.main(["train", "--data", str(folder), "--output_dir", str(out), "--dtype", "bfloat16", *CLI_TINY]) == 0
+    _, meta = read_safetensors(out / "checkpoint.safetensors")
+    assert json.loads(meta["dino_rs"])["dtype"] == "bfloat16"
+    rust, model, _ = dr._dino_rs._Trainer.load(out / "checkpoint.safetensors", device="cpu")
+    assert rust.dtype == model.dtype == "bfloat16"
 
 
 def test_cli_train_writes_checkpoints_model_and_log(folder, tmp_path, capsys):
