@@ -14,6 +14,10 @@ What it measures (each configuration in its own child process, so that GPU memor
   ``dtype="bfloat16"`` (the same autocast policy).
 * ``embed``: teacher embedding throughput, B = 256 crops of 224 px, no gradients: PyTorch bf16 SDPA
   and fp32 against dino_rs ``forward_backbone(batch_size=256)`` in bfloat16 and float32.
+* ``e2e``: dino_rs training from JPEG files (copies of the bundled ~500x375 photos in an ImageFolder,
+  the native multi-crop loader on every core, crops sent to the GPU as uint8 and normalised there)
+  against the same trainer's ``step`` on synthetic crops already in memory, in the same process:
+  the loader must keep the GPU fed (issue 5: >= 90% of the synthetic rate).
 * images/s from the median of the timed iterations (each call ends in a host sync: ``loss.item()``,
   or the features copied to NumPy), achieved TFLOP/s from the FLOP count (~112 GFLOP per image for
   the iteration, DESIGN.md / ../shared/GPU.md; 3 x the forward for the embedding is not used, only
@@ -57,6 +61,7 @@ RUNS = [
     ("embed", "torch-fp32-sdpa"),
     ("embed", "dino_rs-bf16"),
     ("embed", "dino_rs-fp32"),
+    ("e2e", "dino_rs-bf16"),
 ]
 
 
@@ -133,6 +138,8 @@ def child(kind: str, framework: str, c: dict, device: str, warmup: int, steps: i
                         bottleneck_dim=c["bottleneck_dim"], norm_last_layer=c["norm_last_layer"],
                         drop_path_rate=c["drop_path_rate"], device=device, seed=c["model_seed"],
                         dtype="bfloat16" if framework.endswith("bf16") else "float32")
+        if kind == "e2e":
+            return end_to_end(dr, model, c, epochs, warmup, steps)
         if kind == "iteration":
             aug = dr.MultiCropAugmenter(global_size=c["global_size"], local_size=c["local_size"], n_local=c["n_local"])
             pixels = np.zeros((c["batch_size"], c["global_size"], c["global_size"], 3), dtype=np.uint8)
@@ -162,6 +169,49 @@ def child(kind: str, framework: str, c: dict, device: str, warmup: int, steps: i
     med = statistics.median(times)
     return {"kind": kind, "framework": framework, "median_s": med, "min_s": min(times), "images_s": images / med,
             "tflops": images * gflop / med / 1e3, "gflop_per_image": gflop}
+
+
+def trainer_for(dr, model, loader, c: dict, epochs: int):
+    return dr.Trainer(
+        model, loader, epochs=epochs, lr=c["lr"], min_lr=c["min_lr"], warmup_epochs=c["warmup_epochs"],
+        weight_decay=c["weight_decay"], weight_decay_end=c["weight_decay_end"],
+        momentum_teacher=c["momentum_teacher"], teacher_temp=c["teacher_temp"],
+        warmup_teacher_temp=c["warmup_teacher_temp"], warmup_teacher_temp_epochs=c["warmup_teacher_temp_epochs"],
+        student_temp=c["student_temp"], center_momentum=c["center_momentum"], clip_grad=c["clip_grad"],
+        freeze_last_layer=c["freeze_last_layer"], progress=False,
+    )
+
+
+def end_to_end(dr, model, c: dict, epochs: int, warmup: int, steps: int) -> dict:
+    """One epoch of ``fit`` over JPEG files against ``step`` on synthetic crops, same model and trainer setup."""
+    import shutil
+    import statistics
+    import tempfile
+
+    photos = dr.bundled_photos()
+    b = c["batch_size"]
+    n = b * (warmup + steps)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "photos" / "all"
+        folder.mkdir(parents=True)
+        for i in range(n):
+            shutil.copyfile(photos[i % len(photos)], folder / f"{i:06d}.jpg")
+        aug = dr.MultiCropAugmenter(global_size=c["global_size"], local_size=c["local_size"], n_local=c["n_local"])
+        loader = dr.MultiCropLoader(dr.ImageFolder(folder.parent), aug, batch_size=b, drop_last=True)
+        g, lo = inputs(c)
+        synthetic = trainer_for(dr, model, loader, c, epochs)
+        synth_times = timed(lambda: synthetic.step(g, lo)["loss"], warmup, steps)
+        stamps = [time.perf_counter()]
+        trainer = trainer_for(dr, model, loader, c, epochs)
+        trainer.callbacks = (lambda stats: stamps.append(time.perf_counter()),)
+        trainer.fit(epochs=1)
+    # Step intervals as the training loop sees them: waiting for the loader, the upload and the step.
+    e2e_times = [t1 - t0 for t0, t1 in zip(stamps, stamps[1:])][warmup:]
+    med, synth = statistics.median(e2e_times), statistics.median(synth_times)
+    gflop = iteration_gflop_per_image(c)
+    return {"kind": "e2e", "framework": "dino_rs-bf16", "median_s": med, "min_s": min(e2e_times),
+            "images_s": b / med, "tflops": b * gflop / med / 1e3, "gflop_per_image": gflop,
+            "synthetic_images_s": b / synth, "of_synthetic": synth / med, "files": n}
 
 
 def gpu_memory_used_mib() -> float | None:
@@ -208,7 +258,7 @@ def run_child(kind: str, framework: str, args) -> dict:
 def table(results: list[dict]) -> str:
     rows = ["| what | framework | median s | images/s | vs PyTorch best | TFLOP/s | peak GPU MiB |",
             "|---|---|---:|---:|---:|---:|---:|"]
-    for kind in ("iteration", "embed"):
+    for kind in ("iteration", "embed", "e2e"):
         best = max((r["images_s"] for r in results if r["kind"] == kind and r["framework"].startswith("torch")
                     and "images_s" in r), default=None)
         for r in (r for r in results if r["kind"] == kind):
@@ -216,6 +266,8 @@ def table(results: list[dict]) -> str:
                 rows.append(f"| {kind} | {r['framework']} | failed: {r['error'].splitlines()[-1][:120]} | | | | |")
                 continue
             ratio = f"{r['images_s'] / best:.2f}x" if best and r["framework"].startswith("dino_rs") else "-"
+            if kind == "e2e":
+                ratio = f"{r['of_synthetic']:.2f}x of synthetic ({r['synthetic_images_s']:.1f}/s)"
             peak = f"{r['peak_mib']:.0f}" if "peak_mib" in r else "-"
             rows.append(f"| {kind} | {r['framework']} | {r['median_s']:.4f} | {r['images_s']:.1f} | {ratio} | "
                         f"{r['tflops']:.2f} | {peak} |")

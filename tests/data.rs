@@ -225,6 +225,50 @@ fn loader_batches_equal_direct_augmentation() {
 }
 
 #[test]
+fn u8_batches_normalised_on_the_device_equal_the_f32_batches() {
+    use candle_core::{Device, Tensor};
+    let aug = small_aug();
+    let loader = MultiCropLoader::new(
+        array_dataset(7),
+        aug.clone(),
+        LoaderConfig {
+            batch_size: 3,
+            drop_last: false,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let floats: Vec<_> = loader.iter_epoch(3).map(Result::unwrap).collect();
+    let bytes: Vec<_> = loader.iter_epoch_as::<u8>(3).map(Result::unwrap).collect();
+    assert_eq!(floats.len(), bytes.len());
+    let norm = aug.normalize();
+    let mut distinct = std::collections::HashSet::new();
+    for (f, u) in floats.iter().zip(&bytes) {
+        assert_eq!(f.indices, u.indices);
+        let b = u.len();
+        for (fv, uv, n, s) in [(&f.globals, &u.globals, 2 * b, 16), (&f.locals, &u.locals, 2 * b, 8)] {
+            let x = Tensor::from_vec(uv.clone(), (n, 3, s, s), &Device::Cpu).unwrap();
+            let y: Vec<f32> = norm.on_device(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            // Bit for bit: the device looks values up in the augmenter's own table.
+            assert!(y.iter().zip(fv.iter()).all(|(a, b)| a.to_bits() == b.to_bits()));
+            distinct.extend(uv.iter().copied());
+        }
+    }
+    assert!(
+        distinct.len() > 100,
+        "the crops cover many pixel values: {}",
+        distinct.len()
+    );
+    // One channel's table really is per channel: a grey pixel normalises differently in R, G and B.
+    let grey = Tensor::full(128u8, (1, 3, 1, 1), &Device::Cpu).unwrap();
+    let v: Vec<f32> = norm.on_device(&grey).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    assert!(v[0] != v[1] && v[1] != v[2], "{v:?}");
+    assert!(norm
+        .on_device(&grey.to_dtype(candle_core::DType::F32).unwrap())
+        .is_err());
+}
+
+#[test]
 fn loader_skips_or_raises_on_unreadable_files() {
     let dir = tempfile::tempdir().unwrap();
     for i in 0..5 {

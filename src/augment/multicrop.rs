@@ -14,7 +14,7 @@ use super::blur::gaussian_blur;
 use super::color::{grayscale, ColorJitter};
 use super::crop::{resized_crop, RandomResizedCrop};
 use super::flip::hflip;
-use super::normalize::Normalize;
+use super::normalize::{Normalize, Pixel};
 use super::solarize::solarize;
 use crate::config::AugmentConfig;
 use crate::error::Result;
@@ -70,6 +70,11 @@ impl MultiCropAugmenter {
 
     pub fn config(&self) -> &AugmentConfig {
         &self.config
+    }
+
+    /// The `ToTensor` + `Normalize` step every view ends with.
+    pub fn normalize(&self) -> &Normalize {
+        &self.normalize
     }
 
     pub fn n_views(&self) -> usize {
@@ -170,11 +175,17 @@ impl MultiCropAugmenter {
     /// Augments a batch into `(globals, locals)` laid out as (2, B, 3, G, G) and (n_local, B, 3, L, L).
     /// `keys[b]` identifies image `b`'s random streams. Parallel over every (view, image) pair.
     pub fn batch(&self, images: &[&RgbImage], seed: u64, keys: &[u64]) -> (Vec<f32>, Vec<f32>) {
+        self.batch_as(images, seed, keys)
+    }
+
+    /// [`MultiCropAugmenter::batch`] written as `T`: normalised f32, or u8 before normalisation
+    /// (for [`Normalize::on_device`]).
+    pub fn batch_as<T: Pixel>(&self, images: &[&RgbImage], seed: u64, keys: &[u64]) -> (Vec<T>, Vec<T>) {
         assert_eq!(images.len(), keys.len(), "one key per image");
         let b = images.len();
         let (glen, llen) = (self.view_len(ViewKind::Global1), self.view_len(ViewKind::Local));
-        let mut globals = vec![0.0f32; 2 * b * glen];
-        let mut locals = vec![0.0f32; self.config.n_local * b * llen];
+        let mut globals = vec![T::default(); 2 * b * glen];
+        let mut locals = vec![T::default(); self.config.n_local * b * llen];
         let global_jobs = globals
             .par_chunks_mut(glen.max(1))
             .enumerate()
@@ -188,7 +199,7 @@ impl MultiCropAugmenter {
             .for_each_init(Resizer::new, |resizer, (view, i, out)| {
                 let mut rng = Self::view_rng(seed, keys[i], view);
                 let rgb = self.view_rgb(images[i], view, &mut rng, resizer);
-                self.normalize.apply(&rgb, out);
+                T::write(&self.normalize, &rgb, out);
             });
         (globals, locals)
     }

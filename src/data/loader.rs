@@ -20,6 +20,7 @@ use rayon::prelude::*;
 
 use super::Dataset;
 use crate::augment::multicrop::mix_seed;
+use crate::augment::normalize::Pixel;
 use crate::augment::MultiCropAugmenter;
 use crate::error::{ensure, Error, Result};
 use crate::parallel;
@@ -48,16 +49,17 @@ impl Default for LoaderConfig {
     }
 }
 
-/// One augmented batch: globals (2, B, 3, G, G) and locals (n_local, B, 3, L, L), row-major.
+/// One augmented batch: globals (2, B, 3, G, G) and locals (n_local, B, 3, L, L), row-major;
+/// normalised f32, or u8 before normalisation (see [`Pixel`]).
 #[derive(Debug, Clone)]
-pub struct Batch {
-    pub globals: Vec<f32>,
-    pub locals: Vec<f32>,
+pub struct Batch<T = f32> {
+    pub globals: Vec<T>,
+    pub locals: Vec<T>,
     /// Dataset indices of the B images, in batch order.
     pub indices: Vec<usize>,
 }
 
-impl Batch {
+impl<T> Batch<T> {
     pub fn len(&self) -> usize {
         self.indices.len()
     }
@@ -127,6 +129,12 @@ impl MultiCropLoader {
 
     /// Starts producing the batches of epoch `epoch`.
     pub fn iter_epoch(&self, epoch: u64) -> EpochIter {
+        self.iter_epoch_as(epoch)
+    }
+
+    /// [`MultiCropLoader::iter_epoch`] with crops written as `T`: u8 before normalisation sends a
+    /// quarter of the bytes to a GPU, which normalises them ([`crate::augment::normalize::Normalize::on_device`]).
+    pub fn iter_epoch_as<T: Pixel>(&self, epoch: u64) -> EpochIter<T> {
         let (tx, rx) = sync_channel(self.config.prefetch);
         let stop = Arc::new(AtomicBool::new(false));
         let skipped = Arc::new(Skipped::default());
@@ -136,6 +144,7 @@ impl MultiCropLoader {
             aug_seed: mix_seed(self.config.seed ^ 0xA5A5_5A5A_DEAD_BEEF, epoch),
             stop: stop.clone(),
             skipped: skipped.clone(),
+            pixel: std::marker::PhantomData,
         };
         let handle = std::thread::Builder::new()
             .name("dino-rs-loader".into())
@@ -150,12 +159,13 @@ impl MultiCropLoader {
     }
 }
 
-struct Producer {
+struct Producer<T> {
     loader: MultiCropLoader,
     order: Vec<usize>,
     aug_seed: u64,
     stop: Arc<AtomicBool>,
     skipped: Arc<Skipped>,
+    pixel: std::marker::PhantomData<T>,
 }
 
 /// Unreadable images skipped in an epoch: how many, and the first one's error.
@@ -179,9 +189,9 @@ impl Skipped {
     }
 }
 
-impl Producer {
+impl<T: Pixel> Producer<T> {
     /// Sends batches through `send` until the epoch ends, an error, or `send` reports the consumer gone.
-    fn run(self, send: impl Fn(Result<Batch>) -> bool) {
+    fn run(self, send: impl Fn(Result<Batch<T>>) -> bool) {
         let cfg = self.loader.config;
         let mut pending: Vec<(usize, RgbImage)> = Vec::with_capacity(2 * cfg.batch_size);
         for chunk in self.order.chunks(cfg.batch_size) {
@@ -223,11 +233,11 @@ impl Producer {
         }
     }
 
-    fn augment(&self, items: Vec<(usize, RgbImage)>) -> Batch {
+    fn augment(&self, items: Vec<(usize, RgbImage)>) -> Batch<T> {
         let indices: Vec<usize> = items.iter().map(|(i, _)| *i).collect();
         let images: Vec<&RgbImage> = items.iter().map(|(_, img)| img).collect();
         let keys: Vec<u64> = indices.iter().map(|&i| i as u64).collect();
-        let (globals, locals) = parallel::install(|| self.loader.augmenter.batch(&images, self.aug_seed, &keys));
+        let (globals, locals) = parallel::install(|| self.loader.augmenter.batch_as(&images, self.aug_seed, &keys));
         Batch {
             globals,
             locals,
@@ -237,24 +247,24 @@ impl Producer {
 }
 
 /// What waiting for the next batch gave.
-pub enum Next {
-    Batch(Result<Batch>),
+pub enum Next<T = f32> {
+    Batch(Result<Batch<T>>),
     /// Nothing yet: the caller may check for interrupts and wait again.
     Pending,
     Done,
 }
 
 /// The batches of one epoch, produced in the background.
-pub struct EpochIter {
-    rx: Option<Receiver<Result<Batch>>>,
+pub struct EpochIter<T = f32> {
+    rx: Option<Receiver<Result<Batch<T>>>>,
     stop: Arc<AtomicBool>,
     skipped: Arc<Skipped>,
     handle: Option<JoinHandle<()>>,
 }
 
-impl EpochIter {
+impl<T> EpochIter<T> {
     /// Waits at most `timeout` for the next batch.
-    pub fn next_timeout(&mut self, timeout: Duration) -> Next {
+    pub fn next_timeout(&mut self, timeout: Duration) -> Next<T> {
         let Some(rx) = &self.rx else {
             return Next::Done;
         };
@@ -284,8 +294,8 @@ impl EpochIter {
     }
 }
 
-impl Iterator for EpochIter {
-    type Item = Result<Batch>;
+impl<T> Iterator for EpochIter<T> {
+    type Item = Result<Batch<T>>;
     fn next(&mut self) -> Option<Self::Item> {
         loop {
             match self.next_timeout(Duration::from_secs(3600)) {
@@ -297,7 +307,7 @@ impl Iterator for EpochIter {
     }
 }
 
-impl Drop for EpochIter {
+impl<T> Drop for EpochIter<T> {
     fn drop(&mut self) {
         self.finish();
     }

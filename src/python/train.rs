@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 use pyo3::exceptions::{PyFloatingPointError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -13,6 +13,8 @@ use pyo3::types::PyDict;
 use super::data::PyMultiCropLoader;
 use super::model::{parse_device, parse_dtype, PyDino};
 use super::numpy::{f32_tensor, shape_str};
+use crate::augment::normalize::{Normalize, Pixel};
+use crate::config::AugmentConfig;
 use crate::data::loader::Next;
 use crate::data::Batch;
 use crate::error::{Error, Result};
@@ -106,16 +108,90 @@ impl PyTrainer {
         }
     }
 
-    fn batch_tensors(&self, batch: Batch, g: usize, l: usize, n_local: usize) -> Result<(Tensor, Option<Tensor>)> {
-        let b = batch.len();
-        let dev = &self.inner.dino.device;
-        let globals = Tensor::from_vec(batch.globals, (2 * b, 3, g, g), dev)?;
+    /// The batch's crops as normalised tensors on `dev`: u8 crops are normalised there.
+    fn batch_tensors<T: Pixel>(
+        batch: Batch<T>,
+        aug: &AugmentConfig,
+        normalize: &Normalize,
+        dev: &Device,
+    ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+        let (b, g, l, n_local) = (
+            batch.len(),
+            aug.global_size as usize,
+            aug.local_size as usize,
+            aug.n_local,
+        );
+        let globals = T::crops(batch.globals, (2 * b, 3, g, g), normalize, dev)?;
         let locals = if n_local > 0 {
-            Some(Tensor::from_vec(batch.locals, (n_local * b, 3, l, l), dev)?)
+            Some(T::crops(batch.locals, (n_local * b, 3, l, l), normalize, dev)?)
         } else {
             None
         };
         Ok((globals, locals))
+    }
+
+    /// [`PyTrainer::train_epoch`] with the loader writing crops as `T`.
+    fn train_epoch_as<'py, T: Pixel>(
+        &mut self,
+        py: Python<'py>,
+        loader: &Bound<'py, PyMultiCropLoader>,
+        epoch: u64,
+        callback: Option<Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let (rust_loader, c) = {
+            let l = loader.borrow();
+            (l.inner.clone(), l.inner.augmenter().config().clone())
+        };
+        let normalize = rust_loader.augmenter().normalize();
+        let start = Instant::now();
+        // After an interruption mid-epoch, the batches already trained on are skipped: the
+        // epoch's order depends on (seed, epoch) only, so the rest of the epoch is reproduced.
+        let niter = self.inner.config.niter_per_ep;
+        let mut skip = self.inner.iteration.saturating_sub(epoch as usize * niter).min(niter);
+        let mut it = rust_loader.iter_epoch_as::<T>(epoch);
+        let (mut sum, mut steps, mut last): (f64, usize, Option<StepStats>) = (0.0, 0, None);
+        loop {
+            let next = py.detach(|| it.next_timeout(Duration::from_millis(50)));
+            let batch = match next {
+                Next::Pending => {
+                    py.check_signals()?;
+                    continue;
+                }
+                Next::Done => break,
+                Next::Batch(b) => b?,
+            };
+            if skip > 0 {
+                skip -= 1;
+                continue;
+            }
+            let inner = &mut self.inner;
+            let out = py
+                .detach(|| {
+                    let (globals, locals) = Self::batch_tensors(batch, &c, normalize, &inner.dino.device)?;
+                    inner.step(&globals, locals.as_ref())
+                })
+                .map_err(|e| PyValueError::new_err(e.to_string()))?;
+            let stats = out.map_err(non_finite)?;
+            sum += stats.loss;
+            steps += 1;
+            if let Some(cb) = &callback {
+                cb.call1((stats_dict(py, &stats)?,))?;
+            }
+            last = Some(stats);
+            py.check_signals()?;
+        }
+        let d = PyDict::new(py);
+        d.set_item("epoch", epoch)?;
+        d.set_item("steps", steps)?;
+        d.set_item("loss", if steps > 0 { sum / steps as f64 } else { f64::NAN })?;
+        if let Some(s) = last {
+            d.set_item("lr", s.lr)?;
+            d.set_item("wd", s.wd)?;
+            d.set_item("momentum", s.momentum)?;
+            d.set_item("teacher_temp", s.teacher_temp)?;
+        }
+        d.set_item("seconds", start.elapsed().as_secs_f64())?;
+        Ok(d)
     }
 }
 
@@ -246,58 +322,13 @@ impl PyTrainer {
         epoch: u64,
         callback: Option<Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyDict>> {
-        let (rust_loader, c) = {
-            let l = loader.borrow();
-            (l.inner.clone(), l.inner.augmenter().config().clone())
-        };
-        let (g, l, n_local) = (c.global_size as usize, c.local_size as usize, c.n_local);
-        let start = Instant::now();
-        // After an interruption mid-epoch, the batches already trained on are skipped: the
-        // epoch's order depends on (seed, epoch) only, so the rest of the epoch is reproduced.
-        let niter = self.inner.config.niter_per_ep;
-        let mut skip = self.inner.iteration.saturating_sub(epoch as usize * niter).min(niter);
-        let mut it = rust_loader.iter_epoch(epoch);
-        let (mut sum, mut steps, mut last): (f64, usize, Option<StepStats>) = (0.0, 0, None);
-        loop {
-            let next = py.detach(|| it.next_timeout(Duration::from_millis(50)));
-            let batch = match next {
-                Next::Pending => {
-                    py.check_signals()?;
-                    continue;
-                }
-                Next::Done => break,
-                Next::Batch(b) => b?,
-            };
-            if skip > 0 {
-                skip -= 1;
-                continue;
-            }
-            let (globals, locals) = self.batch_tensors(batch, g, l, n_local)?;
-            let inner = &mut self.inner;
-            let out = py
-                .detach(move || inner.step(&globals, locals.as_ref()))
-                .map_err(|e| PyValueError::new_err(e.to_string()))?;
-            let stats = out.map_err(non_finite)?;
-            sum += stats.loss;
-            steps += 1;
-            if let Some(cb) = &callback {
-                cb.call1((stats_dict(py, &stats)?,))?;
-            }
-            last = Some(stats);
-            py.check_signals()?;
+        // A GPU gets the crops as u8 (a quarter of the bytes to copy each step) and normalises
+        // them itself; the CPU takes them normalised from the augmenter.
+        if self.inner.dino.device.is_cpu() {
+            self.train_epoch_as::<f32>(py, loader, epoch, callback)
+        } else {
+            self.train_epoch_as::<u8>(py, loader, epoch, callback)
         }
-        let d = PyDict::new(py);
-        d.set_item("epoch", epoch)?;
-        d.set_item("steps", steps)?;
-        d.set_item("loss", if steps > 0 { sum / steps as f64 } else { f64::NAN })?;
-        if let Some(s) = last {
-            d.set_item("lr", s.lr)?;
-            d.set_item("wd", s.wd)?;
-            d.set_item("momentum", s.momentum)?;
-            d.set_item("teacher_temp", s.teacher_temp)?;
-        }
-        d.set_item("seconds", start.elapsed().as_secs_f64())?;
-        Ok(d)
     }
 
     /// Writes a resumable checkpoint; `extra` is a JSON string stored with it.

@@ -96,3 +96,23 @@ def test_training_steps_match_cpu(checkpoint, dtype, tol):
     assert np.allclose(gpu_losses, cpu_losses, rtol=tol, atol=0), (gpu_losses, cpu_losses)
     assert rel(gpu_student, cpu_student) < tol
     assert rel(gpu_teacher, cpu_teacher) < tol
+
+
+def test_fit_from_a_loader_matches_cpu(checkpoint):
+    # Through fit() on CUDA the loader's crops travel as uint8 and are normalised on the GPU
+    # (src/augment/normalize.rs); on the CPU they come normalised from the augmenter.
+    images = (np.random.default_rng(6).random((8, 80, 72, 3)) * 255).astype(np.uint8)
+    results = []
+    for device in ("cpu", "cuda"):
+        model = dr.DINO.load(checkpoint, device=device)
+        aug = dr.MultiCropAugmenter(global_size=224, local_size=96, n_local=2)
+        loader = dr.MultiCropLoader(dr.ArrayDataset(images), aug, batch_size=4)
+        trainer = dr.Trainer(model, loader, epochs=1, warmup_epochs=0, lr=0.5, progress=False)
+        losses = []
+        trainer.callbacks = (lambda stats: losses.append(stats["loss"]),)
+        trainer.fit()
+        results.append((losses, model.forward_backbone(crops(2, 224, seed=8), teacher=False)))
+    (cpu_losses, cpu_student), (gpu_losses, gpu_student) = results
+    assert len(cpu_losses) == 2
+    assert np.allclose(gpu_losses, cpu_losses, rtol=TOL, atol=0), (gpu_losses, cpu_losses)
+    assert rel(gpu_student, cpu_student) < TOL
