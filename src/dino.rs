@@ -19,6 +19,10 @@ pub struct Dino {
     pub teacher_store: ParamStore,
     pub student: MultiCropWrapper,
     pub teacher: MultiCropWrapper,
+    /// The same networks over detached views of the same weights, for forward passes that need no
+    /// gradient (inference, the teacher in training): nothing is kept for a backward pass.
+    pub student_nograd: MultiCropWrapper,
+    pub teacher_nograd: MultiCropWrapper,
     pub device: Device,
     /// The compute dtype of inference: F32, or BF16 for mixed precision ([`crate::ops::autocast`]).
     /// Parameters are f32 either way; a trainer has its own setting.
@@ -51,7 +55,12 @@ impl Dino {
             ..vit.clone()
         };
         let teacher = MultiCropWrapper::new(&teacher_vit, head.as_ref(), teacher_store.var_builder(device))?;
+        let student_nograd = MultiCropWrapper::new(&vit, head.as_ref(), student_store.detached_builder(device))?;
+        let teacher_nograd =
+            MultiCropWrapper::new(&teacher_vit, head.as_ref(), teacher_store.detached_builder(device))?;
         Ok(Self {
+            student_nograd,
+            teacher_nograd,
             vit,
             head,
             student_store,
@@ -76,11 +85,12 @@ impl Dino {
 }
 
 impl Dino {
+    /// The graph-free network for inference.
     fn wrapper(&self, teacher: bool) -> &MultiCropWrapper {
         if teacher {
-            &self.teacher
+            &self.teacher_nograd
         } else {
-            &self.student
+            &self.student_nograd
         }
     }
 

@@ -185,7 +185,7 @@ impl DinoTrainer {
         let it = self.iteration;
         let epoch = it / self.config.niter_per_ep.max(1);
         let autocast = |f: &mut dyn FnMut() -> Result<Tensor>| crate::ops::autocast::autocast(self.dtype, f);
-        let teacher = &self.dino.teacher;
+        let teacher = &self.dino.teacher_nograd;
         let teacher_out = crate::ops::no_grad(|| autocast(&mut || teacher.forward_t::<ChaCha8Rng>(&[globals], None)))?
             .detach()
             .to_dtype(DType::F32)?;

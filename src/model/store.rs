@@ -98,6 +98,19 @@ impl ParamStore {
             .collect()
     }
 
+    /// A VarBuilder over detached views of the current variables: the same storage (every in-place
+    /// update shows through), but layers built from it record no autograd graph, so inference
+    /// frees each activation as soon as the next layer has used it.
+    pub fn detached_builder(&self, device: &Device) -> VarBuilder<'static> {
+        let views = self
+            .lock()
+            .vars
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
+            .collect();
+        VarBuilder::from_tensors(views, DType::F32, device)
+    }
+
     /// A VarBuilder that creates or fetches variables in this store.
     pub fn var_builder<'a>(&'a self, device: &Device) -> VarBuilder<'a> {
         VarBuilder::from_backend(Box::new(StoreBackend(self)), DType::F32, device.clone())
