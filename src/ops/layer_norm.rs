@@ -19,14 +19,8 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
 }
 
 fn composed(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
-    use candle_core::D;
     // In f32 under autocast, as PyTorch's: bf16 moments over a row lose the small variations.
-    let (x, weight, bias) = (widen(x)?, widen(weight)?, widen(bias)?);
-    let mean = x.mean_keepdim(D::Minus1)?;
-    let centered = x.broadcast_sub(&mean)?;
-    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-    let normed = centered.broadcast_div(&(var + eps)?.sqrt()?)?;
-    normed.broadcast_mul(&weight)?.broadcast_add(&bias)
+    super::rows::layer_norm(&widen(x)?, &widen(weight)?, &widen(bias)?, eps)
 }
 
 #[inline(always)]

@@ -15,6 +15,7 @@ mod layer_norm;
 mod linear;
 pub mod math;
 mod residual;
+mod rows;
 mod softmax;
 mod update;
 

@@ -9,7 +9,7 @@ use super::{f32_slice, fused, math, par_map, par_map2, ROWS_PER_TASK};
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     if !fused(x) {
         // f32 under autocast (PyTorch's policy for softmax).
-        return candle_nn::ops::softmax(&super::autocast::widen(x)?, candle_core::D::Minus1);
+        return super::rows::softmax_last_dim(&super::autocast::widen(x)?);
     }
     x.contiguous()?.apply_op1(SoftmaxOp)
 }

@@ -1,0 +1,333 @@
+//! LayerNorm and softmax over the last dimension for every device and dtype the fused CPU kernels
+//! do not take (CUDA, bf16, f64): the forward pass is one kernel (candle's own `layernorm` and
+//! `softmax` kernels on CUDA; a row loop on the CPU), the backward pass an explicit formula in
+//! candle ops, computed in at least f32.
+//!
+//! Composed of candle ops, a LayerNorm was ~11 kernels forward and, through candle's autograd,
+//! ~50 backward (each graph edge zero-fills a gradient buffer and adds into it); a softmax 5 and
+//! ~20. On a GPU, where candle's time goes into launching small kernels rather than running them
+//! (../shared/GPU.md), that count is the step time.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType, D};
+
+/// `(x - mean) / sqrt(var + eps) * weight + bias` over the last dimension.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    if weight.dims1()? != d || bias.dims1()? != d {
+        candle_core::bail!(
+            "layer norm: input {:?} with weight {:?} and bias {:?}",
+            x.dims(),
+            weight.dims(),
+            bias.dims()
+        );
+    }
+    x.contiguous()?
+        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, AnyLayerNorm { eps })
+}
+
+/// Softmax over the last dimension.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(AnySoftmax)
+}
+
+fn at_least_f32(t: &Tensor) -> Result<Tensor> {
+    match t.dtype() {
+        DType::BF16 | DType::F16 => t.to_dtype(DType::F32),
+        _ => Ok(t.clone()),
+    }
+}
+
+fn slice<'a, T>(v: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("{what}: expected a contiguous tensor"),
+    }
+}
+
+/// Applies `f` to every row of `d` values in f64, writing `T`.
+fn map_rows<T: WithDType>(x: &[T], d: usize, mut f: impl FnMut(&[f64], &mut [f64])) -> Vec<T> {
+    let mut out = Vec::with_capacity(x.len());
+    let (mut row, mut res) = (vec![0f64; d], vec![0f64; d]);
+    for chunk in x.chunks_exact(d) {
+        for (r, v) in row.iter_mut().zip(chunk) {
+            *r = WithDType::to_f64(*v);
+        }
+        f(&row, &mut res);
+        out.extend(res.iter().map(|&v| <T as WithDType>::from_f64(v)));
+    }
+    out
+}
+
+fn last_dim(l: &Layout, what: &str) -> Result<usize> {
+    match l.dims().last() {
+        Some(&d) if d > 0 => Ok(d),
+        _ => candle_core::bail!("{what}: no last dimension in {:?}", l.dims()),
+    }
+}
+
+struct AnyLayerNorm {
+    eps: f64,
+}
+
+impl CustomOp3 for AnyLayerNorm {
+    fn name(&self) -> &'static str {
+        "dino-layer-norm-any"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn run<T: WithDType>(x: &[T], w: &[T], b: &[T], d: usize, eps: f64) -> Vec<T> {
+            let widen = |v: &[T]| -> Vec<f64> { v.iter().map(|&e| WithDType::to_f64(e)).collect() };
+            let (w, b) = (widen(w), widen(b));
+            map_rows(x, d, |row, out| {
+                let mean = row.iter().sum::<f64>() / d as f64;
+                let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / d as f64;
+                let rstd = 1.0 / (var + eps).sqrt();
+                for (i, o) in out.iter_mut().enumerate() {
+                    *o = (row[i] - mean) * rstd * w[i] + b[i];
+                }
+            })
+        }
+        let d = last_dim(l1, self.name())?;
+        let n = self.name();
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
+                CpuStorage::F32(run(slice(x, l1, n)?, slice(w, l2, n)?, slice(b, l3, n)?, d, self.eps))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
+                CpuStorage::F64(run(slice(x, l1, n)?, slice(w, l2, n)?, slice(b, l3, n)?, d, self.eps))
+            }
+            (CpuStorage::BF16(x), CpuStorage::BF16(w), CpuStorage::BF16(b)) => {
+                CpuStorage::BF16(run(slice(x, l1, n)?, slice(w, l2, n)?, slice(b, l3, n)?, d, self.eps))
+            }
+            (CpuStorage::F16(x), CpuStorage::F16(w), CpuStorage::F16(b)) => {
+                CpuStorage::F16(run(slice(x, l1, n)?, slice(w, l2, n)?, slice(b, l3, n)?, d, self.eps))
+            }
+            _ => candle_core::bail!(
+                "layer norm: input, weight and bias must share a float dtype, got {:?}, {:?}, {:?}",
+                s1.dtype(),
+                s2.dtype(),
+                s3.dtype()
+            ),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::layer_norm(s1, l1, s2, l2, s3, l3, self.eps as f32)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = x.dim(D::Minus1)?;
+        let (x32, w32, g) = (at_least_f32(x)?, at_least_f32(w)?, at_least_f32(grad)?);
+        let xc = x32.broadcast_sub(&x32.mean_keepdim(D::Minus1)?)?;
+        let rstd = (xc.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?.recip()?;
+        let xhat = xc.broadcast_mul(&rstd)?;
+        // dx = rstd · (gw − mean(gw) − x̂ · mean(gw · x̂)), with gw = g · weight.
+        let gw = g.broadcast_mul(&w32)?;
+        let dx = gw
+            .broadcast_sub(&gw.mean_keepdim(D::Minus1)?)?
+            .sub(&xhat.broadcast_mul(&(&gw * &xhat)?.mean_keepdim(D::Minus1)?)?)?
+            .broadcast_mul(&rstd)?;
+        let rows = x.elem_count() / d;
+        let dw = (&g * &xhat)?.reshape((rows, d))?.sum(0)?;
+        let db = g.reshape((rows, d))?.sum(0)?;
+        Ok((
+            Some(dx.to_dtype(x.dtype())?),
+            Some(dw.to_dtype(w.dtype())?),
+            Some(db.to_dtype(b.dtype())?),
+        ))
+    }
+}
+
+struct AnySoftmax;
+
+impl CustomOp1 for AnySoftmax {
+    fn name(&self) -> &'static str {
+        "dino-softmax-any"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        fn run<T: WithDType>(x: &[T], d: usize) -> Vec<T> {
+            map_rows(x, d, |row, out| {
+                let max = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let mut sum = 0.0;
+                for (o, v) in out.iter_mut().zip(row) {
+                    *o = (v - max).exp();
+                    sum += *o;
+                }
+                for o in out.iter_mut() {
+                    *o /= sum;
+                }
+            })
+        }
+        let d = last_dim(l, self.name())?;
+        let n = self.name();
+        let out = match s {
+            CpuStorage::F32(x) => CpuStorage::F32(run(slice(x, l, n)?, d)),
+            CpuStorage::F64(x) => CpuStorage::F64(run(slice(x, l, n)?, d)),
+            CpuStorage::BF16(x) => CpuStorage::BF16(run(slice(x, l, n)?, d)),
+            CpuStorage::F16(x) => CpuStorage::F16(run(slice(x, l, n)?, d)),
+            _ => candle_core::bail!("softmax: expected a float tensor, got {:?}", s.dtype()),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::softmax(s, l)
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        // dx = y · (g − Σ g·y) over the row.
+        let (y32, g) = (at_least_f32(y)?, at_least_f32(grad)?);
+        let dot = (&g * &y32)?.sum_keepdim(D::Minus1)?;
+        Ok(Some(g.broadcast_sub(&dot)?.mul(&y32)?.to_dtype(y.dtype())?))
+    }
+}
+
+/// The launches of candle's `layernorm_*` and `softmax_*` kernels (candle-kernels' reduce.cu),
+/// as candle-nn makes them for its fused forward-only ops.
+#[cfg(feature = "cuda")]
+mod cuda {
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{kernel_name, kernels, Map1, Map3, WrapErr};
+    use candle_core::{CudaDevice, CudaStorage, Layout, Result, Shape, WithDType};
+
+    fn rows_cols(l: &Layout) -> (usize, usize) {
+        let d = l.dims().last().copied().unwrap_or(1).max(1);
+        (l.shape().elem_count() / d, d)
+    }
+
+    fn contiguous<'a, T>(
+        s: &'a CudaSlice<T>,
+        l: &Layout,
+        what: &str,
+    ) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
+        match l.contiguous_offsets() {
+            Some((a, b)) => Ok(s.slice(a..b)),
+            None => candle_core::bail!("{what} has to be contiguous"),
+        }
+    }
+
+    struct LayerNorm(f32);
+
+    impl Map3 for LayerNorm {
+        fn f<T: DeviceRepr + WithDType>(
+            &self,
+            x: &CudaSlice<T>,
+            lx: &Layout,
+            w: &CudaSlice<T>,
+            lw: &Layout,
+            b: &CudaSlice<T>,
+            lb: &Layout,
+            dev: &CudaDevice,
+        ) -> Result<CudaSlice<T>> {
+            let (x, w, b) = (
+                contiguous(x, lx, "input")?,
+                contiguous(w, lw, "weight")?,
+                contiguous(b, lb, "bias")?,
+            );
+            let (rows, cols) = rows_cols(lx);
+            let block = if cols < 1024 { 32 } else { 1024 };
+            let cfg = LaunchConfig {
+                grid_dim: (rows as u32, 1, 1),
+                block_dim: (block, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let func = dev.get_or_load_func(&kernel_name::<T>("layernorm"), &kernels::REDUCE)?;
+            // SAFETY: every element is written by the kernel.
+            let dst = unsafe { dev.alloc::<T>(rows * cols)? };
+            let mut builder = func.builder();
+            builder.arg(&x);
+            builder.arg(&dst);
+            builder.arg(&w);
+            builder.arg(&b);
+            candle_core::builder_arg!(builder, cols as i32, block as i32, self.0);
+            // SAFETY: the arguments match the kernel's signature.
+            unsafe { builder.launch(cfg) }.w()?;
+            Ok(dst)
+        }
+    }
+
+    pub(super) fn layer_norm(
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+        eps: f32,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = s1.device();
+        let slice = LayerNorm(eps).map(&s1.slice, l1, &s2.slice, l2, &s3.slice, l3, dev)?;
+        Ok((
+            CudaStorage {
+                slice,
+                device: dev.clone(),
+            },
+            l1.shape().clone(),
+        ))
+    }
+
+    struct Softmax;
+
+    impl Map1 for Softmax {
+        fn f<T: DeviceRepr + WithDType>(&self, x: &CudaSlice<T>, dev: &CudaDevice, l: &Layout) -> Result<CudaSlice<T>> {
+            let x = contiguous(x, l, "input")?;
+            let (rows, cols) = rows_cols(l);
+            let cfg = LaunchConfig {
+                grid_dim: (rows as u32, 1, 1),
+                block_dim: (1, 32, 1),
+                shared_mem_bytes: 0,
+            };
+            let func = dev.get_or_load_func(&kernel_name::<T>("softmax"), &kernels::REDUCE)?;
+            // SAFETY: every element is written by the kernel.
+            let dst = unsafe { dev.alloc::<T>(rows * cols)? };
+            let mut builder = func.builder();
+            builder.arg(&x);
+            builder.arg(&dst);
+            candle_core::builder_arg!(builder, cols as i32);
+            // SAFETY: the arguments match the kernel's signature.
+            unsafe { builder.launch(cfg) }.w()?;
+            Ok(dst)
+        }
+    }
+
+    pub(super) fn softmax(s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        let dev = s.device();
+        let slice = Softmax.map(&s.slice, dev, l)?;
+        Ok((
+            CudaStorage {
+                slice,
+                device: dev.clone(),
+            },
+            l.shape().clone(),
+        ))
+    }
+}
