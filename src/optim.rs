@@ -117,16 +117,62 @@ impl AdamW {
 }
 
 /// Scales each gradient whose L2 norm exceeds `clip` down to `clip` (coefficient clip/(norm+1e-6)).
-/// Returns the norms before clipping, by name.
-pub fn clip_gradients(grads: &mut HashMap<String, Tensor>, clip: f64) -> Result<HashMap<String, f64>> {
-    let mut norms = HashMap::with_capacity(grads.len());
-    for (name, g) in grads.iter_mut() {
-        let norm = g.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()? as f64;
-        let coef = clip / (norm + 1e-6);
-        if coef < 1.0 {
-            *g = (&*g * coef)?;
-        }
-        norms.insert(name.clone(), norm);
+///
+/// On the CPU the norm is read and the multiply skipped when it is not needed. Elsewhere nothing
+/// is read back: the official code's per-parameter `.item()` drains a GPU's queue once per
+/// parameter, so the coefficient min(1, clip/(norm+1e-6)) stays on the device, and a factor of
+/// exactly 1 leaves a gradient as it was.
+pub fn clip_gradients(grads: &mut HashMap<String, Tensor>, clip: f64) -> Result<()> {
+    for g in grads.values_mut() {
+        *g = if g.device().is_cpu() {
+            clip_read_back(g, clip)?
+        } else {
+            clip_on_device(g, clip)?
+        };
     }
-    Ok(norms)
+    Ok(())
+}
+
+fn clip_read_back(g: &Tensor, clip: f64) -> Result<Tensor> {
+    let norm = g.sqr()?.sum_all()?.sqrt()?.to_dtype(candle_core::DType::F64)?;
+    let coef = clip / (norm.to_scalar::<f64>()? + 1e-6);
+    if coef < 1.0 {
+        g * coef
+    } else {
+        Ok(g.clone())
+    }
+}
+
+fn clip_on_device(g: &Tensor, clip: f64) -> Result<Tensor> {
+    let norm = g.sqr()?.sum_all()?.sqrt()?;
+    let coef = ((norm + 1e-6)?.recip()? * clip)?.clamp(0.0, 1.0)?;
+    g.broadcast_mul(&coef)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clipping_on_the_device_equals_clipping_with_the_norm_read_back() -> Result<()> {
+        let dev = candle_core::Device::Cpu;
+        let g = Tensor::arange(0f32, 12.0, &dev)?.reshape((3, 4))?.affine(0.37, -1.9)?;
+        let norm = g.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()? as f64;
+        for clip in [norm * 0.25, norm * 0.999, norm * 1.5, 1e9] {
+            let (a, b) = (clip_on_device(&g, clip)?, clip_read_back(&g, clip)?);
+            let (a, b): (Vec<f32>, Vec<f32>) = (a.flatten_all()?.to_vec1()?, b.flatten_all()?.to_vec1()?);
+            for (x, y) in a.iter().zip(&b) {
+                assert!((x - y).abs() <= 1e-6 * y.abs(), "clip {clip}: {a:?} against {b:?}");
+            }
+            let clipped: f32 = a.iter().map(|v| v * v).sum::<f32>().sqrt();
+            assert!(
+                clipped <= clip.min(norm) as f32 * 1.000_01,
+                "norm {clipped} after clipping at {clip}"
+            );
+            if clip >= norm {
+                assert_eq!(a, g.flatten_all()?.to_vec1::<f32>()?, "a factor of 1 changes nothing");
+            }
+        }
+        Ok(())
+    }
 }
