@@ -70,10 +70,14 @@ fn grad_enabled() -> bool {
 /// `DINO_RS_COMPOSED_OPS=1` (read once per process) turns them off on the CPU as well, so that the
 /// path CUDA and other dtypes take is tested here: tests/composed.rs reruns the golden tests so.
 pub fn fused(x: &Tensor) -> bool {
+    kernels_enabled() && x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && autocast::active().is_none()
+}
+
+/// False when `DINO_RS_COMPOSED_OPS` is set (to anything but "" or "0"): dino_rs's own kernels,
+/// CPU and CUDA, give way to candle ops (to test that path, or to compare against it).
+fn kernels_enabled() -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let enabled =
-        *ENABLED.get_or_init(|| std::env::var("DINO_RS_COMPOSED_OPS").map_or(true, |v| v.is_empty() || v == "0"));
-    enabled && x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && autocast::active().is_none()
+    *ENABLED.get_or_init(|| std::env::var("DINO_RS_COMPOSED_OPS").map_or(true, |v| v.is_empty() || v == "0"))
 }
 
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {

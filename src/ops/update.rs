@@ -1,12 +1,20 @@
 //! In-place parameter updates: AdamW (PyTorch's single-tensor arithmetic, operation for
 //! operation) and the EMA teacher. Through candle each AdamW step was ~15 tensor operations per
 //! parameter, each allocating a parameter-sized buffer; here it is three passes, in place, split
-//! over the dino_rs pool.
+//! over the dino_rs pool on the CPU, three kernel launches on CUDA (src/ops/cuda/update.cu, the
+//! same arithmetic rounded operation by operation, so both devices give the same bits).
 
 use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Result, Tensor};
 use rayon::prelude::*;
 
-use super::{f32_slice, fused, ELEMS_PER_TASK};
+use super::{f32_slice, fused, kernels_enabled, ELEMS_PER_TASK};
+
+/// Whether the in-place kernels take `x`: f32 on the CPU (as [`fused`]) or, in a CUDA build, on a
+/// CUDA device.
+fn in_place(x: &Tensor) -> bool {
+    fused(x)
+        || (cfg!(feature = "cuda") && kernels_enabled() && x.device().is_cuda() && x.dtype() == candle_core::DType::F32)
+}
 
 fn f32_slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout, op: &str) -> Result<&'a mut [f32]> {
     let CpuStorage::F32(v) = s else {
@@ -33,9 +41,9 @@ pub struct AdamWStep {
 }
 
 /// AdamW on `param` with Adam moments `m`, `v` and gradient `grad`, all updated in place. Returns
-/// false (and changes nothing) where the fused kernels do not apply (not CPU f32).
+/// false (and changes nothing) where the kernels do not apply (not f32 on the CPU or CUDA).
 pub fn adamw_update(param: &Tensor, m: &Tensor, v: &Tensor, grad: &Tensor, s: AdamWStep) -> Result<bool> {
-    if !(fused(param) && fused(grad)) {
+    if !(in_place(param) && in_place(grad)) {
         return Ok(false);
     }
     let grad = grad.contiguous()?;
@@ -58,7 +66,7 @@ pub fn adamw_update(param: &Tensor, m: &Tensor, v: &Tensor, grad: &Tensor, s: Ad
 
 /// θ_t ← m·θ_t + (1 − m)·θ_s in place; false where the fused kernels do not apply.
 pub fn ema_update(teacher: &Tensor, student: &Tensor, momentum: f64) -> Result<bool> {
-    if !(fused(teacher) && fused(student)) {
+    if !(in_place(teacher) && in_place(student)) {
         return Ok(false);
     }
     teacher.inplace_op2(&student.contiguous()?, &Ema { momentum })?;
@@ -125,6 +133,17 @@ impl InplaceOp2 for FirstMoment {
         par_update(m, |at, c| lerp(c, &g[at..at + c.len()], self.keep));
         Ok(())
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        dst: &mut candle_core::CudaStorage,
+        dl: &Layout,
+        src: &candle_core::CudaStorage,
+        sl: &Layout,
+    ) -> Result<()> {
+        cuda::launch("dino_adamw_m", dst, dl, &[(src, sl)], &[self.keep])
+    }
 }
 
 struct SecondMoment {
@@ -145,6 +164,17 @@ impl InplaceOp2 for SecondMoment {
         }
         par_update(v, |at, c| second(c, &g[at..at + c.len()], self.beta2, self.one_minus));
         Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        dst: &mut candle_core::CudaStorage,
+        dl: &Layout,
+        src: &candle_core::CudaStorage,
+        sl: &Layout,
+    ) -> Result<()> {
+        cuda::launch("dino_adamw_v", dst, dl, &[(src, sl)], &[self.beta2, self.one_minus])
     }
 }
 
@@ -175,19 +205,39 @@ impl InplaceOp3 for AdamWParam {
                 v.len()
             );
         }
-        let s = self.0;
-        // The scalars as candle's `affine` casts them (x * (1/c) for a division by c).
-        let (decay, inv_bc2, eps, step) = (
-            s.decay as f32,
-            (1.0 / s.bias_correction2_sqrt) as f32,
-            s.eps as f32,
-            s.step_size as f32,
-        );
+        let [decay, inv_bc2, eps, step] = self.scalars();
         par_update(p, |at, c| {
             let n = c.len();
             param(c, &m[at..at + n], &v[at..at + n], decay, inv_bc2, eps, step)
         });
         Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        dst: &mut candle_core::CudaStorage,
+        dl: &Layout,
+        sm: &candle_core::CudaStorage,
+        ml: &Layout,
+        sv: &candle_core::CudaStorage,
+        vl: &Layout,
+    ) -> Result<()> {
+        cuda::launch("dino_adamw_param", dst, dl, &[(sm, ml), (sv, vl)], &self.scalars())
+    }
+}
+
+impl AdamWParam {
+    /// decay, 1/√(1 − β2^t), eps and step size, as candle's `affine` casts them (x · (1/c) for a
+    /// division by c).
+    fn scalars(&self) -> [f32; 4] {
+        let s = self.0;
+        [
+            s.decay as f32,
+            (1.0 / s.bias_correction2_sqrt) as f32,
+            s.eps as f32,
+            s.step_size as f32,
+        ]
     }
 }
 
@@ -208,6 +258,76 @@ impl InplaceOp2 for Ema {
         }
         let (m, w) = (self.momentum as f32, (1.0 - self.momentum) as f32);
         par_update(t, |at, c| ema(c, &s[at..at + c.len()], m, w));
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        dst: &mut candle_core::CudaStorage,
+        dl: &Layout,
+        src: &candle_core::CudaStorage,
+        sl: &Layout,
+    ) -> Result<()> {
+        let (m, w) = (self.momentum as f32, (1.0 - self.momentum) as f32);
+        cuda::launch("dino_ema", dst, dl, &[(src, sl)], &[m, w])
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::WrapErr;
+    use candle_core::{CudaStorage, Layout, Result};
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/update.ptx"));
+
+    fn range(l: &Layout, what: &str) -> Result<(usize, usize)> {
+        l.contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg(format!("{what}: expected a contiguous tensor")))
+    }
+
+    /// Runs kernel `name` of update.cu over `dst` in place, reading `srcs` (each as long as `dst`),
+    /// with the f32 `scalars` and the element count as its last arguments.
+    pub(super) fn launch(
+        name: &str,
+        dst: &mut CudaStorage,
+        dl: &Layout,
+        srcs: &[(&CudaStorage, &Layout)],
+        scalars: &[f32],
+    ) -> Result<()> {
+        let (a, b) = range(dl, name)?;
+        let n = b - a;
+        let dev = dst.device.clone();
+        let func = dev.get_or_load_custom_func(name, "dino_rs_update", PTX)?;
+        let mut views = Vec::with_capacity(srcs.len());
+        for (s, l) in srcs {
+            let (sa, sb) = range(l, name)?;
+            if sb - sa != n {
+                candle_core::bail!("{name}: {} elements to update from {}", n, sb - sa);
+            }
+            views.push(s.as_cuda_slice::<f32>()?.slice(sa..sb));
+        }
+        let mut out = dst.as_cuda_slice_mut::<f32>()?.slice_mut(a..b);
+        let count = n as u32;
+        let mut builder = func.builder();
+        builder.arg(&mut out);
+        for v in &views {
+            builder.arg(v);
+        }
+        for x in scalars {
+            builder.arg(x);
+        }
+        builder.arg(&count);
+        let threads = 256u32;
+        let cfg = LaunchConfig {
+            grid_dim: (count.div_ceil(threads).clamp(1, 65_535), 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the arguments follow the kernel's signature (output, inputs, scalars, count),
+        // and every input holds `count` elements.
+        unsafe { builder.launch(cfg) }.w()?;
         Ok(())
     }
 }
