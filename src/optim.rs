@@ -144,6 +144,14 @@ fn clip_read_back(g: &Tensor, clip: f64) -> Result<Tensor> {
 }
 
 fn clip_on_device(g: &Tensor, clip: f64) -> Result<Tensor> {
+    // One kernel after the norm where dino_rs has it (CUDA f32; in place); otherwise candle ops.
+    if crate::ops::clip_gradient(g, clip)? {
+        return Ok(g.clone());
+    }
+    clip_composed(g, clip)
+}
+
+fn clip_composed(g: &Tensor, clip: f64) -> Result<Tensor> {
     let norm = g.sqr()?.sum_all()?.sqrt()?;
     let coef = ((norm + 1e-6)?.recip()? * clip)?.clamp(0.0, 1.0)?;
     g.broadcast_mul(&coef)
@@ -158,20 +166,38 @@ mod tests {
         let dev = candle_core::Device::Cpu;
         let g = Tensor::arange(0f32, 12.0, &dev)?.reshape((3, 4))?.affine(0.37, -1.9)?;
         let norm = g.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()? as f64;
+        let values = |t: &Tensor| -> Result<Vec<f32>> { t.flatten_all()?.to_vec1() };
         for clip in [norm * 0.25, norm * 0.999, norm * 1.5, 1e9] {
-            let (a, b) = (clip_on_device(&g, clip)?, clip_read_back(&g, clip)?);
-            let (a, b): (Vec<f32>, Vec<f32>) = (a.flatten_all()?.to_vec1()?, b.flatten_all()?.to_vec1()?);
-            for (x, y) in a.iter().zip(&b) {
-                assert!((x - y).abs() <= 1e-6 * y.abs(), "clip {clip}: {a:?} against {b:?}");
-            }
-            let clipped: f32 = a.iter().map(|v| v * v).sum::<f32>().sqrt();
+            let reference = values(&clip_read_back(&g, clip)?)?;
+            // The in-place kernel (on a copy: it changes its input) and the candle-op version.
+            let copy = g.copy()?;
             assert!(
-                clipped <= clip.min(norm) as f32 * 1.000_01,
-                "norm {clipped} after clipping at {clip}"
+                crate::ops::clip_gradient(&copy, clip)?,
+                "the CPU runs the in-place kernel too"
             );
-            if clip >= norm {
-                assert_eq!(a, g.flatten_all()?.to_vec1::<f32>()?, "a factor of 1 changes nothing");
+            for (how, a) in [
+                ("kernel", values(&copy)?),
+                ("composed", values(&clip_composed(&g, clip)?)?),
+            ] {
+                for (x, y) in a.iter().zip(&reference) {
+                    assert!(
+                        (x - y).abs() <= 1e-6 * y.abs(),
+                        "{how}, clip {clip}: {a:?} against {reference:?}"
+                    );
+                }
+                let clipped: f32 = a.iter().map(|v| v * v).sum::<f32>().sqrt();
+                assert!(
+                    clipped <= clip.min(norm) as f32 * 1.000_01,
+                    "{how}: norm {clipped} after clipping at {clip}"
+                );
+                if clip >= norm {
+                    assert_eq!(a, values(&g)?, "{how}: a factor of 1 changes nothing");
+                }
             }
+            assert!(
+                clip >= norm || reference != values(&g)?,
+                "clipping at {clip} < {norm} changes the gradient"
+            );
         }
         Ok(())
     }

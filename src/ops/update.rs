@@ -73,6 +73,18 @@ pub fn ema_update(teacher: &Tensor, student: &Tensor, momentum: f64) -> Result<b
     Ok(true)
 }
 
+/// DINO's per-parameter clipping in place, `grad · clip/(norm + 1e-6)` when that factor is below 1,
+/// with the norm computed and used on the device (nothing read back). False where the kernels do
+/// not apply.
+pub fn clip_gradient(grad: &Tensor, clip: f64) -> Result<bool> {
+    if !in_place(grad) || !grad.is_contiguous() {
+        return Ok(false);
+    }
+    let norm = grad.sqr()?.sum_all()?.sqrt()?;
+    grad.inplace_op2(&norm, &Clip { clip: clip as f32 })?;
+    Ok(true)
+}
+
 fn par_update(dst: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync) {
     crate::parallel::install(|| {
         dst.par_chunks_mut(ELEMS_PER_TASK)
@@ -274,6 +286,47 @@ impl InplaceOp2 for Ema {
     }
 }
 
+struct Clip {
+    clip: f32,
+}
+
+impl Clip {
+    fn coef(&self, norm: f32) -> f32 {
+        self.clip / (norm + 1e-6)
+    }
+}
+
+impl InplaceOp2 for Clip {
+    fn name(&self) -> &'static str {
+        "dino-clip"
+    }
+
+    fn cpu_fwd(&self, dst: &mut CpuStorage, dl: &Layout, src: &CpuStorage, sl: &Layout) -> Result<()> {
+        let norm = f32_slice(src, sl, self.name())?;
+        let &[norm] = norm else {
+            candle_core::bail!("clip: the norm must be one value, got {}", norm.len());
+        };
+        let coef = self.coef(norm);
+        if coef < 1.0 {
+            for v in f32_slice_mut(dst, dl, self.name())? {
+                *v *= coef;
+            }
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        dst: &mut candle_core::CudaStorage,
+        dl: &Layout,
+        src: &candle_core::CudaStorage,
+        sl: &Layout,
+    ) -> Result<()> {
+        cuda::launch_with_scalar_input("dino_clip", dst, dl, (src, sl), &[self.clip])
+    }
+}
+
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
@@ -296,6 +349,30 @@ mod cuda {
         srcs: &[(&CudaStorage, &Layout)],
         scalars: &[f32],
     ) -> Result<()> {
+        let n = range(dl, name).map(|(a, b)| b - a)?;
+        run(name, dst, dl, srcs, n, scalars)
+    }
+
+    /// Like [`launch`] with one input holding a single value (read by every thread).
+    pub(super) fn launch_with_scalar_input(
+        name: &str,
+        dst: &mut CudaStorage,
+        dl: &Layout,
+        src: (&CudaStorage, &Layout),
+        scalars: &[f32],
+    ) -> Result<()> {
+        run(name, dst, dl, &[src], 1, scalars)
+    }
+
+    /// Each input must hold `input_len` elements.
+    fn run(
+        name: &str,
+        dst: &mut CudaStorage,
+        dl: &Layout,
+        srcs: &[(&CudaStorage, &Layout)],
+        input_len: usize,
+        scalars: &[f32],
+    ) -> Result<()> {
         let (a, b) = range(dl, name)?;
         let n = b - a;
         let dev = dst.device.clone();
@@ -303,8 +380,8 @@ mod cuda {
         let mut views = Vec::with_capacity(srcs.len());
         for (s, l) in srcs {
             let (sa, sb) = range(l, name)?;
-            if sb - sa != n {
-                candle_core::bail!("{name}: {} elements to update from {}", n, sb - sa);
+            if sb - sa != input_len {
+                candle_core::bail!("{name}: an input of {} elements where {input_len} are needed", sb - sa);
             }
             views.push(s.as_cuda_slice::<f32>()?.slice(sa..sb));
         }

@@ -35,3 +35,13 @@ extern "C" __global__ void dino_ema(float *t, const float *s, float momentum, fl
         t[i] = __fadd_rn(__fmul_rn(t[i], momentum), __fmul_rn(s[i], w));
     }
 }
+
+// g <- g * (clip / (norm + 1e-6)) where that factor is below 1 (DINO's clip_gradients); `norm` is
+// the gradient's L2 norm, one float in device memory, so nothing is read back to the host.
+extern "C" __global__ void dino_clip(float *g, const float *norm, float clip, unsigned int n) {
+    float coef = __fdiv_rn(clip, __fadd_rn(norm[0], 1e-6f));
+    if (coef >= 1.0f) return;
+    GRID_STRIDE(i, n) {
+        g[i] = __fmul_rn(g[i], coef);
+    }
+}
