@@ -11,7 +11,9 @@ What it measures (each configuration in its own child process, so that GPU memor
   times on the CPU) for ViT-S/16, 2 x 224 + 8 x 96 crops, out_dim 65536, batch 64, the full recipe
   (EMA teacher, centering, clipping, AdamW schedules). PyTorch under bf16 autocast, with the official
   explicit attention and with ``scaled_dot_product_attention``; dino_rs ``Trainer.step`` with
-  ``dtype="bfloat16"`` (the same autocast policy).
+  ``dtype="bfloat16"`` (the same autocast policy), and again with ``DINO_RS_COMPOSED_OPS=1`` (AdamW,
+  EMA and gradient clipping as candle ops instead of dino_rs's in-place kernels), to show what
+  those are worth.
 * ``embed``: teacher embedding throughput, B = 256 crops of 224 px, no gradients: PyTorch bf16 SDPA
   and fp32 against dino_rs ``forward_backbone(batch_size=256)`` in bfloat16 and float32.
 * ``e2e``: dino_rs training from JPEG files (copies of the bundled ~500x375 photos in an ImageFolder,
@@ -57,6 +59,7 @@ RUNS = [
     ("iteration", "torch-bf16"),
     ("iteration", "torch-bf16-sdpa"),
     ("iteration", "dino_rs-bf16"),
+    ("iteration", "dino_rs-bf16-composed"),
     ("embed", "torch-bf16-sdpa"),
     ("embed", "torch-fp32-sdpa"),
     ("embed", "dino_rs-bf16"),
@@ -131,13 +134,15 @@ def child(kind: str, framework: str, c: dict, device: str, warmup: int, steps: i
                                                      enabled=dtype is not None):
                     return backbone(x).float().cpu().numpy()
     else:
+        if framework.endswith("-composed"):  # the update kernels off: what they are worth
+            os.environ["DINO_RS_COMPOSED_OPS"] = "1"
         import dino_rs as dr
 
         model = dr.DINO(patch_size=c["patch_size"], img_size=c["global_size"], embed_dim=c["embed_dim"],
                         depth=c["depth"], num_heads=c["num_heads"], out_dim=c["out_dim"], hidden_dim=c["hidden_dim"],
                         bottleneck_dim=c["bottleneck_dim"], norm_last_layer=c["norm_last_layer"],
                         drop_path_rate=c["drop_path_rate"], device=device, seed=c["model_seed"],
-                        dtype="bfloat16" if framework.endswith("bf16") else "float32")
+                        dtype="bfloat16" if "bf16" in framework else "float32")
         if kind == "e2e":
             return end_to_end(dr, model, c, epochs, warmup, steps)
         if kind == "iteration":

@@ -76,7 +76,11 @@ impl CustomOp2 for GeluBackward {
 pub fn bias_gelu(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
     if !fused(x) {
         // The bias belongs to a linear layer: under autocast it is added in bf16, as nn.Linear's.
-        return gelu_erf(&x.broadcast_add(&super::autocast::lower(bias)?)?);
+        let bias = super::autocast::lower(bias)?;
+        if super::gelu_portable::applies(x, &bias) {
+            return super::gelu_portable::bias_gelu(x, &bias);
+        }
+        return gelu_erf(&x.broadcast_add(&bias)?);
     }
     x.contiguous()?.apply_op2(&bias.contiguous()?, BiasGelu)
 }

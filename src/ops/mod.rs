@@ -11,6 +11,7 @@ mod bias;
 mod block;
 mod cross_entropy;
 mod gelu;
+mod gelu_portable;
 mod layer_norm;
 mod linear;
 pub mod math;
@@ -73,8 +74,9 @@ pub fn fused(x: &Tensor) -> bool {
     kernels_enabled() && x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && autocast::active().is_none()
 }
 
-/// False when `DINO_RS_COMPOSED_OPS` is set (to anything but "" or "0"): dino_rs's own kernels,
-/// CPU and CUDA, give way to candle ops (to test that path, or to compare against it).
+/// False when `DINO_RS_COMPOSED_OPS` is set (to anything but "" or "0"): the fused CPU kernels
+/// give way to the path other devices take, and the CUDA in-place updates to candle ops (to test
+/// that path on the CPU, or to measure what the kernels are worth).
 fn kernels_enabled() -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ENABLED.get_or_init(|| std::env::var("DINO_RS_COMPOSED_OPS").map_or(true, |v| v.is_empty() || v == "0"))
