@@ -47,16 +47,13 @@ impl Attention {
             .qkv
             .forward(x)?
             .reshape((b, n, 3, h, c / h))?
-            .permute((2, 0, 3, 1, 4))?;
-        let q = (qkv.get(0)?.contiguous()? * self.scale)?;
-        let k = qkv.get(1)?.contiguous()?;
-        let v = qkv.get(2)?.contiguous()?;
-        let attn = crate::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?;
-        // The probabilities are f32 (softmax); under autocast the product is a bf16 matmul.
-        let out = crate::ops::autocast::lower(&attn)?
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .reshape((b, n, c))?;
+            .permute((2, 0, 3, 1, 4))?
+            // One copy into (3, B, heads, N, head dim): q, k and v are then contiguous slices.
+            .contiguous()?;
+        let q = (qkv.get(0)? * self.scale)?;
+        let (k, v) = (qkv.get(1)?, qkv.get(2)?);
+        let attn = crate::ops::attention_probabilities(&q.matmul(&k.t()?)?)?;
+        let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?;
         Ok((self.proj.forward(&out)?, attn))
     }
 }

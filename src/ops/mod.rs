@@ -28,7 +28,7 @@ pub use gelu::{bias_gelu, gelu_erf};
 pub use layer_norm::layer_norm;
 pub use linear::linear;
 pub use residual::residual;
-pub use softmax::softmax_last_dim;
+pub use softmax::{attention_probabilities, softmax_last_dim};
 pub use update::{adamw_update, clip_gradient, ema_update, AdamWStep};
 
 use candle_core::{backend::BackendStorage, bail, CpuStorage, Layout, Result, Tensor};

@@ -5,6 +5,18 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tenso
 
 use super::{f32_slice, fused, math, par_map, par_map2, ROWS_PER_TASK};
 
+/// The attention probabilities from the logits `x`. Under autocast the logits are bf16 and so
+/// are the probabilities, computed in f32 inside one kernel: PyTorch's autocast makes f32
+/// probabilities that the next matmul casts to bf16 at once, the same values after an f32 round
+/// trip through memory (and f32 probabilities kept for the backward pass). Otherwise as
+/// [`softmax_last_dim`].
+pub fn attention_probabilities(x: &Tensor) -> Result<Tensor> {
+    match super::autocast::active() {
+        Some(low) if x.dtype() == low => super::rows::softmax_last_dim(x),
+        _ => softmax_last_dim(x),
+    }
+}
+
 /// Differentiable softmax over the last dimension.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     if !fused(x) {
