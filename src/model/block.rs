@@ -23,10 +23,20 @@ pub struct Block {
 pub struct DropPathMasks {
     pub attn: Vec<f32>,
     pub mlp: Vec<f32>,
+    /// The same two as (B,) tensors on the device, for the layer-by-layer path (slices of one
+    /// upload per forward pass).
+    pub on_device: Option<[Tensor; 2]>,
 }
 
-fn residual(x: &Tensor, branch: Tensor, mask: Option<&Vec<f32>>) -> Result<Tensor> {
-    crate::ops::residual(x, &branch, mask.map(|m| m.as_slice()))
+/// `x + branch · mask` with branch `which` (0: attention, 1: MLP) of `masks`.
+fn residual(x: &Tensor, branch: Tensor, masks: Option<&DropPathMasks>, which: usize) -> Result<Tensor> {
+    match masks {
+        Some(DropPathMasks {
+            on_device: Some(dev), ..
+        }) if !crate::ops::fused(x) => crate::ops::residual_with_mask(x, &branch, Some(&dev[which])),
+        Some(m) => crate::ops::residual(x, &branch, Some([&m.attn, &m.mlp][which].as_slice())),
+        None => crate::ops::residual(x, &branch, None),
+    }
 }
 
 impl Block {
@@ -51,8 +61,8 @@ impl Block {
 
     /// Layer by layer: the reference the fused block is tested against.
     pub fn forward_layers(&self, x: &Tensor, masks: Option<&DropPathMasks>) -> Result<Tensor> {
-        let x = residual(x, self.attn.forward(&self.norm1.forward(x)?)?, masks.map(|m| &m.attn))?;
-        residual(&x, self.mlp.forward(&self.norm2.forward(&x)?)?, masks.map(|m| &m.mlp))
+        let x = residual(x, self.attn.forward(&self.norm1.forward(x)?)?, masks, 0)?;
+        residual(&x, self.mlp.forward(&self.norm2.forward(&x)?)?, masks, 1)
     }
 
     /// The parameters in [`crate::ops::BLOCK_PARAMS`] order (None if a linear layer has no bias).

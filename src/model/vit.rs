@@ -183,12 +183,15 @@ impl VisionTransformer {
     pub fn forward_t<R: Rng + ?Sized>(&self, x: &Tensor, rng: Option<&mut R>) -> Result<Tensor> {
         let mut tokens = self.prepare_tokens(x)?;
         let b = tokens.dim(0)?;
-        let masks: Vec<Option<DropPathMasks>> = match rng {
+        let mut masks: Vec<Option<DropPathMasks>> = match rng {
             Some(rng) if self.config.drop_path_rate > 0.0 => (0..self.blocks.len())
                 .map(|i| Some(self.drop_path_masks(i, b, rng)))
                 .collect(),
             _ => Vec::new(),
         };
+        if !masks.is_empty() && !crate::ops::fused(&tokens) {
+            upload(&mut masks, &tokens)?;
+        }
         for (i, block) in self.blocks.iter().enumerate() {
             tokens = block.forward_masked(&tokens, masks.get(i).and_then(|m| m.as_ref()))?;
         }
@@ -215,6 +218,7 @@ impl VisionTransformer {
         DropPathMasks {
             attn: mask(),
             mlp: mask(),
+            on_device: None,
         }
     }
 
@@ -243,4 +247,20 @@ impl Module for VisionTransformer {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.forward_t::<rand_chacha::ChaCha8Rng>(x, None)
     }
+}
+
+/// Every block's two masks as one (2·depth, B) tensor on `like`'s device and dtype, each block
+/// getting its two rows: one upload per forward pass instead of one per residual.
+fn upload(masks: &mut [Option<DropPathMasks>], like: &Tensor) -> Result<()> {
+    let rows: Vec<f32> = masks
+        .iter()
+        .flatten()
+        .flat_map(|m| m.attn.iter().chain(&m.mlp).copied())
+        .collect();
+    let b = like.dim(0)?;
+    let all = Tensor::from_vec(rows, (2 * masks.len(), b), like.device())?.to_dtype(like.dtype())?;
+    for (i, m) in masks.iter_mut().flatten().enumerate() {
+        m.on_device = Some([all.get(2 * i)?, all.get(2 * i + 1)?]);
+    }
+    Ok(())
 }

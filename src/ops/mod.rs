@@ -16,6 +16,7 @@ mod layer_norm;
 mod linear;
 pub mod math;
 mod residual;
+mod residual_portable;
 mod rows;
 mod softmax;
 mod update;
@@ -27,7 +28,7 @@ pub use cross_entropy::{dino_cross_entropy, dino_loss_rows};
 pub use gelu::{bias_gelu, gelu_erf};
 pub use layer_norm::layer_norm;
 pub use linear::linear;
-pub use residual::residual;
+pub use residual::{residual, residual_with_mask};
 pub use softmax::{attention_probabilities, softmax_last_dim};
 pub use update::{adamw_update, clip_gradient, ema_update, AdamWStep};
 

@@ -19,19 +19,35 @@ pub fn residual(x: &Tensor, branch: &Tensor, scale: Option<&[f32]>) -> Result<Te
         }
     }
     if !fused(x) {
-        // Under autocast the branch ends in a bf16 matmul and the stream is f32: the sum takes
-        // the wider dtype, as PyTorch's type promotion does.
-        use super::autocast::promote_to;
-        let (x, branch) = (&promote_to(branch, x)?, &promote_to(x, branch)?);
-        return match scale {
-            Some(s) => x + branch.broadcast_mul(&Tensor::from_slice(s, (b, 1, 1), x.device())?.to_dtype(x.dtype())?)?,
-            None => x + branch,
-        };
+        let mask = scale
+            .map(|s| Tensor::from_slice(s, b, x.device())?.to_dtype(x.dtype()))
+            .transpose()?;
+        return residual_with_mask(x, branch, mask.as_ref());
     }
     let op = Residual {
         scale: scale.map(|s| Arc::new(s.to_vec())),
     };
     x.contiguous()?.apply_op2(&branch.contiguous()?, op)
+}
+
+/// [`residual`] off the fused CPU path, with the per-sample scales already a (B,) tensor on `x`'s
+/// device (one upload for every block of a forward pass).
+pub fn residual_with_mask(x: &Tensor, branch: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    if super::residual_portable::applies(x, branch, mask) {
+        return super::residual_portable::residual(x, branch, mask);
+    }
+    // Under autocast the branch ends in a bf16 matmul and the stream is f32: the sum takes the
+    // wider dtype, as PyTorch's type promotion does.
+    use super::autocast::promote_to;
+    let (x, branch) = (&promote_to(branch, x)?, &promote_to(x, branch)?);
+    match mask {
+        Some(m) => {
+            let mut shape = vec![1; x.rank()];
+            shape[0] = m.elem_count();
+            x + branch.broadcast_mul(&m.to_dtype(x.dtype())?.reshape(shape)?)?
+        }
+        None => x + branch,
+    }
 }
 
 avx2_multiversion! {
