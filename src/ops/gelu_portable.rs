@@ -6,6 +6,8 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
 
+use super::contiguous as slice;
+
 const FRAC_1_SQRT_2: f64 = std::f64::consts::FRAC_1_SQRT_2;
 /// 1/√(2π)
 const FRAC_1_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
@@ -20,13 +22,6 @@ pub fn applies(x: &Tensor, bias: &Tensor) -> bool {
 /// `gelu_erf(x + bias)` over the last dimension; see [`applies`].
 pub fn bias_gelu(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op2(&bias.contiguous()?, BiasGeluAny)
-}
-
-fn slice<'a, T>(v: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("{what}: expected a contiguous tensor"),
-    }
 }
 
 /// x + b rounded to `T` first (nn.Linear adds its bias in the layer's dtype), then in f64.
@@ -165,9 +160,11 @@ impl CustomOp3 for BiasGeluBackwardAny {
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
     use candle_core::cuda_backend::{CudaDType, WrapErr};
     use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result};
+
+    use super::super::cuda::{grid_stride, view};
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/gelu.ptx"));
 
@@ -192,10 +189,7 @@ mod cuda {
         let func = dev.get_or_load_custom_func(name, "dino_rs_gelu", PTX)?;
         let mut views = Vec::with_capacity(inputs.len());
         for (s, l) in inputs {
-            let Some((a, b)) = l.contiguous_offsets() else {
-                candle_core::bail!("{name}: expected contiguous inputs");
-            };
-            views.push(s.as_cuda_slice::<T>()?.slice(a..b));
+            views.push(view::<T>(s, l, name)?);
         }
         let n = inputs[0].1.shape().elem_count();
         // SAFETY: the kernel writes every element.
@@ -208,14 +202,8 @@ mod cuda {
         builder.arg(&out);
         builder.arg(&count);
         builder.arg(&width);
-        let threads = 256u32;
-        let cfg = LaunchConfig {
-            grid_dim: (count.div_ceil(threads).clamp(1, 65_535), 1, 1),
-            block_dim: (threads, 1, 1),
-            shared_mem_bytes: 0,
-        };
         // SAFETY: the arguments follow the kernel's signature (inputs, output, count, width).
-        unsafe { builder.launch(cfg) }.w()?;
+        unsafe { builder.launch(grid_stride(n)) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
     }
 }

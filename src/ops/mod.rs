@@ -10,6 +10,8 @@ pub mod autocast;
 mod bias;
 mod block;
 mod cross_entropy;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod gelu;
 mod gelu_portable;
 mod layer_norm;
@@ -87,6 +89,11 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
     let CpuStorage::F32(v) = s else {
         bail!("{op}: expected f32, got {:?}", s.dtype());
     };
+    contiguous(v, l, op)
+}
+
+/// The elements of `v` that the contiguous layout `l` covers.
+fn contiguous<'a, T>(v: &'a [T], l: &Layout, op: &str) -> Result<&'a [T]> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&v[a..b]),
         None => bail!("{op}: expected a contiguous tensor"),

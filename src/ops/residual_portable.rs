@@ -8,6 +8,8 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
+use super::contiguous;
+
 /// Whether [`residual`] takes these: the same shape; the stream f32 (or f64 on the CPU); the
 /// branch f32 or bf16 (any float on the CPU); the mask f32 (f64 with an f64 stream), one per sample.
 pub fn applies(x: &Tensor, branch: &Tensor, mask: Option<&Tensor>) -> bool {
@@ -30,13 +32,6 @@ pub fn residual(x: &Tensor, branch: &Tensor, mask: Option<&Tensor>) -> Result<Te
     }
 }
 
-fn contiguous<'a, T>(v: &'a [T], l: &Layout) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("residual: expected a contiguous tensor"),
-    }
-}
-
 /// The values of a CPU storage as f64.
 fn values(s: &CpuStorage, l: &Layout) -> Result<Vec<f64>> {
     use candle_core::WithDType;
@@ -44,10 +39,10 @@ fn values(s: &CpuStorage, l: &Layout) -> Result<Vec<f64>> {
         v.iter().map(|&e| e.to_f64()).collect()
     }
     Ok(match s {
-        CpuStorage::F32(v) => widen(contiguous(v, l)?),
-        CpuStorage::F64(v) => widen(contiguous(v, l)?),
-        CpuStorage::BF16(v) => widen(contiguous(v, l)?),
-        CpuStorage::F16(v) => widen(contiguous(v, l)?),
+        CpuStorage::F32(v) => widen(contiguous(v, l, "residual")?),
+        CpuStorage::F64(v) => widen(contiguous(v, l, "residual")?),
+        CpuStorage::BF16(v) => widen(contiguous(v, l, "residual")?),
+        CpuStorage::F16(v) => widen(contiguous(v, l, "residual")?),
         other => candle_core::bail!("residual: expected floats, got {:?}", other.dtype()),
     })
 }
@@ -65,14 +60,14 @@ fn cpu(
     let scaled = |i: usize| mv.as_ref().map_or(bv[i], |m| m[i / per.max(1)] * bv[i]);
     Ok(match x {
         CpuStorage::F32(v) => CpuStorage::F32(
-            contiguous(v, lx)?
+            contiguous(v, lx, "residual")?
                 .iter()
                 .enumerate()
                 .map(|(i, &xv)| xv + scaled(i) as f32)
                 .collect(),
         ),
         CpuStorage::F64(v) => CpuStorage::F64(
-            contiguous(v, lx)?
+            contiguous(v, lx, "residual")?
                 .iter()
                 .enumerate()
                 .map(|(i, &xv)| xv + scaled(i))
@@ -175,16 +170,14 @@ impl CustomOp3 for ResidualMasked {
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
     use candle_core::cuda_backend::WrapErr;
     use candle_core::{CudaStorage, DType, Layout, Result};
 
-    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/residual.ptx"));
+    use super::super::cuda::{grid_stride, view};
 
-    fn range(l: &Layout) -> Result<(usize, usize)> {
-        l.contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("residual: expected a contiguous tensor".into()))
-    }
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/residual.ptx"));
+    const OP: &str = "residual";
 
     pub(super) fn run(
         (x, lx): (&CudaStorage, &Layout),
@@ -202,10 +195,8 @@ mod cuda {
             None => format!("dino_residual_{suffix}"),
         };
         let func = dev.get_or_load_custom_func(&name, "dino_rs_residual", PTX)?;
-        let (xa, xb) = range(lx)?;
-        let (ba, bb) = range(lb)?;
-        let n = xb - xa;
-        let xs = x.as_cuda_slice::<f32>()?.slice(xa..xb);
+        let n = lx.shape().elem_count();
+        let xs = view::<f32>(x, lx, OP)?;
         // SAFETY: the kernel writes every element.
         let out = unsafe { dev.alloc::<f32>(n)? };
         let count = n as u32;
@@ -215,18 +206,17 @@ mod cuda {
         let (bf, bh);
         match b.dtype() {
             DType::F32 => {
-                bf = b.as_cuda_slice::<f32>()?.slice(ba..bb);
+                bf = view::<f32>(b, lb, OP)?;
                 builder.arg(&bf);
             }
             _ => {
-                bh = b.as_cuda_slice::<half::bf16>()?.slice(ba..bb);
+                bh = view::<half::bf16>(b, lb, OP)?;
                 builder.arg(&bh);
             }
         }
         let ms;
         if let Some((m, lm)) = mask {
-            let (ma, mb) = range(lm)?;
-            ms = m.as_cuda_slice::<f32>()?.slice(ma..mb);
+            ms = view::<f32>(m, lm, OP)?;
             builder.arg(&ms);
         }
         builder.arg(&out);
@@ -234,14 +224,8 @@ mod cuda {
         if mask.is_some() {
             builder.arg(&per_sample);
         }
-        let threads = 256u32;
-        let cfg = LaunchConfig {
-            grid_dim: (count.div_ceil(threads).clamp(1, 65_535), 1, 1),
-            block_dim: (threads, 1, 1),
-            shared_mem_bytes: 0,
-        };
         // SAFETY: the arguments follow the kernel's signature (x, branch, [mask,] out, n[, per_sample]).
-        unsafe { builder.launch(cfg) }.w()?;
+        unsafe { builder.launch(grid_stride(n)) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(out, dev))
     }
 }

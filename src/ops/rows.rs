@@ -11,6 +11,8 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType, D};
 
+use super::contiguous as slice;
+
 /// `(x - mean) / sqrt(var + eps) * weight + bias` over the last dimension.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     let d = x.dim(D::Minus1)?;
@@ -35,13 +37,6 @@ fn at_least_f32(t: &Tensor) -> Result<Tensor> {
     match t.dtype() {
         DType::BF16 | DType::F16 => t.to_dtype(DType::F32),
         _ => Ok(t.clone()),
-    }
-}
-
-fn slice<'a, T>(v: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("{what}: expected a contiguous tensor"),
     }
 }
 
@@ -219,20 +214,11 @@ mod cuda {
     use candle_core::cuda_backend::{kernel_name, kernels, Map1, Map3, WrapErr};
     use candle_core::{CudaDevice, CudaStorage, Layout, Result, Shape, WithDType};
 
+    use super::super::cuda::slice_view;
+
     fn rows_cols(l: &Layout) -> (usize, usize) {
         let d = l.dims().last().copied().unwrap_or(1).max(1);
         (l.shape().elem_count() / d, d)
-    }
-
-    fn contiguous<'a, T>(
-        s: &'a CudaSlice<T>,
-        l: &Layout,
-        what: &str,
-    ) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
-        match l.contiguous_offsets() {
-            Some((a, b)) => Ok(s.slice(a..b)),
-            None => candle_core::bail!("{what} has to be contiguous"),
-        }
     }
 
     struct LayerNorm(f32);
@@ -249,9 +235,9 @@ mod cuda {
             dev: &CudaDevice,
         ) -> Result<CudaSlice<T>> {
             let (x, w, b) = (
-                contiguous(x, lx, "input")?,
-                contiguous(w, lw, "weight")?,
-                contiguous(b, lb, "bias")?,
+                slice_view(x, lx, "layer norm input")?,
+                slice_view(w, lw, "layer norm weight")?,
+                slice_view(b, lb, "layer norm bias")?,
             );
             let (rows, cols) = rows_cols(lx);
             let block = if cols < 1024 { 32 } else { 1024 };
@@ -299,7 +285,7 @@ mod cuda {
 
     impl Map1 for Softmax {
         fn f<T: DeviceRepr + WithDType>(&self, x: &CudaSlice<T>, dev: &CudaDevice, l: &Layout) -> Result<CudaSlice<T>> {
-            let x = contiguous(x, l, "input")?;
+            let x = slice_view(x, l, "softmax input")?;
             let (rows, cols) = rows_cols(l);
             let cfg = LaunchConfig {
                 grid_dim: (rows as u32, 1, 1),

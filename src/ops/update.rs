@@ -329,16 +329,13 @@ impl InplaceOp2 for Clip {
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
     use candle_core::cuda_backend::WrapErr;
     use candle_core::{CudaStorage, Layout, Result};
 
-    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/update.ptx"));
+    use super::super::cuda::{grid_stride, view};
 
-    fn range(l: &Layout, what: &str) -> Result<(usize, usize)> {
-        l.contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg(format!("{what}: expected a contiguous tensor")))
-    }
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/update.ptx"));
 
     /// Runs kernel `name` of update.cu over `dst` in place, reading `srcs` (each as long as `dst`),
     /// with the f32 `scalars` and the element count as its last arguments.
@@ -349,8 +346,7 @@ mod cuda {
         srcs: &[(&CudaStorage, &Layout)],
         scalars: &[f32],
     ) -> Result<()> {
-        let n = range(dl, name).map(|(a, b)| b - a)?;
-        run(name, dst, dl, srcs, n, scalars)
+        run(name, dst, dl, srcs, dl.shape().elem_count(), scalars)
     }
 
     /// Like [`launch`] with one input holding a single value (read by every thread).
@@ -373,18 +369,22 @@ mod cuda {
         input_len: usize,
         scalars: &[f32],
     ) -> Result<()> {
-        let (a, b) = range(dl, name)?;
-        let n = b - a;
+        let n = dl.shape().elem_count();
         let dev = dst.device.clone();
         let func = dev.get_or_load_custom_func(name, "dino_rs_update", PTX)?;
         let mut views = Vec::with_capacity(srcs.len());
         for (s, l) in srcs {
-            let (sa, sb) = range(l, name)?;
-            if sb - sa != input_len {
-                candle_core::bail!("{name}: an input of {} elements where {input_len} are needed", sb - sa);
+            if l.shape().elem_count() != input_len {
+                candle_core::bail!(
+                    "{name}: an input of {:?} where {input_len} elements are needed",
+                    l.dims()
+                );
             }
-            views.push(s.as_cuda_slice::<f32>()?.slice(sa..sb));
+            views.push(view::<f32>(s, l, name)?);
         }
+        let Some((a, b)) = dl.contiguous_offsets() else {
+            candle_core::bail!("{name}: expected a contiguous tensor");
+        };
         let mut out = dst.as_cuda_slice_mut::<f32>()?.slice_mut(a..b);
         let count = n as u32;
         let mut builder = func.builder();
@@ -396,15 +396,9 @@ mod cuda {
             builder.arg(x);
         }
         builder.arg(&count);
-        let threads = 256u32;
-        let cfg = LaunchConfig {
-            grid_dim: (count.div_ceil(threads).clamp(1, 65_535), 1, 1),
-            block_dim: (threads, 1, 1),
-            shared_mem_bytes: 0,
-        };
         // SAFETY: the arguments follow the kernel's signature (output, inputs, scalars, count),
-        // and every input holds `count` elements.
-        unsafe { builder.launch(cfg) }.w()?;
+        // and every input holds the elements the kernel reads.
+        unsafe { builder.launch(grid_stride(n)) }.w()?;
         Ok(())
     }
 }
