@@ -228,7 +228,7 @@ def gpu_memory_used_mib() -> float | None:
         return None
 
 
-def run_child(kind: str, framework: str, args) -> dict:
+def run_child(kind: str, framework: str, args, timeout: float) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", f"{kind}:{framework}", "--config", args.config,
            "--device", args.device, "--warmup", str(args.warmup), "--steps", str(args.steps)]
     base = gpu_memory_used_mib() if args.device.startswith("cuda") else None
@@ -245,9 +245,9 @@ def run_child(kind: str, framework: str, args) -> dict:
     if base is not None:
         poller.start()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.child_timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"kind": kind, "framework": framework, "error": f"timed out after {args.child_timeout} s"}
+        return {"kind": kind, "framework": framework, "error": f"timed out after {timeout:.0f} s"}
     finally:
         done.set()
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -287,6 +287,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--only", default=None, help="comma-separated kind:framework pairs (default: all)")
     ap.add_argument("--child-timeout", type=float, default=240.0)
+    ap.add_argument("--budget", type=float, default=None,
+                    help="seconds for all runs: each child gets at most its share of what is left, runs past "
+                         "the budget are skipped, and the table is printed in time")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here, one JSON object per line")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -301,9 +304,20 @@ def main() -> None:
           f"out_dim {c['out_dim']}; device {args.device}; {args.warmup} warm-up + {args.steps} timed; "
           f"{iteration_gflop_per_image({**RECIPE, **c}):.1f} GFLOP per image per iteration", flush=True)
     results = []
-    for kind, framework in runs:
+    deadline = time.perf_counter() + args.budget if args.budget else None
+    for i, (kind, framework) in enumerate(runs):
         t = time.perf_counter()
-        r = run_child(kind, framework, args)
+        timeout = args.child_timeout
+        if deadline is not None:
+            left = deadline - t
+            if left < 5:
+                r = {"kind": kind, "framework": framework, "error": "skipped: the time budget is spent"}
+                results.append(r)
+                print(f"  {kind:9s} {framework:16s} skipped (budget spent)", flush=True)
+                continue
+            # Twice a fair share of what is left, so one slow run does not starve the rest.
+            timeout = min(timeout, left, 2 * left / (len(runs) - i))
+        r = run_child(kind, framework, args, timeout)
         results.append(r)
         print(f"  {kind:9s} {framework:16s} {json.dumps(r)[:300]} ({time.perf_counter() - t:.0f} s)", flush=True)
         if args.json:

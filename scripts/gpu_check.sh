@@ -46,7 +46,7 @@ test_rc=${PIPESTATUS[0]}
 echo "== benches/bench_gpu.py"
 rm -f "$LOG/bench_gpu.jsonl"
 left=$(( TOTAL - SECONDS - 10 ))
-timeout "$left" "$PY" benches/bench_gpu.py --child-timeout $(( left / 6 )) --json "$LOG/bench_gpu.jsonl" 2>&1 |
+timeout "$left" "$PY" benches/bench_gpu.py --budget $(( left - 15 )) --json "$LOG/bench_gpu.jsonl" 2>&1 |
   tee "$LOG/bench_gpu.txt"
 bench_rc=${PIPESTATUS[0]}
 
