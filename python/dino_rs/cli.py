@@ -314,11 +314,13 @@ def add_embed_command(sub: "argparse._SubParsersAction[argparse.ArgumentParser]"
     p.add_argument("--batch_size", type=int, default=128, help="images per forward pass (default 128)")
     p.add_argument("--num_heads", type=int, default=None, help="heads of a backbone file (default embed_dim // 64)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="compute dtype: bfloat16 is mixed precision for GPUs (default float32)")
     p.add_argument("--num_workers", type=int, default=None, help="compute threads (default: all cores)")
     p.set_defaults(run=run_embed)
 
 
-def load_model(path: str, num_heads: Optional[int] = None, device: str = "auto") -> Any:
+def load_model(path: str, num_heads: Optional[int] = None, device: str = "auto", dtype: str = "float32") -> Any:
     """A :class:`dino_rs.DINO` from any file dino_rs writes or reads.
 
     A folder: its ``model.safetensors``, else its ``checkpoint.safetensors``. ``.pth``/``.pt``:
@@ -339,12 +341,12 @@ def load_model(path: str, num_heads: Optional[int] = None, device: str = "auto")
     if not p.exists():
         raise CliError(f"checkpoint not found: {path}")
     if p.suffix in (".pth", ".pt"):
-        return dr.load_backbone(p, num_heads=num_heads, device=device)
+        return dr.load_backbone(p, num_heads=num_heads, device=device, dtype=dtype)
     try:
-        return dr.DINO.load(p, device=device)
+        return dr.DINO.load(p, device=device, dtype=dtype)
     except ValueError as first:
         try:
-            return dr.load_backbone(p, num_heads=num_heads, device=device)
+            return dr.load_backbone(p, num_heads=num_heads, device=device, dtype=dtype)
         except ValueError as second:
             raise CliError(f"cannot read {p} as a dino_rs model or checkpoint ({first}) nor as a backbone ({second})") from None
 
@@ -362,7 +364,7 @@ def run_embed(args: argparse.Namespace) -> int:
         if args.num_workers < 1:
             raise CliError(f"--num_workers must be at least 1, got {args.num_workers}")
         dr.set_num_threads(args.num_workers)
-    model = load_model(args.checkpoint, args.num_heads, args.device)
+    model = load_model(args.checkpoint, args.num_heads, args.device, args.dtype)
     dataset = dr.ImageFolder(data)
     feats = np.asarray(model.embed(dataset, batch_size=args.batch_size), dtype=np.float32)
     out = Path(args.output)

@@ -648,6 +648,13 @@ def test_cli_embed(folder, tmp_path, capsys):
         assert meta["classes"] == ["cat", "dog"] and meta["labels"] == [0, 0, 0, 0, 1, 1, 1, 1]
         assert [Path(p).name for p in meta["paths"]] == ["0.png", "1.png", "2.png", "3.png"] * 2
         assert meta["shape"] == [8, 16]
+    # mixed precision: within bf16's precision of the float32 features, and not identical to them
+    for i, ckpt in enumerate([out, tmp_path / "backbone.safetensors"]):
+        bf16_path = tmp_path / f"bf16_{i}.npy"
+        assert cli.main(["embed", "--checkpoint", str(ckpt), "--data", str(folder), "--output", str(bf16_path),
+                         "--device", "cpu", "--dtype", "bfloat16"]) == 0
+        gap = np.abs(np.load(bf16_path) - expected).max() / np.abs(expected).max()
+        assert 0 < gap < 1e-2, gap
     # a name without .npy is kept as given
     assert cli.main(["embed", "--checkpoint", str(out), "--data", str(folder), "--output",
                      str(tmp_path / "sub" / "feats.bin")]) == 0
