@@ -66,6 +66,10 @@ export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}" CUDARC_CUDA_VERSION=13000
 export RUSTFLAGS="${RUSTFLAGS:-} -L native=$WORK/linkstubs"
 
 rm -rf "$OUT_DIR"
+# The candle-core patch rewrites Cargo.lock's entry for it (a path instead of crates.io): put the
+# committed lock back afterwards, so the CPU build and CI keep resolving candle from crates.io.
+cp Cargo.lock "$WORK/Cargo.lock.committed"
+trap 'cp "$WORK/Cargo.lock.committed" "$ROOT/Cargo.lock"' EXIT
 python3 -m maturin build --release --features python,cuda --strip --auditwheel skip -o "$OUT_DIR" \
     --config "patch.crates-io.candle-core.path=\"$PATCHED\""
 # The GPU machine has no network: scripts/gpu_check.sh installs pytest from these (pure Python) wheels.
