@@ -4,16 +4,8 @@
 
 use candle_core::{Result, Tensor, D};
 
+use crate::ops::at_least_f32;
 use crate::schedule::teacher_temp_schedule;
-
-/// Half-precision outputs (a bf16 forward pass) widened to f32; f32 and f64 stay as they are.
-fn f32(t: &Tensor) -> Result<Tensor> {
-    use candle_core::DType;
-    match t.dtype() {
-        DType::BF16 | DType::F16 => t.to_dtype(DType::F32),
-        _ => Ok(t.clone()),
-    }
-}
 
 #[derive(Debug, Clone)]
 pub struct DinoLoss {
@@ -70,7 +62,7 @@ impl DinoLoss {
         // Checked before the teacher's softmax, which would accept any row count.
         crate::ops::dino_loss_rows(self.ncrops, student_out.dims2()?.0, teacher_out.dim(0)?)?;
         // Never in half precision: bf16 logits from a mixed-precision forward are widened first.
-        let (student_out, teacher_out) = (&f32(student_out)?, &f32(teacher_out)?);
+        let (student_out, teacher_out) = (&at_least_f32(student_out)?, &at_least_f32(teacher_out)?);
         let q = candle_nn::ops::softmax(
             &(teacher_out.broadcast_sub(&self.center)? / self.teacher_temp(epoch))?,
             D::Minus1,
@@ -80,7 +72,7 @@ impl DinoLoss {
 
     /// center ← m·center + (1 − m)·mean(teacher_out over the batch).
     pub fn update_center(&mut self, teacher_out: &Tensor) -> Result<()> {
-        let batch_center = f32(&teacher_out.detach())?.sum_keepdim(0)? / teacher_out.dim(0)? as f64;
+        let batch_center = at_least_f32(&teacher_out.detach())?.sum_keepdim(0)? / teacher_out.dim(0)? as f64;
         self.center = ((&self.center * self.center_momentum)? + (batch_center? * (1.0 - self.center_momentum))?)?;
         Ok(())
     }

@@ -104,11 +104,10 @@ impl CustomOp2 for BiasGeluAny {
         let dx = x.apply_op3_no_bwd(b, &grad.contiguous()?, &BiasGeluBackwardAny)?;
         // The bias gradient sums every row: in f32 at least, as PyTorch accumulates it.
         let d = b.elem_count();
-        let wide = match dx.dtype() {
-            DType::BF16 | DType::F16 => dx.to_dtype(DType::F32)?,
-            _ => dx.clone(),
-        };
-        let db = wide.reshape((dx.elem_count() / d, d))?.sum(0)?.to_dtype(b.dtype())?;
+        let db = super::at_least_f32(&dx)?
+            .reshape((dx.elem_count() / d, d))?
+            .sum(0)?
+            .to_dtype(b.dtype())?;
         Ok((Some(dx), Some(db)))
     }
 }

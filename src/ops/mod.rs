@@ -92,6 +92,22 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
     contiguous(v, l, op)
 }
 
+/// `t` in f32 if it is half precision (bf16, f16); f32 and f64 as they are. For the sums and
+/// statistics that must not be taken in half precision (loss, gradients, normalisation).
+pub fn at_least_f32(t: &Tensor) -> Result<Tensor> {
+    match t.dtype() {
+        candle_core::DType::BF16 | candle_core::DType::F16 => t.to_dtype(candle_core::DType::F32),
+        _ => Ok(t.clone()),
+    }
+}
+
+/// `mask` (one value per sample) shaped (B, 1, …, 1) to broadcast over a rank-`rank` batch.
+fn per_sample(mask: &Tensor, rank: usize) -> Result<Tensor> {
+    let mut shape = vec![1; rank.max(1)];
+    shape[0] = mask.elem_count();
+    mask.reshape(shape)
+}
+
 /// The elements of `v` that the contiguous layout `l` covers.
 fn contiguous<'a, T>(v: &'a [T], l: &Layout, op: &str) -> Result<&'a [T]> {
     match l.contiguous_offsets() {

@@ -41,11 +41,7 @@ pub fn residual_with_mask(x: &Tensor, branch: &Tensor, mask: Option<&Tensor>) ->
     use super::autocast::promote_to;
     let (x, branch) = (&promote_to(branch, x)?, &promote_to(x, branch)?);
     match mask {
-        Some(m) => {
-            let mut shape = vec![1; x.rank()];
-            shape[0] = m.elem_count();
-            x + branch.broadcast_mul(&m.to_dtype(x.dtype())?.reshape(shape)?)?
-        }
+        Some(m) => x + branch.broadcast_mul(&super::per_sample(&m.to_dtype(x.dtype())?, x.rank())?)?,
         None => x + branch,
     }
 }

@@ -80,11 +80,7 @@ fn cpu(
 /// The branch's gradient: the stream's, times the mask, in the branch's dtype.
 fn branch_grad(grad: &Tensor, branch: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
     let g = match mask {
-        Some(m) => {
-            let mut shape = vec![1; grad.rank()];
-            shape[0] = m.elem_count();
-            grad.broadcast_mul(&m.reshape(shape)?)?
-        }
+        Some(m) => grad.broadcast_mul(&super::per_sample(m, grad.rank())?)?,
         None => grad.clone(),
     };
     g.to_dtype(branch.dtype())

@@ -9,9 +9,9 @@
 //! (../shared/GPU.md), that count is the step time.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType, D};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor, WithDType, D};
 
-use super::contiguous as slice;
+use super::{at_least_f32, contiguous as slice};
 
 /// `(x - mean) / sqrt(var + eps) * weight + bias` over the last dimension.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
@@ -31,13 +31,6 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
 /// Softmax over the last dimension.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(AnySoftmax)
-}
-
-fn at_least_f32(t: &Tensor) -> Result<Tensor> {
-    match t.dtype() {
-        DType::BF16 | DType::F16 => t.to_dtype(DType::F32),
-        _ => Ok(t.clone()),
-    }
 }
 
 /// Applies `f` to every row of `d` values in f64, writing `T`.
