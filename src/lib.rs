@@ -11,6 +11,7 @@ pub mod augment;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod device;
 pub mod dino;
 pub mod error;
 pub mod loss;

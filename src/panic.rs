@@ -30,11 +30,12 @@ pub fn catch_quietly<T>(what: &str, f: impl FnOnce() -> T) -> Result<T, String> 
     })
 }
 
-/// CUDA device `index`. cudarc opens libcuda at run time and panics when it is missing (a CUDA build
-/// on a machine without the NVIDIA driver); that, like any other failure, is an error here.
+/// CUDA device `index` on a stream of its own (see [`crate::device::cuda`], which callers use).
+/// cudarc opens libcuda at run time and panics when it is missing (a CUDA build on a machine
+/// without the NVIDIA driver); that, like any other failure, is an error here.
 pub fn open_cuda(index: usize) -> Result<candle_core::Device, String> {
     catch_quietly("the CUDA driver library could not be loaded", || {
-        candle_core::Device::new_cuda(index)
+        candle_core::Device::new_cuda_with_stream(index)
     })?
     .map_err(|e| e.to_string())
 }

@@ -27,7 +27,7 @@ fn get_num_threads() -> usize {
 fn cuda_is_available() -> bool {
     #[cfg(feature = "cuda")]
     {
-        crate::panic::open_cuda(0).is_ok()
+        crate::device::cuda(0).is_ok()
     }
     #[cfg(not(feature = "cuda"))]
     {

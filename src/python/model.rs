@@ -23,7 +23,7 @@ pub fn parse_device(device: &str) -> PyResult<Device> {
         "cpu" => return Ok(Device::Cpu),
         "auto" => {
             #[cfg(feature = "cuda")]
-            if let Ok(d) = crate::panic::open_cuda(0) {
+            if let Ok(d) = crate::device::cuda(0) {
                 return Ok(d);
             }
             return Ok(Device::Cpu);
@@ -40,7 +40,7 @@ pub fn parse_device(device: &str) -> PyResult<Device> {
     };
     #[cfg(feature = "cuda")]
     {
-        crate::panic::open_cuda(cuda_index)
+        crate::device::cuda(cuda_index)
             .map_err(|e| PyRuntimeError::new_err(format!("cannot open CUDA device {cuda_index}: {e}")))
     }
     #[cfg(not(feature = "cuda"))]
