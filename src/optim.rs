@@ -57,32 +57,60 @@ impl AdamW {
     /// One update with `grads` by parameter name. Parameters without a gradient are skipped
     /// entirely (no decay, no state change), as PyTorch does for `grad is None`.
     pub fn step(&mut self, grads: &HashMap<String, Tensor>, lr: f64, weight_decay: f64) -> Result<()> {
-        let (b1, b2) = (self.beta1, self.beta2);
-        for s in self.slots.iter_mut() {
+        let (b1, b2, eps) = (self.beta1, self.beta2, self.eps);
+        let mut updates = Vec::with_capacity(self.slots.len());
+        for (i, s) in self.slots.iter_mut().enumerate() {
             let Some(g) = grads.get(&s.name) else {
                 continue;
             };
             s.step += 1;
             let wd = if s.decay { weight_decay } else { 0.0 };
-            let fused = crate::ops::AdamWStep {
+            let step = crate::ops::AdamWStep {
                 decay: 1.0 - lr * wd,
                 beta1: b1,
                 beta2: b2,
                 bias_correction2_sqrt: (1.0 - b2.powi(s.step as i32)).sqrt(),
-                eps: self.eps,
+                eps,
                 step_size: lr / (1.0 - b1.powi(s.step as i32)),
             };
-            if crate::ops::adamw_update(s.var.as_tensor(), &s.m, &s.v, g, fused)? {
+            updates.push((i, g, step));
+        }
+        // The multi-tensor kernels read gradients as contiguous buffers (a copy only for one that
+        // is not; clipping has already made them so).
+        let contiguous = updates
+            .iter()
+            .map(|(_, g, _)| g.contiguous())
+            .collect::<Result<Vec<_>>>()?;
+        let items: Vec<crate::ops::AdamWItem> = updates
+            .iter()
+            .zip(&contiguous)
+            .map(|(&(i, _, step), grad)| {
+                let s = &self.slots[i];
+                crate::ops::AdamWItem {
+                    param: s.var.as_tensor(),
+                    m: &s.m,
+                    v: &s.v,
+                    grad,
+                    step,
+                }
+            })
+            .collect();
+        if crate::ops::adamw_foreach(&items)? {
+            return Ok(());
+        }
+        drop(items);
+        for (i, g, step) in updates {
+            let s = &mut self.slots[i];
+            if crate::ops::adamw_update(s.var.as_tensor(), &s.m, &s.v, g, step)? {
                 continue;
             }
-            let p = (s.var.as_tensor() * (1.0 - lr * wd))?;
+            let p = (s.var.as_tensor() * step.decay)?;
             // lerp(m, g, 1 − β1) = m + (1 − β1)·(g − m)
             // Detached: the state must not keep a chain of autograd ops from step to step.
             s.m = (&s.m + ((g - &s.m)? * (1.0 - b1))?)?.detach();
             s.v = ((&s.v * b2)? + (g.sqr()? * (1.0 - b2))?)?.detach();
             let bc1 = 1.0 - b1.powi(s.step as i32);
-            let bc2_sqrt = (1.0 - b2.powi(s.step as i32)).sqrt();
-            let denom = ((s.v.sqrt()? / bc2_sqrt)? + self.eps)?;
+            let denom = ((s.v.sqrt()? / step.bias_correction2_sqrt)? + eps)?;
             let update = (s.m.div(&denom)? * (lr / bc1))?;
             s.var.set(&(p - update)?)?;
         }
@@ -121,13 +149,23 @@ impl AdamW {
 /// On the CPU the norm is read and the multiply skipped when it is not needed. Elsewhere nothing
 /// is read back: the official code's per-parameter `.item()` drains a GPU's queue once per
 /// parameter, so the coefficient min(1, clip/(norm+1e-6)) stays on the device, and a factor of
-/// exactly 1 leaves a gradient as it was.
+/// exactly 1 leaves a gradient as it was. On CUDA all gradients are clipped in two launches
+/// ([`crate::ops::clip_foreach`]).
 pub fn clip_gradients(grads: &mut HashMap<String, Tensor>, clip: f64) -> Result<()> {
+    if grads.values().next().is_some_and(|g| !g.device().is_cpu()) {
+        for g in grads.values_mut() {
+            // In place below: a gradient laid out otherwise gets a copy of its own first.
+            *g = g.contiguous()?;
+        }
+        if crate::ops::clip_foreach(&grads.values().collect::<Vec<_>>(), clip)? {
+            return Ok(());
+        }
+    }
     for g in grads.values_mut() {
         *g = if g.device().is_cpu() {
             clip_read_back(g, clip)?
         } else {
-            clip_on_device(g, clip)?
+            clip_composed(g, clip)?
         };
     }
     Ok(())
@@ -141,14 +179,6 @@ fn clip_read_back(g: &Tensor, clip: f64) -> Result<Tensor> {
     } else {
         Ok(g.clone())
     }
-}
-
-fn clip_on_device(g: &Tensor, clip: f64) -> Result<Tensor> {
-    // One kernel after the norm where dino_rs has it (CUDA f32; in place); otherwise candle ops.
-    if crate::ops::clip_gradient(g, clip)? {
-        return Ok(g.clone());
-    }
-    clip_composed(g, clip)
 }
 
 fn clip_composed(g: &Tensor, clip: f64) -> Result<Tensor> {
@@ -169,16 +199,9 @@ mod tests {
         let values = |t: &Tensor| -> Result<Vec<f32>> { t.flatten_all()?.to_vec1() };
         for clip in [norm * 0.25, norm * 0.999, norm * 1.5, 1e9] {
             let reference = values(&clip_read_back(&g, clip)?)?;
-            // The in-place kernel (on a copy: it changes its input) and the candle-op version.
-            let copy = g.copy()?;
-            assert!(
-                crate::ops::clip_gradient(&copy, clip)?,
-                "the CPU runs the in-place kernel too"
-            );
-            for (how, a) in [
-                ("kernel", values(&copy)?),
-                ("composed", values(&clip_composed(&g, clip)?)?),
-            ] {
+            // The candle-op version (devices without the kernels); CUDA's kernels are checked
+            // against the CPU by tests/python/test_gpu.py.
+            for (how, a) in [("composed", values(&clip_composed(&g, clip)?)?)] {
                 for (x, y) in a.iter().zip(&reference) {
                     assert!(
                         (x - y).abs() <= 1e-6 * y.abs(),

@@ -7,10 +7,19 @@ use crate::model::ParamStore;
 
 /// Updates every teacher variable from the student variable of the same name.
 pub fn ema_update(teacher: &ParamStore, student: &ParamStore, momentum: f64) -> Result<()> {
-    for (name, t) in teacher.vars() {
-        let Some(s) = student.get(&name) else {
-            candle_core::bail!("teacher parameter {name} has no student counterpart");
-        };
+    let pairs = teacher
+        .vars()
+        .into_iter()
+        .map(|(name, t)| match student.get(&name) {
+            Some(s) => Ok((t, s)),
+            None => candle_core::bail!("teacher parameter {name} has no student counterpart"),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let tensors: Vec<_> = pairs.iter().map(|(t, s)| (t.as_tensor(), s.as_tensor())).collect();
+    if crate::ops::ema_foreach(&tensors, momentum)? {
+        return Ok(());
+    }
+    for (t, s) in &pairs {
         if crate::ops::ema_update(t.as_tensor(), s.as_tensor(), momentum)? {
             continue;
         }

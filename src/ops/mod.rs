@@ -12,6 +12,7 @@ mod block;
 mod cross_entropy;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod foreach;
 mod gelu;
 mod gelu_portable;
 mod layer_norm;
@@ -27,12 +28,13 @@ pub use attention::attention;
 pub use bias::add_bias;
 pub use block::{transformer_block, BLOCK_PARAMS};
 pub use cross_entropy::{dino_cross_entropy, dino_loss_rows};
+pub use foreach::{adamw_foreach, clip_foreach, ema_foreach, AdamWItem};
 pub use gelu::{bias_gelu, gelu_erf};
 pub use layer_norm::layer_norm;
 pub use linear::linear;
 pub use residual::{residual, residual_with_mask};
 pub use softmax::{attention_probabilities, softmax_last_dim};
-pub use update::{adamw_update, clip_gradient, ema_update, AdamWStep};
+pub use update::{adamw_update, ema_update, AdamWStep};
 
 use candle_core::{backend::BackendStorage, bail, CpuStorage, Layout, Result, Tensor};
 use rayon::prelude::*;
@@ -78,7 +80,7 @@ pub fn fused(x: &Tensor) -> bool {
 }
 
 /// False when `DINO_RS_COMPOSED_OPS` is set (to anything but "" or "0"): the fused CPU kernels
-/// give way to the path other devices take, and the CUDA in-place updates to candle ops (to test
+/// give way to the path other devices take, and the CUDA multi-tensor updates to candle ops (to test
 /// that path on the CPU, or to measure what the kernels are worth).
 fn kernels_enabled() -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();

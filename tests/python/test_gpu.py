@@ -73,8 +73,9 @@ def test_attention_matches_cpu(pair):
     assert rel(a, b) < TOL
 
 
-@pytest.mark.parametrize("dtype,tol", [("float32", TOL), ("bfloat16", BF16_TOL)])
-def test_training_steps_match_cpu(checkpoint, dtype, tol):
+# clip_grad=1e-3 clips every gradient, so that the clipping kernels' scaling is compared too.
+@pytest.mark.parametrize("dtype,tol,clip_grad", [("float32", TOL, 3.0), ("float32", TOL, 1e-3), ("bfloat16", BF16_TOL, 3.0)])
+def test_training_steps_match_cpu(checkpoint, dtype, tol, clip_grad):
     g = crops(8, 224, seed=2).reshape(2, 4, 3, 224, 224)
     l = crops(8, 96, seed=3).reshape(2, 4, 3, 96, 96)
     images = (np.random.default_rng(4).random((8, 64, 64, 3)) * 255).astype(np.uint8)
@@ -85,7 +86,7 @@ def test_training_steps_match_cpu(checkpoint, dtype, tol):
         aug = dr.MultiCropAugmenter(global_size=224, local_size=96, n_local=2)
         loader = dr.MultiCropLoader(dr.ArrayDataset(images), aug, batch_size=4)
         # No warm-up and a large rate, so that the two steps move the weights visibly.
-        trainer = dr.Trainer(model, loader, epochs=2, warmup_epochs=0, lr=0.5, progress=False)
+        trainer = dr.Trainer(model, loader, epochs=2, warmup_epochs=0, lr=0.5, clip_grad=clip_grad, progress=False)
         # Two steps: the second runs with the weights, optimiser state, teacher and centre the first left.
         losses = [trainer.step(g, l)["loss"] for _ in range(2)]
         probe = crops(2, 224, seed=5)
@@ -116,3 +117,29 @@ def test_fit_from_a_loader_matches_cpu(checkpoint):
     assert len(cpu_losses) == 2
     assert np.allclose(gpu_losses, cpu_losses, rtol=TOL, atol=0), (gpu_losses, cpu_losses)
     assert rel(gpu_student, cpu_student) < TOL
+
+
+def test_work_issued_from_several_threads_is_ordered(checkpoint):
+    # Every thread issues to the device's one stream (src/device.rs): a step from a worker thread,
+    # then one from this thread, then features, give what the same calls give from one thread.
+    import threading
+
+    g = crops(8, 224, seed=9).reshape(2, 4, 3, 224, 224)
+    results = []
+    for threaded in (False, True):
+        model = dr.DINO.load(checkpoint, device="cuda")
+        images = (np.random.default_rng(10).random((8, 64, 64, 3)) * 255).astype(np.uint8)
+        loader = dr.MultiCropLoader(dr.ArrayDataset(images), dr.MultiCropAugmenter(n_local=0), batch_size=4)
+        trainer = dr.Trainer(model, loader, epochs=2, warmup_epochs=0, lr=0.5, progress=False)
+        losses = []
+        if threaded:
+            worker = threading.Thread(target=lambda: losses.append(trainer.step(g)["loss"]))
+            worker.start()
+            worker.join()
+        else:
+            losses.append(trainer.step(g)["loss"])
+        losses.append(trainer.step(g)["loss"])
+        results.append((losses, model.forward_backbone(crops(2, 224, seed=11), teacher=False)))
+    (losses, features), (t_losses, t_features) = results
+    assert np.allclose(t_losses, losses, rtol=TOL, atol=0), (t_losses, losses)
+    assert rel(t_features, features) < TOL
