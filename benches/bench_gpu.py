@@ -12,8 +12,11 @@ What it measures (each configuration in its own child process, so that GPU memor
   (EMA teacher, centering, clipping, AdamW schedules). PyTorch under bf16 autocast, with the official
   explicit attention and with ``scaled_dot_product_attention``; dino_rs ``Trainer.step`` with
   ``dtype="bfloat16"`` (the same autocast policy), and again with ``DINO_RS_COMPOSED_OPS=1`` (AdamW,
-  EMA and gradient clipping as candle ops instead of dino_rs's in-place kernels), to show what
+  EMA and gradient clipping as candle ops instead of dino_rs's multi-tensor kernels), to show what
   those are worth.
+  After its timed steps each dino_rs run profiles 3 more (``Trainer.profile``): a second table
+  gives the milliseconds per phase (teacher forward, student forward, loss, backward, clip, AdamW,
+  EMA, centre).
 * ``embed``: teacher embedding throughput, B = 256 crops of 224 px, no gradients: PyTorch bf16 SDPA
   and fp32 against dino_rs ``forward_backbone(batch_size=256)`` in bfloat16 and float32.
 * ``e2e``: dino_rs training from JPEG files (copies of the bundled ~500x375 photos in an ImageFolder,
@@ -172,8 +175,16 @@ def child(kind: str, framework: str, c: dict, device: str, warmup: int, steps: i
     images = c["batch_size"] if kind == "iteration" else c["embed_batch"]
     gflop = iteration_gflop_per_image(c) if kind == "iteration" else backbone_gflop_per_crop(c, c["global_size"])
     med = statistics.median(times)
-    return {"kind": kind, "framework": framework, "median_s": med, "min_s": min(times), "images_s": images / med,
-            "tflops": images * gflop / med / 1e3, "gflop_per_image": gflop}
+    out = {"kind": kind, "framework": framework, "median_s": med, "min_s": min(times), "images_s": images / med,
+           "tflops": images * gflop / med / 1e3, "gflop_per_image": gflop}
+    if kind == "iteration" and framework.startswith("dino_rs"):
+        # After the timed steps: where a step's time goes (Trainer.profile synchronises the device
+        # at each phase boundary), the median of 3 profiled steps.
+        trainer.profile = True
+        profiled = [trainer.step(g, lo) for _ in range(3)]
+        out["phases_s"] = {k[len("time_"):]: statistics.median(p[k] for p in profiled)
+                           for k in profiled[0] if k.startswith("time_")}
+    return out
 
 
 def trainer_for(dr, model, loader, c: dict, epochs: int):
@@ -276,6 +287,15 @@ def table(results: list[dict]) -> str:
             peak = f"{r['peak_mib']:.0f}" if "peak_mib" in r else "-"
             rows.append(f"| {kind} | {r['framework']} | {r['median_s']:.4f} | {r['images_s']:.1f} | {ratio} | "
                         f"{r['tflops']:.2f} | {peak} |")
+    profiled = [r for r in results if "phases_s" in r]
+    if profiled:
+        phases = list(profiled[0]["phases_s"])
+        rows += ["", "Where a dino_rs iteration's time goes (ms; median of 3 steps with Trainer.profile, which "
+                 "synchronises the device at each phase boundary):", "",
+                 "| framework | " + " | ".join(phases) + " | sum |", "|---|" + "---:|" * (len(phases) + 1)]
+        for r in profiled:
+            ms = [r["phases_s"].get(p, float("nan")) * 1e3 for p in phases]
+            rows.append(f"| {r['framework']} | " + " | ".join(f"{x:.1f}" for x in ms) + f" | {sum(ms):.1f} |")
     return "\n".join(rows)
 
 

@@ -20,6 +20,7 @@ pub mod ops;
 pub mod optim;
 pub mod panic;
 pub mod parallel;
+pub mod profile;
 pub mod schedule;
 pub mod teacher;
 pub mod train;

@@ -13,6 +13,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::dino::Dino;
 use crate::loss::DinoLoss;
 use crate::optim::{clip_gradients, AdamW};
+use crate::profile::{mark, Clock};
 use crate::schedule::cosine_scheduler;
 use crate::teacher::ema_update;
 
@@ -101,6 +102,8 @@ pub struct StepStats {
     pub wd: f64,
     pub momentum: f64,
     pub teacher_temp: f64,
+    /// Seconds per phase ([`crate::profile::PHASES`]) when [`DinoTrainer::profile`] is on; else empty.
+    pub phases: Vec<(&'static str, f64)>,
 }
 
 /// Gradients of one iteration, ready to be applied.
@@ -109,6 +112,8 @@ pub struct Computed {
     pub loss: f64,
     pub teacher_out: Tensor,
     pub epoch: usize,
+    /// The phases timed so far, when profiling.
+    pub clock: Option<Clock>,
 }
 
 /// A non-finite loss: the step was not applied.
@@ -131,6 +136,8 @@ pub struct DinoTrainer {
     /// Compute dtype of the forward passes: F32, or BF16 for mixed precision (f32 weights,
     /// gradients, optimiser state, loss and centre; [`crate::ops::autocast`]).
     pub dtype: DType,
+    /// Time each phase of every step ([`crate::profile`]) into [`StepStats::phases`].
+    pub profile: bool,
 }
 
 fn at(schedule: &[f64], it: usize) -> f64 {
@@ -171,6 +178,7 @@ impl DinoTrainer {
             momentum_schedule,
             iteration: 0,
             rng,
+            profile: false,
         })
     }
 
@@ -184,16 +192,20 @@ impl DinoTrainer {
     ) -> Result<std::result::Result<Computed, NonFiniteLoss>> {
         let it = self.iteration;
         let epoch = it / self.config.niter_per_ep.max(1);
+        let mut clock = self.profile.then(|| Clock::start(&self.dino.device)).transpose()?;
         let autocast = |f: &mut dyn FnMut() -> Result<Tensor>| crate::ops::autocast::autocast(self.dtype, f);
         let teacher = &self.dino.teacher_nograd;
         let teacher_out = crate::ops::no_grad(|| autocast(&mut || teacher.forward_t::<ChaCha8Rng>(&[globals], None)))?
             .detach()
             .to_dtype(DType::F32)?;
+        mark(&mut clock, "teacher_forward")?;
         let groups: Vec<&Tensor> = std::iter::once(globals).chain(locals).collect();
         let (student, rng) = (&self.dino.student, &mut self.rng);
         let student_out = autocast(&mut || student.forward_t(&groups, Some(&mut *rng)))?.to_dtype(DType::F32)?;
+        mark(&mut clock, "student_forward")?;
         let loss = self.loss.loss(&student_out, &teacher_out, epoch)?;
         let value = loss.to_scalar::<f32>()? as f64;
+        mark(&mut clock, "loss")?;
         if !value.is_finite() {
             return Ok(Err(NonFiniteLoss {
                 iteration: it,
@@ -207,14 +219,17 @@ impl DinoTrainer {
             .into_iter()
             .filter_map(|(n, v)| grad_store.get(v.as_tensor()).map(|g| (n, g.clone())))
             .collect();
+        mark(&mut clock, "backward")?;
         if self.config.clip_grad > 0.0 {
             clip_gradients(&mut grads, self.config.clip_grad)?;
         }
+        mark(&mut clock, "clip")?;
         Ok(Ok(Computed {
             grads,
             loss: value,
             teacher_out,
             epoch,
+            clock,
         }))
     }
 
@@ -226,6 +241,7 @@ impl DinoTrainer {
             loss,
             teacher_out,
             epoch,
+            mut clock,
         } = computed;
         let (lr, wd, m) = (
             at(&self.lr_schedule, it),
@@ -236,8 +252,11 @@ impl DinoTrainer {
             grads.retain(|n, _| !n.contains("last_layer"));
         }
         self.optimizer.step(&grads, lr, wd)?;
+        mark(&mut clock, "adamw")?;
         ema_update(&self.dino.teacher_store, &self.dino.student_store, m)?;
+        mark(&mut clock, "ema")?;
         self.loss.update_center(&teacher_out)?;
+        mark(&mut clock, "center")?;
         self.iteration += 1;
         Ok(StepStats {
             iteration: it,
@@ -247,6 +266,7 @@ impl DinoTrainer {
             wd,
             momentum: m,
             teacher_temp: self.loss.teacher_temp(epoch),
+            phases: clock.map(|c| c.phases).unwrap_or_default(),
         })
     }
 

@@ -35,6 +35,9 @@ fn stats_dict<'py>(py: Python<'py>, s: &StepStats) -> PyResult<Bound<'py, PyDict
     d.set_item("wd", s.wd)?;
     d.set_item("momentum", s.momentum)?;
     d.set_item("teacher_temp", s.teacher_temp)?;
+    for (phase, seconds) in &s.phases {
+        d.set_item(format!("time_{phase}"), seconds)?;
+    }
     Ok(d)
 }
 
@@ -150,8 +153,14 @@ impl PyTrainer {
         let mut skip = self.inner.iteration.saturating_sub(epoch as usize * niter).min(niter);
         let mut it = rust_loader.iter_epoch_as::<T>(epoch);
         let (mut sum, mut steps, mut last): (f64, usize, Option<StepStats>) = (0.0, 0, None);
+        // When profiling: seconds per phase summed over the epoch's steps, "data" (waiting for the
+        // loader, then the upload) first.
+        let (mut times, mut profiled): (Vec<(&'static str, f64)>, usize) = (Vec::new(), 0);
+        let mut waited = Duration::ZERO;
         loop {
+            let t = Instant::now();
             let next = py.detach(|| it.next_timeout(Duration::from_millis(50)));
+            waited += t.elapsed();
             let batch = match next {
                 Next::Pending => {
                     py.check_signals()?;
@@ -162,16 +171,35 @@ impl PyTrainer {
             };
             if skip > 0 {
                 skip -= 1;
+                waited = Duration::ZERO;
                 continue;
             }
             let inner = &mut self.inner;
             let out = py
                 .detach(|| {
-                    let (globals, locals) = Self::batch_tensors(batch, &c, normalize, &inner.dino.device)?;
-                    inner.step(&globals, locals.as_ref())
+                    let t = Instant::now();
+                    let dev = &inner.dino.device;
+                    let (globals, locals) = Self::batch_tensors(batch, &c, normalize, dev)?;
+                    if inner.profile {
+                        dev.synchronize()?;
+                    }
+                    let data = (waited + t.elapsed()).as_secs_f64();
+                    inner.step(&globals, locals.as_ref()).map(|r| (r, data))
                 })
                 .map_err(|e| PyValueError::new_err(e.to_string()))?;
-            let stats = out.map_err(non_finite)?;
+            waited = Duration::ZERO;
+            let (out, data) = out;
+            let mut stats = out.map_err(non_finite)?;
+            if self.inner.profile {
+                stats.phases.insert(0, ("data", data));
+                if times.is_empty() {
+                    times = stats.phases.iter().map(|&(p, _)| (p, 0.0)).collect();
+                }
+                for (total, (_, s)) in times.iter_mut().zip(&stats.phases) {
+                    total.1 += s;
+                }
+                profiled += 1;
+            }
             sum += stats.loss;
             steps += 1;
             if let Some(cb) = &callback {
@@ -189,6 +217,9 @@ impl PyTrainer {
             d.set_item("wd", s.wd)?;
             d.set_item("momentum", s.momentum)?;
             d.set_item("teacher_temp", s.teacher_temp)?;
+        }
+        for (phase, total) in times {
+            d.set_item(format!("time_{phase}"), total / profiled as f64)?;
         }
         d.set_item("seconds", start.elapsed().as_secs_f64())?;
         Ok(d)
@@ -374,6 +405,16 @@ impl PyTrainer {
     #[getter]
     fn dtype(&self) -> &'static str {
         crate::ops::autocast::dtype_name(self.inner.dtype)
+    }
+    /// Whether steps are profiled: each step's dict then has `time_<phase>` (seconds, with the
+    /// device synchronised at every phase boundary) and `train_epoch`'s dict their means.
+    #[getter]
+    fn get_profile(&self) -> bool {
+        self.inner.profile
+    }
+    #[setter]
+    fn set_profile(&mut self, on: bool) {
+        self.inner.profile = on;
     }
     #[getter]
     fn niter_per_ep(&self) -> usize {

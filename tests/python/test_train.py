@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 import warnings
 
 import numpy as np
@@ -239,6 +240,45 @@ def test_fit_is_reproducible(images, probe):
     hb = dr.Trainer(rb, make_loader(images), **TRAIN).fit()
     assert [h["loss"] for h in ha] == [h["loss"] for h in hb]
     np.testing.assert_array_equal(ra.forward_backbone(probe), rb.forward_backbone(probe))
+
+
+PHASES = ["teacher_forward", "student_forward", "loss", "backward", "clip", "adamw", "ema", "center"]
+
+
+def test_profiled_steps_time_each_phase_and_train_the_same(images, batch, probe):
+    plain, profiled = tiny(), tiny()
+    a = dr.Trainer(plain, make_loader(images), **TRAIN)
+    b = dr.Trainer(profiled, make_loader(images), **TRAIN)
+    assert b.profile is False
+    b.profile = True
+    for _ in range(2):
+        sa = a.step(*batch)
+        t = time.perf_counter()
+        sb = b.step(*batch)
+        wall = time.perf_counter() - t
+        assert set(sa) == STEP_KEYS
+        assert set(sb) == STEP_KEYS | {f"time_{p}" for p in PHASES}
+        assert sb["loss"] == sa["loss"]
+        times = [sb[f"time_{p}"] for p in PHASES]
+        assert all(x >= 0 for x in times) and 0 < sum(times) <= wall
+        # The forward and backward passes are the step's bulk, not its bookkeeping.
+        assert sb["time_backward"] > sb["time_center"]
+    np.testing.assert_array_equal(plain.forward_backbone(probe), profiled.forward_backbone(probe))
+    b.profile = False
+    assert set(b.step(*batch)) == STEP_KEYS
+
+
+def test_profiled_fit_adds_data_time_and_epoch_means(images):
+    t = dr.Trainer(tiny(), make_loader(images), **TRAIN)
+    t.profile = True
+    seen = []
+    hist = t.fit(epochs=1, callback=seen.append)
+    keys = [f"time_{p}" for p in ["data"] + PHASES]
+    assert len(seen) == NITER and all(set(s) == STEP_KEYS | set(keys) for s in seen)
+    assert EPOCH_KEYS <= set(hist[0]) and {k for k in hist[0] if k.startswith("time_")} == set(keys)
+    for k in keys:
+        assert hist[0][k] == pytest.approx(np.mean([s[k] for s in seen]), rel=1e-9)
+    assert sum(hist[0][k] for k in keys) * NITER <= hist[0]["seconds"]
 
 
 def test_fit_callback_per_step(loader):
