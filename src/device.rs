@@ -17,8 +17,7 @@
 //! Sharing the device also lets tensors of two models meet: candle refuses to combine tensors of
 //! two device objects, even for the same GPU.
 
-#[cfg(feature = "cuda")]
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 
 /// CUDA device `index`, opened on first use and shared afterwards. A failed open is not
 /// remembered, so a later call tries again.
@@ -36,4 +35,104 @@ pub fn cuda(index: usize) -> Result<Device, String> {
     unsafe { cuda.disable_event_tracking() };
     open.push((index, device.clone()));
     Ok(device)
+}
+
+/// `data` as a u8 tensor of `shape` on `device`. To a CUDA device it goes through a page-locked
+/// staging buffer and an asynchronous copy on the device's stream: a copy from ordinary (pageable)
+/// memory makes the driver stage it itself and, for batches of megabytes, hold the calling thread
+/// until the stream has drained up to the copy, i.e. until the GPU has finished the previous step.
+pub fn upload_u8(data: Vec<u8>, shape: (usize, usize, usize, usize), device: &Device) -> candle_core::Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = device {
+        let elems = shape.0 * shape.1 * shape.2 * shape.3;
+        if data.len() != elems {
+            candle_core::bail!("{} bytes for a u8 tensor of shape {shape:?}", data.len());
+        }
+        let slice = staging::upload(cuda, &data)?;
+        let storage = candle_core::Storage::Cuda(candle_core::CudaStorage::wrap_cuda_slice(slice, cuda.clone()));
+        return Ok(Tensor::from_storage(
+            storage,
+            shape,
+            candle_core::op::BackpropOp::none(),
+            false,
+        ));
+    }
+    Tensor::from_vec(data, shape, device)
+}
+
+#[cfg(feature = "cuda")]
+mod staging {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, PinnedHostSlice};
+    use candle_core::cuda_backend::WrapErr;
+    use candle_core::{CudaDevice, Result};
+    use rayon::prelude::*;
+
+    /// Buffers per size: a batch's copy may still be in flight while the next batch of that size
+    /// is written, into the other buffer.
+    const RING: usize = 2;
+    /// Sizes kept per device (a training run uploads two: its globals and its locals, plus a last
+    /// short batch without drop_last); the least recently used size goes beyond that.
+    const SIZES: usize = 4;
+
+    struct Ring {
+        len: usize,
+        buffers: Vec<PinnedHostSlice<u8>>,
+        next: usize,
+        used: u64,
+    }
+
+    type Pool = HashMap<candle_core::cuda_backend::DeviceId, (u64, Vec<Ring>)>;
+
+    /// `data` copied to a new device buffer through the pool's staging buffers.
+    pub(super) fn upload(dev: &CudaDevice, data: &[u8]) -> Result<CudaSlice<u8>> {
+        static POOL: Mutex<Option<Pool>> = Mutex::new(None);
+        let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+        let (clock, rings) = pool.get_or_insert_with(HashMap::new).entry(dev.id()).or_default();
+        *clock += 1;
+        let at = match rings.iter().position(|r| r.len == data.len()) {
+            Some(i) => i,
+            None => {
+                if rings.len() >= SIZES {
+                    let oldest = (0..rings.len()).min_by_key(|&i| rings[i].used).unwrap_or(0);
+                    // Dropping a pinned buffer waits for its copies to finish.
+                    rings.swap_remove(oldest);
+                }
+                rings.push(Ring {
+                    len: data.len(),
+                    buffers: Vec::with_capacity(RING),
+                    next: 0,
+                    used: 0,
+                });
+                rings.len() - 1
+            }
+        };
+        let ring = &mut rings[at];
+        ring.used = *clock;
+        let k = ring.next % RING;
+        ring.next += 1;
+        if ring.buffers.len() <= k {
+            let stream = dev.cuda_stream();
+            // SAFETY: written in full below before any copy reads it.
+            ring.buffers
+                .push(unsafe { stream.context().alloc_pinned::<u8>(data.len()) }.w()?);
+        }
+        let staging = &mut ring.buffers[k];
+        // Waits for this buffer's previous copy (RING uploads of this size ago) to finish. Copied
+        // on the pool: one thread's memcpy is far below the memory bandwidth.
+        let out = staging.as_mut_slice().w()?;
+        crate::parallel::install(|| {
+            out.par_chunks_mut(1 << 20)
+                .zip(data.par_chunks(1 << 20))
+                .for_each(|(o, d)| o.copy_from_slice(d))
+        });
+        // SAFETY: the copy below fills it before anything reads it (both on the device's stream).
+        let mut dst = unsafe { dev.alloc::<u8>(data.len()) }?;
+        // Asynchronous from page-locked memory; the buffer records an event that the next write
+        // into it waits for.
+        dev.cuda_stream().memcpy_htod(staging, &mut dst).w()?;
+        Ok(dst)
+    }
 }

@@ -97,6 +97,6 @@ impl Pixel for u8 {
         normalize: &Normalize,
         device: &Device,
     ) -> candle_core::Result<Tensor> {
-        normalize.on_device(&Tensor::from_vec(data, shape, device)?)
+        normalize.on_device(&crate::device::upload_u8(data, shape, device)?)
     }
 }
