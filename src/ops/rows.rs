@@ -131,6 +131,18 @@ impl CustomOp3 for AnyLayerNorm {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let d = x.dim(D::Minus1)?;
+        let same = [w.dtype(), b.dtype(), grad.dtype()].iter().all(|&t| t == x.dtype());
+        // CUDA's kernels take f32 (LayerNorm runs in f32 under autocast); other dtypes compose.
+        if same && (x.device().is_cpu() || x.dtype() == candle_core::DType::F32) {
+            // dx, dw and db from one op (three kernels on CUDA), packed one after the other.
+            let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &LayerNormBackward { eps: self.eps })?;
+            let n = x.elem_count();
+            return Ok((
+                Some(packed.narrow(0, 0, n)?.reshape(x.shape())?),
+                Some(packed.narrow(0, n, d)?),
+                Some(packed.narrow(0, n + d, d)?),
+            ));
+        }
         let (x32, w32, g) = (at_least_f32(x)?, at_least_f32(w)?, at_least_f32(grad)?);
         let xc = x32.broadcast_sub(&x32.mean_keepdim(D::Minus1)?)?;
         let rstd = (xc.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?.recip()?;
@@ -149,6 +161,95 @@ impl CustomOp3 for AnyLayerNorm {
             Some(dw.to_dtype(w.dtype())?),
             Some(db.to_dtype(b.dtype())?),
         ))
+    }
+}
+
+/// LayerNorm's backward pass for input `x`, weight `w` and output gradient `g` of one dtype:
+/// `[dx (as x), dw (d), db (d)]` in one flat tensor. Each row's mean and 1/std are recomputed
+/// (two passes, as the forward's); the sums are taken in f64 on the CPU and in f32 on CUDA.
+struct LayerNormBackward {
+    eps: f64,
+}
+
+impl CustomOp3 for LayerNormBackward {
+    fn name(&self) -> &'static str {
+        "dino-layer-norm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn run<T: WithDType>(x: &[T], w: &[T], g: &[T], d: usize, eps: f64) -> Vec<T> {
+            let f = |v: &T| WithDType::to_f64(*v);
+            let w: Vec<f64> = w.iter().map(f).collect();
+            let (mut dw, mut db) = (vec![0f64; d], vec![0f64; d]);
+            let mut out = Vec::with_capacity(x.len() + 2 * d);
+            let mut xhat = vec![0f64; d];
+            for (xr, gr) in x.chunks_exact(d).zip(g.chunks_exact(d)) {
+                let mean = xr.iter().map(f).sum::<f64>() / d as f64;
+                let var = xr.iter().map(|v| (f(v) - mean).powi(2)).sum::<f64>() / d as f64;
+                let rstd = 1.0 / (var + eps).sqrt();
+                let (mut mean_gw, mut mean_gwx) = (0.0, 0.0);
+                for i in 0..d {
+                    xhat[i] = (f(&xr[i]) - mean) * rstd;
+                    let gw = f(&gr[i]) * w[i];
+                    mean_gw += gw;
+                    mean_gwx += gw * xhat[i];
+                    dw[i] += f(&gr[i]) * xhat[i];
+                    db[i] += f(&gr[i]);
+                }
+                (mean_gw, mean_gwx) = (mean_gw / d as f64, mean_gwx / d as f64);
+                // dx = rstd · (gw − mean(gw) − x̂ · mean(gw · x̂))
+                out.extend((0..d).map(|i| {
+                    let gw = f(&gr[i]) * w[i];
+                    T::from_f64(rstd * (gw - mean_gw - xhat[i] * mean_gwx))
+                }));
+            }
+            out.extend(dw.iter().chain(&db).map(|&v| T::from_f64(v)));
+            out
+        }
+        let d = last_dim(l1, self.name())?;
+        let n = self.name();
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(g)) => {
+                CpuStorage::F32(run(slice(x, l1, n)?, slice(w, l2, n)?, slice(g, l3, n)?, d, self.eps))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(g)) => {
+                CpuStorage::F64(run(slice(x, l1, n)?, slice(w, l2, n)?, slice(g, l3, n)?, d, self.eps))
+            }
+            (CpuStorage::BF16(x), CpuStorage::BF16(w), CpuStorage::BF16(g)) => {
+                CpuStorage::BF16(run(slice(x, l1, n)?, slice(w, l2, n)?, slice(g, l3, n)?, d, self.eps))
+            }
+            (CpuStorage::F16(x), CpuStorage::F16(w), CpuStorage::F16(g)) => {
+                CpuStorage::F16(run(slice(x, l1, n)?, slice(w, l2, n)?, slice(g, l3, n)?, d, self.eps))
+            }
+            _ => candle_core::bail!(
+                "layer norm backward: input, weight and gradient must share a float dtype, got {:?}, {:?}, {:?}",
+                s1.dtype(),
+                s2.dtype(),
+                s3.dtype()
+            ),
+        };
+        Ok((out, Shape::from(l1.shape().elem_count() + 2 * d)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::layer_norm_backward(s1, l1, s2, l2, s3, l3, self.eps as f32)
     }
 }
 
@@ -207,7 +308,7 @@ mod cuda {
     use candle_core::cuda_backend::{kernel_name, kernels, Map1, Map3, WrapErr};
     use candle_core::{CudaDevice, CudaStorage, Layout, Result, Shape, WithDType};
 
-    use super::super::cuda::slice_view;
+    use super::super::cuda::{slice_view, view};
 
     fn rows_cols(l: &Layout) -> (usize, usize) {
         let d = l.dims().last().copied().unwrap_or(1).max(1);
@@ -254,6 +355,20 @@ mod cuda {
         }
     }
 
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/layer_norm.ptx"));
+    /// Rows per block of layer_norm.cu's row kernels (ROWS_PER_BLOCK), one warp each.
+    const ROWS_PER_BLOCK: usize = 8;
+    /// Rows per tile of the backward's column sums.
+    const TILE_ROWS: usize = 256;
+
+    fn row_blocks(rows: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (rows.div_ceil(ROWS_PER_BLOCK) as u32, 1, 1),
+            block_dim: (32, ROWS_PER_BLOCK as u32, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
     pub(super) fn layer_norm(
         s1: &CudaStorage,
         l1: &Layout,
@@ -264,6 +379,24 @@ mod cuda {
         eps: f32,
     ) -> Result<(CudaStorage, Shape)> {
         let dev = s1.device();
+        if s1.dtype() == candle_core::DType::F32 {
+            // Our own kernel: two-pass variance (candle's `layernorm` takes one pass).
+            let (x, w, b) = (
+                view::<f32>(s1, l1, "layer norm input")?,
+                view::<f32>(s2, l2, "layer norm weight")?,
+                view::<f32>(s3, l3, "layer norm bias")?,
+            );
+            let (rows, cols) = rows_cols(l1);
+            let func = dev.get_or_load_custom_func("dino_layer_norm_fwd", "dino_rs_layer_norm", PTX)?;
+            // SAFETY: every element is written by the kernel.
+            let dst = unsafe { dev.alloc::<f32>(rows * cols)? };
+            let (r, d) = (rows as u32, cols as u32);
+            let mut builder = func.builder();
+            builder.arg(&x).arg(&w).arg(&b).arg(&dst).arg(&r).arg(&d).arg(&eps);
+            // SAFETY: the arguments match dino_layer_norm_fwd's signature; x holds rows × d values.
+            unsafe { builder.launch(row_blocks(rows)) }.w()?;
+            return Ok((CudaStorage::wrap_cuda_slice(dst, dev.clone()), l1.shape().clone()));
+        }
         let slice = LayerNorm(eps).map(&s1.slice, l1, &s2.slice, l2, &s3.slice, l3, dev)?;
         Ok((
             CudaStorage {
@@ -272,6 +405,99 @@ mod cuda {
             },
             l1.shape().clone(),
         ))
+    }
+
+    /// `[dx, dw, db]` of LayerNorm (see `LayerNormBackward`) for f32 `x`, weight `w`, gradient `g`.
+    pub(super) fn layer_norm_backward(
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+        eps: f32,
+    ) -> Result<(CudaStorage, Shape)> {
+        if [s1.dtype(), s2.dtype(), s3.dtype()]
+            .iter()
+            .any(|&t| t != candle_core::DType::F32)
+        {
+            candle_core::bail!("layer norm backward on CUDA takes f32");
+        }
+        let dev = s1.device();
+        let (x, w, g) = (
+            view::<f32>(s1, l1, "layer norm input")?,
+            view::<f32>(s2, l2, "layer norm weight")?,
+            view::<f32>(s3, l3, "layer norm gradient")?,
+        );
+        let (rows, d) = rows_cols(l1);
+        let n = rows * d;
+        let tiles = rows.div_ceil(TILE_ROWS).max(1);
+        // SAFETY: the kernels below write every element of each before it is read: dx and the
+        // row statistics by the row kernel, the partials by the column kernel, dw and db by the sum.
+        let mut out = unsafe { dev.alloc::<f32>(n + 2 * d)? };
+        let stats = unsafe { dev.alloc::<f32>(2 * rows)? };
+        let partial_dw = unsafe { dev.alloc::<f32>(tiles * d)? };
+        let partial_db = unsafe { dev.alloc::<f32>(tiles * d)? };
+        let (r, dd, tr, t) = (rows as u32, d as u32, TILE_ROWS as u32, tiles as u32);
+        {
+            let func = dev.get_or_load_custom_func("dino_layer_norm_bwd_rows", "dino_rs_layer_norm", PTX)?;
+            let mut dx = out.slice_mut(0..n);
+            let mut builder = func.builder();
+            builder
+                .arg(&x)
+                .arg(&w)
+                .arg(&g)
+                .arg(&mut dx)
+                .arg(&stats)
+                .arg(&r)
+                .arg(&dd)
+                .arg(&eps);
+            // SAFETY: the arguments match dino_layer_norm_bwd_rows's signature; x and g hold rows × d
+            // values, stats 2 per row.
+            unsafe { builder.launch(row_blocks(rows)) }.w()?;
+        }
+        {
+            let func = dev.get_or_load_custom_func("dino_layer_norm_bwd_cols", "dino_rs_layer_norm", PTX)?;
+            let cfg = LaunchConfig {
+                grid_dim: (d.div_ceil(32) as u32, t, 1),
+                block_dim: (32, ROWS_PER_BLOCK as u32, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut builder = func.builder();
+            builder
+                .arg(&x)
+                .arg(&g)
+                .arg(&stats)
+                .arg(&partial_dw)
+                .arg(&partial_db)
+                .arg(&r)
+                .arg(&dd)
+                .arg(&tr);
+            // SAFETY: the arguments match dino_layer_norm_bwd_cols's signature; the partials hold
+            // tiles × d values.
+            unsafe { builder.launch(cfg) }.w()?;
+        }
+        {
+            let func = dev.get_or_load_custom_func("dino_layer_norm_bwd_sum", "dino_rs_layer_norm", PTX)?;
+            let (mut head, mut db) = out.split_at_mut(n + d);
+            let mut dw = head.slice_mut(n..n + d);
+            let cfg = LaunchConfig {
+                grid_dim: (d.div_ceil(256) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut builder = func.builder();
+            builder
+                .arg(&partial_dw)
+                .arg(&partial_db)
+                .arg(&mut dw)
+                .arg(&mut db)
+                .arg(&t)
+                .arg(&dd);
+            // SAFETY: the arguments match dino_layer_norm_bwd_sum's signature; dw and db hold d values.
+            unsafe { builder.launch(cfg) }.w()?;
+        }
+        Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from(n + 2 * d)))
     }
 
     struct Softmax;
