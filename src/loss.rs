@@ -2,7 +2,7 @@
 //! distribution of each global view and the student distribution of every other view, averaged
 //! over view pairs and the batch; the centre follows an EMA of the teacher's batch mean.
 
-use candle_core::{Result, Tensor, D};
+use candle_core::{Result, Tensor};
 
 use crate::ops::at_least_f32;
 use crate::schedule::teacher_temp_schedule;
@@ -63,9 +63,9 @@ impl DinoLoss {
         crate::ops::dino_loss_rows(self.ncrops, student_out.dims2()?.0, teacher_out.dim(0)?)?;
         // Never in half precision: bf16 logits from a mixed-precision forward are widened first.
         let (student_out, teacher_out) = (&at_least_f32(student_out)?, &at_least_f32(teacher_out)?);
-        let q = candle_nn::ops::softmax(
-            &(teacher_out.broadcast_sub(&self.center)? / self.teacher_temp(epoch))?,
-            D::Minus1,
+        // One kernel where candle's composed softmax was five ops over (2·B, out_dim).
+        let q = crate::ops::softmax_last_dim(
+            &(teacher_out.broadcast_sub(&self.center)? / self.teacher_temp(epoch))?.detach(),
         )?;
         crate::ops::dino_cross_entropy(student_out, &q, self.ncrops, self.student_temp)
     }

@@ -123,23 +123,30 @@ impl CrossEntropy {
             .collect()
     }
 
+    /// The same loss in candle ops, for devices and dtypes without the fused kernel. Each student
+    /// row r has teacher weights W_r (the other global's q for a global view, both globals' summed
+    /// for a local one), and −Σ W_r·log_softmax(z_r) = Σ W_r · lse_r − Σ W_r·z_r, z = x / τ. So the
+    /// loss is two full-size products and a log-sum-exp, and its backward W_r·... − softmax terms
+    /// come out of a handful of full-size ops. (One narrow per (teacher, student) pair, as the
+    /// official loop writes it, gave the backward pass a zero-padded full-size gradient per pair:
+    /// 14 of (640, 65536) for ViT-S's recipe.)
     fn composed(&self, student: &Tensor, q: &Tensor) -> Result<Tensor> {
         use candle_core::D;
         let (b, terms) = dino_loss_rows(self.ncrops, student.dim(0)?, q.dim(0)?)?;
-        let log_p = candle_nn::ops::log_softmax(&(student / self.student_temp)?, D::Minus1)?;
         let q = q.detach();
-        let mut total: Option<Tensor> = None;
-        for iq in 0..2 {
-            let qi = q.narrow(0, iq * b, b)?;
-            for v in (0..self.ncrops).filter(|&v| v != iq) {
-                let term = (qi.mul(&log_p.narrow(0, v * b, b)?)?.sum(D::Minus1)?.mean_all()? * -1.0)?;
-                total = Some(match total {
-                    Some(t) => (t + term)?,
-                    None => term,
-                });
-            }
-        }
-        total.expect("ncrops >= 2 gives at least one term") / terms as f64
+        let (q0, q1) = (q.narrow(0, 0, b)?, q.narrow(0, b, b)?);
+        let both = (&q0 + &q1)?;
+        let mut weights = vec![q1, q0];
+        weights.extend(std::iter::repeat_n(both, self.ncrops - 2));
+        let w = Tensor::cat(&weights, 0)?;
+        let z = (student / self.student_temp)?;
+        // The max only shifts the exponent: detached, its gradient (which cancels) is not taken.
+        let max = z.max_keepdim(D::Minus1)?.detach();
+        let lse = (z.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()? + max)?;
+        let mass = w.sum_keepdim(D::Minus1)?;
+        // Row by row before the sum: the two sides are large next to their difference.
+        let per_row = ((mass * lse)? - (w * z)?.sum_keepdim(D::Minus1)?)?;
+        per_row.sum_all()? / (b * terms) as f64
     }
 }
 
