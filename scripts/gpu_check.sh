@@ -39,6 +39,10 @@ VENV=/tmp/dino_rs_gpu_venv
 PY="$VENV/bin/python"
 echo "== dino_rs $("$PY" -c 'import dino_rs as d; print(d.__version__, "cuda_is_available:", d.cuda_is_available())')"
 
+echo "== each kernel against the CPU (src/ops/parity.rs: max |cuda - cpu| / max |cpu|)"
+timeout 120 "$PY" -c 'from dino_rs._dino_rs import _kernel_parity
+for name, err in _kernel_parity("cuda"): print(f"{name:40s} {err:.2e}")' 2>&1 | tee "$LOG/parity.txt"
+
 echo "== tests/python/test_gpu.py"
 timeout $(( TOTAL / 3 )) "$PY" -m pytest tests/python/test_gpu.py -q -rs -p no:cacheprovider 2>&1 | tee "$LOG/test_gpu.txt"
 test_rc=${PIPESTATUS[0]}

@@ -23,6 +23,7 @@ __all__ = [
     "get_num_threads",
     "cuda_is_available",
     "_write_png",
+    "_kernel_parity",
 ]
 
 __version__: str
@@ -43,6 +44,7 @@ def cuda_is_available() -> bool:
     """Whether this build has CUDA support and a CUDA device can be opened."""
 
 def _write_png(path: _Path, image: npt.NDArray[np.uint8]) -> None: ...
+def _kernel_parity(device: str) -> list[tuple[str, float]]: ...
 
 @final
 class MultiCropAugmenter:

@@ -18,6 +18,7 @@ mod gelu_portable;
 mod layer_norm;
 mod linear;
 pub mod math;
+mod parity;
 mod residual;
 mod residual_portable;
 mod rows;
@@ -32,6 +33,7 @@ pub use foreach::{adamw_foreach, clip_foreach, ema_foreach, AdamWItem};
 pub use gelu::{bias_gelu, gelu_erf};
 pub use layer_norm::layer_norm;
 pub use linear::linear;
+pub use parity::kernel_parity;
 pub use residual::{residual, residual_with_mask};
 pub use softmax::{attention_probabilities, softmax_last_dim};
 pub use update::{adamw_update, ema_update, AdamWStep};
@@ -47,6 +49,20 @@ const ELEMS_PER_TASK: usize = 1 << 14;
 
 thread_local! {
     static NO_GRAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static PORTABLE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with the fused CPU kernels off on this thread, so that the CPU takes the path other
+/// devices take: [`kernel_parity`] compares the two on the CPU.
+fn portable<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            PORTABLE.with(|p| p.set(self.0));
+        }
+    }
+    let _restore = Restore(PORTABLE.with(|p| p.replace(true)));
+    f()
 }
 
 /// Runs `f` with the fused ops keeping nothing for a backward pass, like `torch.no_grad()`: for
@@ -76,7 +92,11 @@ fn grad_enabled() -> bool {
 /// `DINO_RS_COMPOSED_OPS=1` (read once per process) turns them off on the CPU as well, so that the
 /// path CUDA and other dtypes take is tested here: tests/composed.rs reruns the golden tests so.
 pub fn fused(x: &Tensor) -> bool {
-    kernels_enabled() && x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && autocast::active().is_none()
+    kernels_enabled()
+        && x.device().is_cpu()
+        && x.dtype() == candle_core::DType::F32
+        && autocast::active().is_none()
+        && !PORTABLE.with(|p| p.get())
 }
 
 /// False when `DINO_RS_COMPOSED_OPS` is set (to anything but "" or "0"): the fused CPU kernels

@@ -361,9 +361,11 @@ mod cuda {
     /// Rows per tile of the backward's column sums.
     const TILE_ROWS: usize = 256;
 
+    /// One warp per row; at least one block (CUDA refuses an empty grid; with no rows the kernels
+    /// return at once).
     fn row_blocks(rows: usize) -> LaunchConfig {
         LaunchConfig {
-            grid_dim: (rows.div_ceil(ROWS_PER_BLOCK) as u32, 1, 1),
+            grid_dim: (rows.div_ceil(ROWS_PER_BLOCK).max(1) as u32, 1, 1),
             block_dim: (32, ROWS_PER_BLOCK as u32, 1),
             shared_mem_bytes: 0,
         }

@@ -35,6 +35,16 @@ fn cuda_is_available() -> bool {
     }
 }
 
+/// Each of dino_rs's device kernels against the CPU: {check: max |device − cpu| / max |cpu|}
+/// (src/ops/parity.rs). For scripts/gpu_check.sh and tests/python/test_gpu.py; on "cpu" every
+/// value is 0 (and within 1e-2 for the bf16 checks).
+#[pyfunction]
+fn _kernel_parity(py: Python<'_>, device: &str) -> PyResult<Vec<(String, f64)>> {
+    let device = model::parse_device(device)?;
+    py.detach(|| crate::ops::kernel_parity(&device))
+        .map_err(|e| pyo3::exceptions::PyRuntimeError::new_err(e.to_string()))
+}
+
 /// Writes a uint8 (H, W, 3) or (H, W) array as a PNG file (used by the demo and plot helpers).
 #[pyfunction]
 fn _write_png(py: Python<'_>, path: std::path::PathBuf, image: &Bound<'_, ::numpy::PyUntypedArray>) -> PyResult<()> {
@@ -64,5 +74,6 @@ fn _dino_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_is_available, m)?)?;
     m.add_function(wrap_pyfunction!(_write_png, m)?)?;
+    m.add_function(wrap_pyfunction!(_kernel_parity, m)?)?;
     Ok(())
 }

@@ -53,6 +53,18 @@ def test_cuda_not_available_on_cpu_build():
     assert dino_rs.cuda_is_available() is False
 
 
+def test_kernel_parity_on_the_cpu():
+    # src/ops/parity.rs on the CPU: the fused kernels against the path other devices take (on a
+    # GPU, tests/python/test_gpu.py runs it against CUDA).
+    from dino_rs._dino_rs import _kernel_parity
+
+    checks = dict(_kernel_parity("cpu"))
+    assert {"layer_norm.grad0", "dino_loss.grad0", "adamw.params", "ema", "clip", "upload_u8"} <= set(checks)
+    assert all(err <= (2e-2 if ".bf16" in name else 1e-5) for name, err in checks.items()), checks
+    with pytest.raises(ValueError, match="device must be"):
+        _kernel_parity("tpu")
+
+
 def test_num_threads_round_trip():
     before = dino_rs.get_num_threads()
     assert isinstance(before, int) and before >= 1
