@@ -50,9 +50,8 @@ impl Attention {
             .permute((2, 0, 3, 1, 4))?
             // One copy into (3, B, heads, N, head dim): q, k and v are then contiguous slices.
             .contiguous()?;
-        let q = (qkv.get(0)? * self.scale)?;
-        let (k, v) = (qkv.get(1)?, qkv.get(2)?);
-        let attn = crate::ops::attention_probabilities(&q.matmul(&k.t()?)?)?;
+        let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
+        let attn = crate::ops::attention_probabilities(&q.matmul(&k.t()?)?, self.scale)?;
         let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?;
         Ok((self.proj.forward(&out)?, attn))
     }

@@ -32,6 +32,17 @@ pub fn kernel_parity(device: &Device) -> Result<Vec<(String, f64)>> {
     compare(&mut out, "softmax", device, None, &[&logits], rng, &|t| {
         super::softmax_last_dim(&t[0])
     })?;
+    // ViT-S's head dim: scale 64^-1/2, applied inside the softmax off the fused CPU path.
+    let attention = |t: &[Tensor]| super::attention_probabilities(&super::autocast::lower(&t[0])?, 0.125);
+    compare(
+        &mut out,
+        "attention_probabilities",
+        device,
+        None,
+        &[&logits],
+        rng,
+        &attention,
+    )?;
     compare(
         &mut out,
         "attention_probabilities.bf16",
@@ -39,7 +50,7 @@ pub fn kernel_parity(device: &Device) -> Result<Vec<(String, f64)>> {
         Some(DType::BF16),
         &[&logits],
         rng,
-        &|t| super::attention_probabilities(&super::autocast::lower(&t[0])?),
+        &attention,
     )?;
 
     let h = randn(rng, &[2, 50, 1536], 0.0, 1.0)?;
@@ -242,6 +253,7 @@ mod tests {
             "layer_norm.grad0",
             "layer_norm.grad2",
             "softmax.grad0",
+            "attention_probabilities.grad0",
             "attention_probabilities.bf16.forward",
             "bias_gelu.bf16.grad1",
             "residual.bf16.grad1",

@@ -9,7 +9,7 @@
 //! (../shared/GPU.md), that count is the step time.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor, WithDType, D};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType, D};
 
 use super::{at_least_f32, contiguous as slice};
 
@@ -30,7 +30,13 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
 
 /// Softmax over the last dimension.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(AnySoftmax)
+    softmax_scaled(x, 1.0)
+}
+
+/// `softmax(scale · x)` over the last dimension: attention's scale folded into its softmax, as one
+/// kernel each way on CUDA instead of a multiply more over the (B, heads, N, N) logits.
+pub fn softmax_scaled(x: &Tensor, scale: f64) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(AnySoftmax { scale })
 }
 
 /// Applies `f` to every row of `d` values in f64, writing `T`.
@@ -253,7 +259,9 @@ impl CustomOp3 for LayerNormBackward {
     }
 }
 
-struct AnySoftmax;
+struct AnySoftmax {
+    scale: f64,
+}
 
 impl CustomOp1 for AnySoftmax {
     fn name(&self) -> &'static str {
@@ -261,12 +269,12 @@ impl CustomOp1 for AnySoftmax {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        fn run<T: WithDType>(x: &[T], d: usize) -> Vec<T> {
+        fn run<T: WithDType>(x: &[T], d: usize, scale: f64) -> Vec<T> {
             map_rows(x, d, |row, out| {
-                let max = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let max = row.iter().map(|v| v * scale).fold(f64::NEG_INFINITY, f64::max);
                 let mut sum = 0.0;
                 for (o, v) in out.iter_mut().zip(row) {
-                    *o = (v - max).exp();
+                    *o = (v * scale - max).exp();
                     sum += *o;
                 }
                 for o in out.iter_mut() {
@@ -275,12 +283,12 @@ impl CustomOp1 for AnySoftmax {
             })
         }
         let d = last_dim(l, self.name())?;
-        let n = self.name();
+        let (n, k) = (self.name(), self.scale);
         let out = match s {
-            CpuStorage::F32(x) => CpuStorage::F32(run(slice(x, l, n)?, d)),
-            CpuStorage::F64(x) => CpuStorage::F64(run(slice(x, l, n)?, d)),
-            CpuStorage::BF16(x) => CpuStorage::BF16(run(slice(x, l, n)?, d)),
-            CpuStorage::F16(x) => CpuStorage::F16(run(slice(x, l, n)?, d)),
+            CpuStorage::F32(x) => CpuStorage::F32(run(slice(x, l, n)?, d, k)),
+            CpuStorage::F64(x) => CpuStorage::F64(run(slice(x, l, n)?, d, k)),
+            CpuStorage::BF16(x) => CpuStorage::BF16(run(slice(x, l, n)?, d, k)),
+            CpuStorage::F16(x) => CpuStorage::F16(run(slice(x, l, n)?, d, k)),
             _ => candle_core::bail!("softmax: expected a float tensor, got {:?}", s.dtype()),
         };
         Ok((out, l.shape().clone()))
@@ -288,14 +296,71 @@ impl CustomOp1 for AnySoftmax {
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::softmax(s, l)
+        cuda::softmax(s, l, self.scale as f32)
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        // dx = y · (g − Σ g·y) over the row.
+        let g = grad.to_dtype(y.dtype())?.contiguous()?;
+        if y.device().is_cpu() || matches!(y.dtype(), candle_core::DType::F32 | candle_core::DType::BF16) {
+            return Ok(Some(y.apply_op2_no_bwd(&g, &SoftmaxBackward { scale: self.scale })?));
+        }
+        // dx = scale · y · (g − Σ g·y) over the row.
         let (y32, g) = (at_least_f32(y)?, at_least_f32(grad)?);
         let dot = (&g * &y32)?.sum_keepdim(D::Minus1)?;
-        Ok(Some(g.broadcast_sub(&dot)?.mul(&y32)?.to_dtype(y.dtype())?))
+        Ok(Some(
+            (g.broadcast_sub(&dot)?.mul(&y32)? * self.scale)?.to_dtype(y.dtype())?,
+        ))
+    }
+}
+
+/// Softmax's backward pass from its output `y` and the output gradient `g` (same dtype):
+/// `dx = scale · y · (g − Σ g·y)` per row, in f64 on the CPU and f32 on CUDA.
+struct SoftmaxBackward {
+    scale: f64,
+}
+
+impl CustomOp2 for SoftmaxBackward {
+    fn name(&self) -> &'static str {
+        "dino-softmax-backward"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        fn run<T: WithDType>(y: &[T], g: &[T], d: usize, scale: f64) -> Vec<T> {
+            let f = |v: &T| WithDType::to_f64(*v);
+            let mut out = Vec::with_capacity(y.len());
+            for (yr, gr) in y.chunks_exact(d).zip(g.chunks_exact(d)) {
+                let dot: f64 = yr.iter().zip(gr).map(|(a, b)| f(a) * f(b)).sum();
+                out.extend(yr.iter().zip(gr).map(|(a, b)| T::from_f64(scale * f(a) * (f(b) - dot))));
+            }
+            out
+        }
+        let d = last_dim(l1, self.name())?;
+        let (n, k) = (self.name(), self.scale);
+        let out = match (s1, s2) {
+            (CpuStorage::F32(y), CpuStorage::F32(g)) => CpuStorage::F32(run(slice(y, l1, n)?, slice(g, l2, n)?, d, k)),
+            (CpuStorage::F64(y), CpuStorage::F64(g)) => CpuStorage::F64(run(slice(y, l1, n)?, slice(g, l2, n)?, d, k)),
+            (CpuStorage::BF16(y), CpuStorage::BF16(g)) => {
+                CpuStorage::BF16(run(slice(y, l1, n)?, slice(g, l2, n)?, d, k))
+            }
+            (CpuStorage::F16(y), CpuStorage::F16(g)) => CpuStorage::F16(run(slice(y, l1, n)?, slice(g, l2, n)?, d, k)),
+            _ => candle_core::bail!(
+                "softmax backward: output and gradient must share a float dtype, got {:?} and {:?}",
+                s1.dtype(),
+                s2.dtype()
+            ),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::softmax_backward(s1, l1, s2, l2, self.scale as f32)
     }
 }
 
@@ -305,7 +370,7 @@ impl CustomOp1 for AnySoftmax {
 mod cuda {
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
-    use candle_core::cuda_backend::{kernel_name, kernels, Map1, Map3, WrapErr};
+    use candle_core::cuda_backend::{kernel_name, kernels, CudaFunc, Map1, Map3, WrapErr};
     use candle_core::{CudaDevice, CudaStorage, Layout, Result, Shape, WithDType};
 
     use super::super::cuda::{slice_view, view};
@@ -526,8 +591,51 @@ mod cuda {
         }
     }
 
-    pub(super) fn softmax(s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+    const SOFTMAX_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/softmax.ptx"));
+
+    /// softmax.cu's kernel `base`_f32 or `base`_bf16 for `s`'s dtype.
+    fn softmax_kernel(s: &CudaStorage, base: &str) -> Result<(CudaFunc, &'static str)> {
+        let suffix = match s.dtype() {
+            candle_core::DType::F32 => "f32",
+            candle_core::DType::BF16 => "bf16",
+            t => candle_core::bail!("softmax kernels take f32 or bf16, got {t:?}"),
+        };
+        let name = format!("{base}_{suffix}");
+        Ok((
+            s.device()
+                .get_or_load_custom_func(&name, "dino_rs_softmax", SOFTMAX_PTX)?,
+            suffix,
+        ))
+    }
+
+    pub(super) fn softmax(s: &CudaStorage, l: &Layout, scale: f32) -> Result<(CudaStorage, Shape)> {
         let dev = s.device();
+        if matches!(s.dtype(), candle_core::DType::F32 | candle_core::DType::BF16) {
+            let (rows, d) = rows_cols(l);
+            let (func, suffix) = softmax_kernel(s, "dino_softmax_fwd")?;
+            let (r, dd) = (rows as u32, d as u32);
+            macro_rules! launch {
+                ($t:ty) => {{
+                    let x = view::<$t>(s, l, "softmax input")?;
+                    // SAFETY: every element is written by the kernel.
+                    let y = unsafe { dev.alloc::<$t>(rows * d)? };
+                    let mut b = func.builder();
+                    b.arg(&x).arg(&y).arg(&r).arg(&dd).arg(&scale);
+                    // SAFETY: the arguments match dino_softmax_fwd_*'s signature for this dtype.
+                    unsafe { b.launch(row_blocks(rows)) }.w()?;
+                    CudaStorage::wrap_cuda_slice(y, dev.clone())
+                }};
+            }
+            let out = if suffix == "f32" {
+                launch!(f32)
+            } else {
+                launch!(half::bf16)
+            };
+            return Ok((out, l.shape().clone()));
+        }
+        if scale != 1.0 {
+            candle_core::bail!("softmax with a scale on CUDA takes f32 or bf16, got {:?}", s.dtype());
+        }
         let slice = Softmax.map(&s.slice, dev, l)?;
         Ok((
             CudaStorage {
@@ -536,5 +644,41 @@ mod cuda {
             },
             l.shape().clone(),
         ))
+    }
+
+    /// `dx = scale · y · (g − Σ g·y)` per row, for f32 or bf16 `y` and `g` of one dtype.
+    pub(super) fn softmax_backward(
+        sy: &CudaStorage,
+        ly: &Layout,
+        sg: &CudaStorage,
+        lg: &Layout,
+        scale: f32,
+    ) -> Result<(CudaStorage, Shape)> {
+        if sy.dtype() != sg.dtype() {
+            candle_core::bail!("softmax backward: {:?} output, {:?} gradient", sy.dtype(), sg.dtype());
+        }
+        let dev = sy.device();
+        let (rows, d) = rows_cols(ly);
+        let (func, suffix) = softmax_kernel(sy, "dino_softmax_bwd")?;
+        let (r, dd) = (rows as u32, d as u32);
+        macro_rules! launch {
+            ($t:ty) => {{
+                let y = view::<$t>(sy, ly, "softmax output")?;
+                let g = view::<$t>(sg, lg, "softmax gradient")?;
+                // SAFETY: every element is written by the kernel.
+                let dx = unsafe { dev.alloc::<$t>(rows * d)? };
+                let mut b = func.builder();
+                b.arg(&y).arg(&g).arg(&dx).arg(&r).arg(&dd).arg(&scale);
+                // SAFETY: the arguments match dino_softmax_bwd_*'s signature for this dtype.
+                unsafe { b.launch(row_blocks(rows)) }.w()?;
+                CudaStorage::wrap_cuda_slice(dx, dev.clone())
+            }};
+        }
+        let out = if suffix == "f32" {
+            launch!(f32)
+        } else {
+            launch!(half::bf16)
+        };
+        Ok((out, ly.shape().clone()))
     }
 }

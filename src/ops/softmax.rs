@@ -5,15 +5,18 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tenso
 
 use super::{f32_slice, fused, math, par_map, par_map2, ROWS_PER_TASK};
 
-/// The attention probabilities from the logits `x`. Under autocast the logits are bf16 and so
+/// The attention probabilities `softmax(scale · x)` from the logits `x` (scaled after the matmul,
+/// as the official `(q @ k.transpose(-2, -1)) * self.scale`; off the fused CPU path the scale is
+/// applied inside the softmax kernel). Under autocast the logits are bf16 and so
 /// are the probabilities, computed in f32 inside one kernel: PyTorch's autocast makes f32
 /// probabilities that the next matmul casts to bf16 at once, the same values after an f32 round
 /// trip through memory (and f32 probabilities kept for the backward pass). Otherwise as
 /// [`softmax_last_dim`].
-pub fn attention_probabilities(x: &Tensor) -> Result<Tensor> {
+pub fn attention_probabilities(x: &Tensor, scale: f64) -> Result<Tensor> {
     match super::autocast::active() {
-        Some(low) if x.dtype() == low => super::rows::softmax_last_dim(x),
-        _ => softmax_last_dim(x),
+        Some(low) if x.dtype() == low => super::rows::softmax_scaled(x, scale),
+        _ if fused(x) => softmax_last_dim(&(x * scale)?),
+        _ => super::rows::softmax_scaled(&super::autocast::widen(x)?, scale),
     }
 }
 
