@@ -370,7 +370,7 @@ impl CustomOp2 for SoftmaxBackward {
 mod cuda {
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
-    use candle_core::cuda_backend::{kernel_name, kernels, CudaFunc, Map1, Map3, WrapErr};
+    use candle_core::cuda_backend::{kernel_name, kernels, Map1, Map3, WrapErr};
     use candle_core::{CudaDevice, CudaStorage, Layout, Result, Shape, WithDType};
 
     use super::super::cuda::{slice_view, view};
@@ -593,26 +593,22 @@ mod cuda {
 
     const SOFTMAX_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/softmax.ptx"));
 
-    /// softmax.cu's kernel `base`_f32 or `base`_bf16 for `s`'s dtype.
-    fn softmax_kernel(s: &CudaStorage, base: &str) -> Result<(CudaFunc, &'static str)> {
+    /// The name of softmax.cu's kernel `base`_f32 or `base`_bf16 for `s`'s dtype, and the suffix.
+    fn softmax_kernel(s: &CudaStorage, base: &str) -> Result<(String, &'static str)> {
         let suffix = match s.dtype() {
             candle_core::DType::F32 => "f32",
             candle_core::DType::BF16 => "bf16",
             t => candle_core::bail!("softmax kernels take f32 or bf16, got {t:?}"),
         };
-        let name = format!("{base}_{suffix}");
-        Ok((
-            s.device()
-                .get_or_load_custom_func(&name, "dino_rs_softmax", SOFTMAX_PTX)?,
-            suffix,
-        ))
+        Ok((format!("{base}_{suffix}"), suffix))
     }
 
     pub(super) fn softmax(s: &CudaStorage, l: &Layout, scale: f32) -> Result<(CudaStorage, Shape)> {
         let dev = s.device();
         if matches!(s.dtype(), candle_core::DType::F32 | candle_core::DType::BF16) {
             let (rows, d) = rows_cols(l);
-            let (func, suffix) = softmax_kernel(s, "dino_softmax_fwd")?;
+            let (name, suffix) = softmax_kernel(s, "dino_softmax_fwd")?;
+            let func = dev.get_or_load_custom_func(&name, "dino_rs_softmax", SOFTMAX_PTX)?;
             let (r, dd) = (rows as u32, d as u32);
             macro_rules! launch {
                 ($t:ty) => {{
@@ -659,7 +655,8 @@ mod cuda {
         }
         let dev = sy.device();
         let (rows, d) = rows_cols(ly);
-        let (func, suffix) = softmax_kernel(sy, "dino_softmax_bwd")?;
+        let (name, suffix) = softmax_kernel(sy, "dino_softmax_bwd")?;
+        let func = dev.get_or_load_custom_func(&name, "dino_rs_softmax", SOFTMAX_PTX)?;
         let (r, dd) = (rows as u32, d as u32);
         macro_rules! launch {
             ($t:ty) => {{
