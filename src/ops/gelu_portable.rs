@@ -6,8 +6,6 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
 
-use super::contiguous as slice;
-
 const FRAC_1_SQRT_2: f64 = std::f64::consts::FRAC_1_SQRT_2;
 /// 1/√(2π)
 const FRAC_1_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
@@ -35,20 +33,6 @@ fn gelu(v: f64) -> f64 {
 
 fn gelu_grad(v: f64) -> f64 {
     0.5 * (1.0 + candle_core::cpu::erf::erf_f64(v * FRAC_1_SQRT_2)) + v * FRAC_1_SQRT_2PI * (-0.5 * v * v).exp()
-}
-
-/// Runs `$f::<T>` on the CPU storages `$s`, all of one float dtype, giving a storage of it.
-macro_rules! by_dtype {
-    ($what:expr, $f:ident, $d:expr, $( ($s:expr, $l:expr) ),+) => {{
-        let first = [$( $s.dtype() ),+][0];
-        match first {
-            DType::F32 => CpuStorage::F32($f($( slice($s.as_slice::<f32>()?, $l, $what)? ),+, $d)),
-            DType::F64 => CpuStorage::F64($f($( slice($s.as_slice::<f64>()?, $l, $what)? ),+, $d)),
-            DType::BF16 => CpuStorage::BF16($f($( slice($s.as_slice::<half::bf16>()?, $l, $what)? ),+, $d)),
-            DType::F16 => CpuStorage::F16($f($( slice($s.as_slice::<half::f16>()?, $l, $what)? ),+, $d)),
-            other => candle_core::bail!("{}: expected a float dtype, got {other:?}", $what),
-        }
-    }};
 }
 
 fn forward<T: WithDType>(x: &[T], b: &[T], d: usize) -> Vec<T> {
@@ -83,7 +67,7 @@ impl CustomOp2 for BiasGeluAny {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let d = width(l1, l2, self.name())?;
-        let y = by_dtype!(self.name(), forward, d, (s1, l1), (s2, l2));
+        let y = by_dtype!(self.name(), forward, [(s1, l1), (s2, l2)], d);
         Ok((y, l1.shape().clone()))
     }
 
@@ -133,7 +117,7 @@ impl CustomOp3 for BiasGeluBackwardAny {
         if l1.shape() != l3.shape() {
             candle_core::bail!("{}: input {:?} but grad {:?}", self.name(), l1.dims(), l3.dims());
         }
-        let dx = by_dtype!(self.name(), backward, d, (s1, l1), (s2, l2), (s3, l3));
+        let dx = by_dtype!(self.name(), backward, [(s1, l1), (s2, l2), (s3, l3)], d);
         Ok((dx, l1.shape().clone()))
     }
 

@@ -5,6 +5,26 @@
 //! On other devices or dtypes the composed versions are used (candle's fused `layer_norm` and
 //! `softmax_last_dim` have no backward: DESIGN.md §3).
 
+/// Runs `$f::<T>` on the contiguous slices of the CPU storages `$s` (all of one float dtype T),
+/// then on the `$extra` arguments, and wraps the `Vec<T>` it returns as a storage of that dtype.
+macro_rules! by_dtype {
+    ($what:expr, $f:ident, [$( ($s:expr, $l:expr) ),+] $(, $extra:expr)*) => {{
+        use candle_core::{CpuStorage, DType};
+        let dtypes = [$( $s.dtype() ),+];
+        let first = dtypes[0];
+        if dtypes.iter().any(|&t| t != first) {
+            candle_core::bail!("{}: the inputs must share a float dtype, got {dtypes:?}", $what);
+        }
+        match first {
+            DType::F32 => CpuStorage::F32($f($( $crate::ops::contiguous($s.as_slice::<f32>()?, $l, $what)? ),+ $(, $extra)*)),
+            DType::F64 => CpuStorage::F64($f($( $crate::ops::contiguous($s.as_slice::<f64>()?, $l, $what)? ),+ $(, $extra)*)),
+            DType::BF16 => CpuStorage::BF16($f($( $crate::ops::contiguous($s.as_slice::<half::bf16>()?, $l, $what)? ),+ $(, $extra)*)),
+            DType::F16 => CpuStorage::F16($f($( $crate::ops::contiguous($s.as_slice::<half::f16>()?, $l, $what)? ),+ $(, $extra)*)),
+            other => candle_core::bail!("{}: expected a float dtype, got {other:?}", $what),
+        }
+    }};
+}
+
 mod attention;
 pub mod autocast;
 mod bias;

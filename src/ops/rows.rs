@@ -11,7 +11,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType, D};
 
-use super::{at_least_f32, contiguous as slice};
+use super::at_least_f32;
 
 /// `(x - mean) / sqrt(var + eps) * weight + bias` over the last dimension.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
@@ -91,27 +91,7 @@ impl CustomOp3 for AnyLayerNorm {
             })
         }
         let d = last_dim(l1, self.name())?;
-        let n = self.name();
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
-                CpuStorage::F32(run(slice(x, l1, n)?, slice(w, l2, n)?, slice(b, l3, n)?, d, self.eps))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
-                CpuStorage::F64(run(slice(x, l1, n)?, slice(w, l2, n)?, slice(b, l3, n)?, d, self.eps))
-            }
-            (CpuStorage::BF16(x), CpuStorage::BF16(w), CpuStorage::BF16(b)) => {
-                CpuStorage::BF16(run(slice(x, l1, n)?, slice(w, l2, n)?, slice(b, l3, n)?, d, self.eps))
-            }
-            (CpuStorage::F16(x), CpuStorage::F16(w), CpuStorage::F16(b)) => {
-                CpuStorage::F16(run(slice(x, l1, n)?, slice(w, l2, n)?, slice(b, l3, n)?, d, self.eps))
-            }
-            _ => candle_core::bail!(
-                "layer norm: input, weight and bias must share a float dtype, got {:?}, {:?}, {:?}",
-                s1.dtype(),
-                s2.dtype(),
-                s3.dtype()
-            ),
-        };
+        let out = by_dtype!(self.name(), run, [(s1, l1), (s2, l2), (s3, l3)], d, self.eps);
         Ok((out, l1.shape().clone()))
     }
 
@@ -221,27 +201,7 @@ impl CustomOp3 for LayerNormBackward {
             out
         }
         let d = last_dim(l1, self.name())?;
-        let n = self.name();
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(g)) => {
-                CpuStorage::F32(run(slice(x, l1, n)?, slice(w, l2, n)?, slice(g, l3, n)?, d, self.eps))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(g)) => {
-                CpuStorage::F64(run(slice(x, l1, n)?, slice(w, l2, n)?, slice(g, l3, n)?, d, self.eps))
-            }
-            (CpuStorage::BF16(x), CpuStorage::BF16(w), CpuStorage::BF16(g)) => {
-                CpuStorage::BF16(run(slice(x, l1, n)?, slice(w, l2, n)?, slice(g, l3, n)?, d, self.eps))
-            }
-            (CpuStorage::F16(x), CpuStorage::F16(w), CpuStorage::F16(g)) => {
-                CpuStorage::F16(run(slice(x, l1, n)?, slice(w, l2, n)?, slice(g, l3, n)?, d, self.eps))
-            }
-            _ => candle_core::bail!(
-                "layer norm backward: input, weight and gradient must share a float dtype, got {:?}, {:?}, {:?}",
-                s1.dtype(),
-                s2.dtype(),
-                s3.dtype()
-            ),
-        };
+        let out = by_dtype!(self.name(), run, [(s1, l1), (s2, l2), (s3, l3)], d, self.eps);
         Ok((out, Shape::from(l1.shape().elem_count() + 2 * d)))
     }
 
@@ -283,14 +243,7 @@ impl CustomOp1 for AnySoftmax {
             })
         }
         let d = last_dim(l, self.name())?;
-        let (n, k) = (self.name(), self.scale);
-        let out = match s {
-            CpuStorage::F32(x) => CpuStorage::F32(run(slice(x, l, n)?, d, k)),
-            CpuStorage::F64(x) => CpuStorage::F64(run(slice(x, l, n)?, d, k)),
-            CpuStorage::BF16(x) => CpuStorage::BF16(run(slice(x, l, n)?, d, k)),
-            CpuStorage::F16(x) => CpuStorage::F16(run(slice(x, l, n)?, d, k)),
-            _ => candle_core::bail!("softmax: expected a float tensor, got {:?}", s.dtype()),
-        };
+        let out = by_dtype!(self.name(), run, [(s, l)], d, self.scale);
         Ok((out, l.shape().clone()))
     }
 
@@ -335,20 +288,7 @@ impl CustomOp2 for SoftmaxBackward {
             out
         }
         let d = last_dim(l1, self.name())?;
-        let (n, k) = (self.name(), self.scale);
-        let out = match (s1, s2) {
-            (CpuStorage::F32(y), CpuStorage::F32(g)) => CpuStorage::F32(run(slice(y, l1, n)?, slice(g, l2, n)?, d, k)),
-            (CpuStorage::F64(y), CpuStorage::F64(g)) => CpuStorage::F64(run(slice(y, l1, n)?, slice(g, l2, n)?, d, k)),
-            (CpuStorage::BF16(y), CpuStorage::BF16(g)) => {
-                CpuStorage::BF16(run(slice(y, l1, n)?, slice(g, l2, n)?, d, k))
-            }
-            (CpuStorage::F16(y), CpuStorage::F16(g)) => CpuStorage::F16(run(slice(y, l1, n)?, slice(g, l2, n)?, d, k)),
-            _ => candle_core::bail!(
-                "softmax backward: output and gradient must share a float dtype, got {:?} and {:?}",
-                s1.dtype(),
-                s2.dtype()
-            ),
-        };
+        let out = by_dtype!(self.name(), run, [(s1, l1), (s2, l2)], d, self.scale);
         Ok((out, l1.shape().clone()))
     }
 
