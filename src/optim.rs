@@ -109,9 +109,8 @@ impl AdamW {
             // Detached: the state must not keep a chain of autograd ops from step to step.
             s.m = (&s.m + ((g - &s.m)? * (1.0 - b1))?)?.detach();
             s.v = ((&s.v * b2)? + (g.sqr()? * (1.0 - b2))?)?.detach();
-            let bc1 = 1.0 - b1.powi(s.step as i32);
             let denom = ((s.v.sqrt()? / step.bias_correction2_sqrt)? + eps)?;
-            let update = (s.m.div(&denom)? * (lr / bc1))?;
+            let update = (s.m.div(&denom)? * step.step_size)?;
             s.var.set(&(p - update)?)?;
         }
         Ok(())

@@ -138,28 +138,32 @@ fn compare(
     rng: &mut ChaCha8Rng,
     f: &dyn Fn(&[Tensor]) -> Result<Tensor>,
 ) -> Result<()> {
-    let run = |dev: &Device, dtype: DType, r: &Tensor| -> Result<(Tensor, Vec<Tensor>)> {
+    let forward = |dev: &Device, dtype: DType| -> Result<(Vec<Var>, Tensor)> {
         let vars = inputs
             .iter()
             .map(|t| Var::from_tensor(&t.to_device(dev)?))
             .collect::<Result<Vec<_>>>()?;
         let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
         let y = super::autocast::autocast(dtype, || f(&ts))?.to_dtype(DType::F32)?;
-        let loss = (&y * r.to_device(dev)?)?.sum_all()?;
-        let grads = loss.backward()?;
-        let g = vars
-            .iter()
+        Ok((vars, y))
+    };
+    let backward = |vars: &[Var], y: &Tensor, r: &Tensor| -> Result<Vec<Tensor>> {
+        let grads = (y * r.to_device(y.device())?)?.sum_all()?.backward()?;
+        vars.iter()
             .map(|v| match grads.get(v.as_tensor()) {
                 Some(g) => Ok(g.clone()),
                 None => candle_core::bail!("{name}: no gradient for an input"),
             })
-            .collect::<Result<Vec<_>>>()?;
-        Ok((y, g))
+            .collect()
     };
-    let reference_out = f(&inputs.iter().map(|&t| t.clone()).collect::<Vec<_>>())?;
-    let r = randn(rng, reference_out.dims(), 0.0, 1.0)?;
-    let (y_ref, g_ref) = run(&Device::Cpu, DType::F32, &r)?;
-    let (y, g) = super::portable(|| run(device, low.unwrap_or(DType::F32), &r))?;
+    let (vars_ref, y_ref) = forward(&Device::Cpu, DType::F32)?;
+    let r = randn(rng, y_ref.dims(), 0.0, 1.0)?;
+    let g_ref = backward(&vars_ref, &y_ref, &r)?;
+    let (y, g) = super::portable(|| -> Result<_> {
+        let (vars, y) = forward(device, low.unwrap_or(DType::F32))?;
+        let g = backward(&vars, &y, &r)?;
+        Ok((y, g))
+    })?;
     out.push((format!("{name}.forward"), rel(&y, &y_ref)?));
     for (i, (a, b)) in g.iter().zip(&g_ref).enumerate() {
         out.push((format!("{name}.grad{i}"), rel(a, b)?));
