@@ -1,18 +1,26 @@
 //! What dino_rs's CUDA kernels (src/ops/cuda/*.cu, compiled to PTX by build.rs) share: views of
-//! contiguous storage and the launch shape of their element-wise, grid-stride loops.
+//! contiguous storage, and their launch shapes (src/ops/launch.rs) as cudarc takes them.
 
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig};
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, Layout, Result};
 
-/// A grid-stride launch over `n` elements: 256 threads a block, at most 65,535 blocks.
-pub(super) fn grid_stride(n: usize) -> LaunchConfig {
-    let threads = 256u32;
-    LaunchConfig {
-        grid_dim: ((n as u32).div_ceil(threads).clamp(1, 65_535), 1, 1),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: 0,
+use super::launch::Launch;
+
+impl From<Launch> for LaunchConfig {
+    fn from(l: Launch) -> Self {
+        let ([gx, gy, gz], [bx, by, bz]) = (l.grid, l.block);
+        LaunchConfig {
+            grid_dim: (gx, gy, gz),
+            block_dim: (bx, by, bz),
+            shared_mem_bytes: 0,
+        }
     }
+}
+
+/// [`super::launch::grid_stride`] as cudarc takes it.
+pub(super) fn grid_stride(n: usize) -> LaunchConfig {
+    super::launch::grid_stride(n).into()
 }
 
 /// The elements of `s` that the contiguous layout `l` covers.

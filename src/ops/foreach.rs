@@ -14,10 +14,8 @@
 
 use candle_core::{Result, Tensor};
 
+use super::launch::CHUNK;
 use super::update::AdamWStep;
-
-/// Elements per chunk: `CHUNK` in src/ops/cuda/update.cu.
-const CHUNK: usize = 8192;
 
 /// One parameter's AdamW update: the parameter, its moments and gradient, and its step's scalars.
 pub struct AdamWItem<'a> {
@@ -26,18 +24,6 @@ pub struct AdamWItem<'a> {
     pub v: &'a Tensor,
     pub grad: &'a Tensor,
     pub step: AdamWStep,
-}
-
-/// The chunks of tensors of `lens` elements, tensor by tensor: `(tensor, first element)` for each,
-/// and the index of each tensor's first chunk. Empty tensors have none.
-fn chunk_table(lens: &[usize]) -> (Vec<[u32; 2]>, Vec<u32>) {
-    let mut chunks = Vec::with_capacity(lens.iter().map(|n| n.div_ceil(CHUNK)).sum());
-    let mut first = Vec::with_capacity(lens.len());
-    for (t, &n) in lens.iter().enumerate() {
-        first.push(chunks.len() as u32);
-        chunks.extend((0..n).step_by(CHUNK).map(|start| [t as u32, start as u32]));
-    }
-    (chunks, first)
 }
 
 /// Whether the kernels take `tensors`: a CUDA build with the kernels on, and every tensor f32 on
@@ -110,40 +96,14 @@ fn same_len(t: &Tensor, others: &[&Tensor], op: &str) -> Result<()> {
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr, PushKernelArg};
     use candle_core::cuda_backend::WrapErr;
     use candle_core::{CudaDevice, Result, Storage, Tensor};
 
-    use super::{chunk_table, AdamWItem, AdamWStep};
+    use super::super::launch::{self, chunk_table, foreach_blocks};
+    use super::{AdamWItem, AdamWStep};
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/update.ptx"));
-
-    /// Records laid out as update.cu's structs: pointers 8-byte aligned, then 4-byte fields.
-    #[derive(Default)]
-    struct Records(Vec<u8>);
-
-    impl Records {
-        fn ptr(&mut self, t: &Tensor) -> Result<&mut Self> {
-            assert!(self.0.len() % 8 == 0, "update.cu's records put their pointers first");
-            self.0.extend_from_slice(&device_ptr(t)?.to_le_bytes());
-            Ok(self)
-        }
-        fn u32(&mut self, x: u32) -> &mut Self {
-            self.0.extend_from_slice(&x.to_le_bytes());
-            self
-        }
-        fn f32(&mut self, x: f32) -> &mut Self {
-            self.0.extend_from_slice(&x.to_le_bytes());
-            self
-        }
-        /// Checks that each of `count` records took `size` bytes (the struct's `sizeof`).
-        fn check(&self, count: usize, size: usize, what: &str) -> Result<()> {
-            if self.0.len() != count * size {
-                candle_core::bail!("{what}: {} bytes written for {count} records of {size}", self.0.len());
-            }
-            Ok(())
-        }
-    }
 
     /// The address of `t`'s first element. The tensor must stay alive until the kernel that reads
     /// the address has run: its storage is freed in stream order after that.
@@ -172,36 +132,17 @@ mod cuda {
         Ok((dev.clone_htod(table.as_flattened())?, count, first))
     }
 
-    fn grid(chunks: u32) -> LaunchConfig {
-        LaunchConfig {
-            grid_dim: (chunks, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        }
-    }
-
     pub(super) fn adamw(items: &[AdamWItem<'_>], s: AdamWStep) -> Result<()> {
         let dev = cuda_device(items[0].param)?;
-        let mut rec = Records::default();
-        for i in items {
-            let [decay, inv_bc2, _, step] = i.step.kernel_scalars();
-            rec.ptr(i.param)?.ptr(i.m)?.ptr(i.v)?.ptr(i.grad)?;
-            rec.u32(i.param.elem_count() as u32).f32(decay).f32(inv_bc2).f32(step);
-        }
-        rec.check(items.len(), 48, "adamw")?;
+        let rec = launch::adamw_records(items, device_ptr)?;
         let lens: Vec<usize> = items.iter().map(|i| i.param.elem_count()).collect();
         let (table, count, _) = chunks(&dev, &lens)?;
         if count == 0 {
             return Ok(());
         }
-        let records = dev.clone_htod(&rec.0)?;
+        let records = dev.clone_htod(&rec)?;
         let func = dev.get_or_load_custom_func("dino_adamw_foreach", "dino_rs_update", PTX)?;
-        let (keep1, beta2, keep2, eps) = (
-            (1.0 - s.beta1) as f32,
-            s.beta2 as f32,
-            (1.0 - s.beta2) as f32,
-            s.eps as f32,
-        );
+        let [keep1, beta2, keep2, eps] = launch::adamw_scalars(&s);
         let mut b = func.builder();
         b.arg(&records)
             .arg(&table)
@@ -212,29 +153,25 @@ mod cuda {
         // SAFETY: the arguments follow dino_adamw_foreach's signature; the records hold the
         // addresses of live, contiguous f32 tensors of the lengths recorded, and the table lists
         // chunks inside them.
-        unsafe { b.launch(grid(count)) }.w()?;
+        unsafe { b.launch(foreach_blocks(count).into()) }.w()?;
         Ok(())
     }
 
     pub(super) fn ema(pairs: &[(&Tensor, &Tensor)], momentum: f64) -> Result<()> {
         let dev = cuda_device(pairs[0].0)?;
-        let mut rec = Records::default();
-        for (t, s) in pairs {
-            rec.ptr(t)?.ptr(s)?.u32(t.elem_count() as u32).u32(0);
-        }
-        rec.check(pairs.len(), 24, "ema")?;
+        let rec = launch::ema_records(pairs, device_ptr)?;
         let lens: Vec<usize> = pairs.iter().map(|(t, _)| t.elem_count()).collect();
         let (table, count, _) = chunks(&dev, &lens)?;
         if count == 0 {
             return Ok(());
         }
-        let records = dev.clone_htod(&rec.0)?;
+        let records = dev.clone_htod(&rec)?;
         let func = dev.get_or_load_custom_func("dino_ema_foreach", "dino_rs_update", PTX)?;
         let (m, keep) = (momentum as f32, (1.0 - momentum) as f32);
         let mut b = func.builder();
         b.arg(&records).arg(&table).arg(&m).arg(&keep);
         // SAFETY: as in `adamw`, for dino_ema_foreach.
-        unsafe { b.launch(grid(count)) }.w()?;
+        unsafe { b.launch(foreach_blocks(count).into()) }.w()?;
         Ok(())
     }
 
@@ -245,16 +182,8 @@ mod cuda {
         if count == 0 {
             return Ok(());
         }
-        let mut rec = Records::default();
-        for (i, g) in grads.iter().enumerate() {
-            rec.ptr(g)?
-                .u32(lens[i] as u32)
-                .u32(first[i])
-                .u32(lens[i].div_ceil(super::CHUNK) as u32)
-                .u32(0);
-        }
-        rec.check(grads.len(), 24, "clip")?;
-        let records = dev.clone_htod(&rec.0)?;
+        let rec = launch::grad_records(grads, &first, device_ptr)?;
+        let records = dev.clone_htod(&rec)?;
         // SAFETY: dino_sumsq_foreach writes every entry before dino_clip_foreach reads it.
         let partial = unsafe { dev.alloc::<f32>(count as usize) }?;
         let sumsq = dev.get_or_load_custom_func("dino_sumsq_foreach", "dino_rs_update", PTX)?;
@@ -262,13 +191,13 @@ mod cuda {
         b.arg(&records).arg(&table).arg(&partial);
         // SAFETY: the arguments follow dino_sumsq_foreach's signature (records as in `adamw`, one
         // partial sum per chunk), launched with the 256 threads its reduction needs.
-        unsafe { b.launch(grid(count)) }.w()?;
+        unsafe { b.launch(foreach_blocks(count).into()) }.w()?;
         let scale = dev.get_or_load_custom_func("dino_clip_foreach", "dino_rs_update", PTX)?;
         let clip = clip as f32;
         let mut b = scale.builder();
         b.arg(&records).arg(&table).arg(&partial).arg(&clip);
         // SAFETY: as above, for dino_clip_foreach; each record's chunk range indexes `partial`.
-        unsafe { b.launch(grid(count)) }.w()?;
+        unsafe { b.launch(foreach_blocks(count).into()) }.w()?;
         Ok(())
     }
 }
@@ -276,36 +205,6 @@ mod cuda {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_chunk_table_covers_every_element_once_tensor_by_tensor() {
-        let lens = [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 17, 0, 5];
-        let (chunks, first) = chunk_table(&lens);
-        assert_eq!(first.len(), lens.len());
-        let mut seen: Vec<Vec<usize>> = lens.iter().map(|&n| vec![0; n]).collect();
-        for (k, &[t, start]) in chunks.iter().enumerate() {
-            let (t, start) = (t as usize, start as usize);
-            assert!(start < lens[t], "chunk {k} starts past its tensor");
-            assert_eq!(start % CHUNK, 0);
-            // update.cu's blocks cover start .. min(start + CHUNK, n).
-            for count in &mut seen[t][start..(start + CHUNK).min(lens[t])] {
-                *count += 1;
-            }
-            let index = k as u32 - first[t];
-            assert_eq!(
-                index as usize * CHUNK,
-                start,
-                "tensor {t}'s chunks are contiguous from its first"
-            );
-        }
-        for (t, s) in seen.iter().enumerate() {
-            assert!(s.iter().all(|&c| c == 1), "tensor {t} of {} elements", lens[t]);
-            let count = lens[t].div_ceil(CHUNK);
-            let listed = chunks.iter().filter(|c| c[0] as usize == t).count();
-            assert_eq!(listed, count, "tensor {t}: clip's per-tensor chunk count");
-        }
-        assert_eq!(chunks.len(), lens.iter().map(|n| n.div_ceil(CHUNK)).sum::<usize>());
-    }
 
     #[test]
     fn the_cpu_updates_parameter_by_parameter() -> Result<()> {

@@ -35,6 +35,8 @@ mod cuda;
 mod foreach;
 mod gelu;
 mod gelu_portable;
+#[doc(hidden)]
+pub mod launch;
 mod layer_norm;
 mod linear;
 pub mod math;

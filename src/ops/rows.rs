@@ -314,6 +314,7 @@ mod cuda {
     use candle_core::{CudaDevice, CudaStorage, Layout, Result, Shape, WithDType};
 
     use super::super::cuda::{slice_view, view};
+    use super::super::launch;
 
     fn rows_cols(l: &Layout) -> (usize, usize) {
         let d = l.dims().last().copied().unwrap_or(1).max(1);
@@ -361,19 +362,9 @@ mod cuda {
     }
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/layer_norm.ptx"));
-    /// Rows per block of layer_norm.cu's row kernels (ROWS_PER_BLOCK), one warp each.
-    const ROWS_PER_BLOCK: usize = 8;
-    /// Rows per tile of the backward's column sums.
-    const TILE_ROWS: usize = 256;
-
-    /// One warp per row; at least one block (CUDA refuses an empty grid; with no rows the kernels
-    /// return at once).
+    /// One warp per row (src/ops/launch.rs).
     fn row_blocks(rows: usize) -> LaunchConfig {
-        LaunchConfig {
-            grid_dim: (rows.div_ceil(ROWS_PER_BLOCK).max(1) as u32, 1, 1),
-            block_dim: (32, ROWS_PER_BLOCK as u32, 1),
-            shared_mem_bytes: 0,
-        }
+        launch::row_blocks(rows).into()
     }
 
     pub(super) fn layer_norm(
@@ -438,14 +429,14 @@ mod cuda {
         );
         let (rows, d) = rows_cols(l1);
         let n = rows * d;
-        let tiles = rows.div_ceil(TILE_ROWS).max(1);
+        let (tiles, [rows_cfg, cols_cfg, sum_cfg]) = launch::layer_norm_backward(rows, d);
         // SAFETY: the kernels below write every element of each before it is read: dx and the
         // row statistics by the row kernel, the partials by the column kernel, dw and db by the sum.
         let mut out = unsafe { dev.alloc::<f32>(n + 2 * d)? };
         let stats = unsafe { dev.alloc::<f32>(2 * rows)? };
         let partial_dw = unsafe { dev.alloc::<f32>(tiles * d)? };
         let partial_db = unsafe { dev.alloc::<f32>(tiles * d)? };
-        let (r, dd, tr, t) = (rows as u32, d as u32, TILE_ROWS as u32, tiles as u32);
+        let (r, dd, tr, t) = (rows as u32, d as u32, launch::TILE_ROWS as u32, tiles as u32);
         {
             let func = dev.get_or_load_custom_func("dino_layer_norm_bwd_rows", "dino_rs_layer_norm", PTX)?;
             let mut dx = out.slice_mut(0..n);
@@ -461,15 +452,10 @@ mod cuda {
                 .arg(&eps);
             // SAFETY: the arguments match dino_layer_norm_bwd_rows's signature; x and g hold rows × d
             // values, stats 2 per row.
-            unsafe { builder.launch(row_blocks(rows)) }.w()?;
+            unsafe { builder.launch(rows_cfg.into()) }.w()?;
         }
         {
             let func = dev.get_or_load_custom_func("dino_layer_norm_bwd_cols", "dino_rs_layer_norm", PTX)?;
-            let cfg = LaunchConfig {
-                grid_dim: (d.div_ceil(32) as u32, t, 1),
-                block_dim: (32, ROWS_PER_BLOCK as u32, 1),
-                shared_mem_bytes: 0,
-            };
             let mut builder = func.builder();
             builder
                 .arg(&x)
@@ -482,17 +468,12 @@ mod cuda {
                 .arg(&tr);
             // SAFETY: the arguments match dino_layer_norm_bwd_cols's signature; the partials hold
             // tiles × d values.
-            unsafe { builder.launch(cfg) }.w()?;
+            unsafe { builder.launch(cols_cfg.into()) }.w()?;
         }
         {
             let func = dev.get_or_load_custom_func("dino_layer_norm_bwd_sum", "dino_rs_layer_norm", PTX)?;
             let (mut head, mut db) = out.split_at_mut(n + d);
             let mut dw = head.slice_mut(n..n + d);
-            let cfg = LaunchConfig {
-                grid_dim: (d.div_ceil(256) as u32, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
             let mut builder = func.builder();
             builder
                 .arg(&partial_dw)
@@ -502,7 +483,7 @@ mod cuda {
                 .arg(&t)
                 .arg(&dd);
             // SAFETY: the arguments match dino_layer_norm_bwd_sum's signature; dw and db hold d values.
-            unsafe { builder.launch(cfg) }.w()?;
+            unsafe { builder.launch(sum_cfg.into()) }.w()?;
         }
         Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from(n + 2 * d)))
     }
