@@ -87,7 +87,7 @@ impl Emu {
             // The kernels' _rn operations must round one by one, as on the GPU.
             .args(["-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared", "-pthread"])
             .arg(format!("-I{EMU_DIR}"))
-            .args(["-include", "cuda_emu.h", "-o"])
+            .args(["-include", "cuda_emu.h", "-include", "mma.h", "-o"])
             .arg(&lib)
             .args(&units)
             .output()
@@ -680,4 +680,35 @@ fn multi_tensor_clipping_matches_the_cpu() {
         scaled >= 3,
         "only {scaled} tensors were clipped: the case tests too little"
     );
+}
+
+#[test]
+fn fused_attention_matches_the_cpu_on_global_and_local_crops() {
+    let emu = Emu::get();
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    let hd = launch::ATTENTION_HEAD_DIM;
+    // A global crop's 197 tokens (query and key tiles both partial), a local crop's 37 (one key
+    // tile and a bit), and one token.
+    for (b, n, heads) in [(2usize, 197usize, 3usize), (3, 37, 2), (1, 1, 1)] {
+        let c = heads * hd;
+        let scale = (hd as f32).powf(-0.5);
+        // Spread 1.5: scores of several units, so the softmax is far from uniform.
+        let qkv = to_bf16(&randn(&mut rng, b * n * 3 * c, 0.0, 1.5));
+        let mut out = vec![bf16::NAN; b * n * c];
+        let (pq, po) = (addr(&qkv), addr_mut(&mut out));
+        let (nn, hh) = (n as u32, heads as u32);
+        emu.launch(
+            "dino_attention_fwd_bf16",
+            launch::attention(b, n, heads),
+            &args![pq, po, nn, hh, scale],
+        );
+        let want = ops::attention(&tensor(&from_bf16(&qkv), &[b, n, 3 * c]), heads, scale as f64).unwrap();
+        // bf16 probabilities and output: within a few bf16 roundings of the f32 result.
+        assert_close(
+            &format!("attention {b}x{n}, {heads} heads"),
+            &from_bf16(&out),
+            &values(&want),
+            1.5e-2,
+        );
+    }
 }

@@ -1,7 +1,8 @@
 //! Multi-head self-attention as in the official ViT (`qkv` with bias, scaled dot product,
-//! `proj`). On the CPU in f32 the core is the fused [`crate::ops::attention`]; the explicit
-//! version below also returns the attention weights (for attention maps) and runs elsewhere. Softmax is [`crate::ops::softmax_last_dim`], which has a backward pass (candle-nn's
-//! fused `softmax_last_dim` does not).
+//! `proj`). On the CPU in f32 the core is the fused [`crate::ops::attention`]; on CUDA in bf16,
+//! where nothing needs a gradient, the fused kernel of [`crate::ops::attention_no_grad`];
+//! elsewhere [`crate::ops::attention_composed`], which also returns the attention weights (for
+//! attention maps). Its softmax has a backward pass (candle-nn's fused `softmax_last_dim` does not).
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -41,29 +42,23 @@ impl Attention {
 
     /// Returns the output (B, N, D) and the attention weights (B, heads, N, N).
     pub fn forward_with_attention(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (b, n, c) = x.dims3()?;
-        let h = self.num_heads;
-        let qkv = self
-            .qkv
-            .forward(x)?
-            .reshape((b, n, 3, h, c / h))?
-            .permute((2, 0, 3, 1, 4))?
-            // One copy into (3, B, heads, N, head dim): q, k and v are then contiguous slices.
-            .contiguous()?;
-        let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
-        let attn = crate::ops::attention_probabilities(&q.matmul(&k.t()?)?, self.scale)?;
-        let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?;
+        let qkv = self.qkv.forward(x)?;
+        let (out, attn) = crate::ops::attention_composed(&qkv, self.num_heads, self.scale)?;
         Ok((self.proj.forward(&out)?, attn))
     }
 }
 
 impl Module for Attention {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if !crate::ops::fused(x) {
-            return Ok(self.forward_with_attention(x)?.0);
-        }
+        let fused = crate::ops::fused(x);
         let qkv = self.qkv.forward(x)?;
-        self.proj
-            .forward(&crate::ops::attention(&qkv, self.num_heads, self.scale)?)
+        let out = if fused {
+            crate::ops::attention(&qkv, self.num_heads, self.scale)?
+        } else if let Some(out) = crate::ops::attention_no_grad(&qkv, self.num_heads, self.scale)? {
+            out
+        } else {
+            crate::ops::attention_composed(&qkv, self.num_heads, self.scale)?.0
+        };
+        self.proj.forward(&out)
     }
 }

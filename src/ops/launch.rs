@@ -56,6 +56,17 @@ pub fn layer_norm_backward(rows: usize, d: usize) -> (usize, [Launch; 3]) {
     (tiles, [row_blocks(rows), cols, sum])
 }
 
+/// Head dimension of the fused attention kernel (attention.cu's HEAD_DIM): ViT-S and ViT-B's.
+pub const ATTENTION_HEAD_DIM: usize = 64;
+
+/// attention.cu: a block of 4 warps per 64 queries of one (image, head).
+pub fn attention(batch: usize, tokens: usize, heads: usize) -> Launch {
+    Launch {
+        grid: [tokens.div_ceil(64).max(1) as u32, (batch * heads) as u32, 1],
+        block: [128, 1, 1],
+    }
+}
+
 /// Elements per chunk of the multi-tensor updates: `CHUNK` in src/ops/cuda/update.cu.
 pub const CHUNK: usize = 8192;
 

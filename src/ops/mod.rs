@@ -32,6 +32,7 @@ mod block;
 mod cross_entropy;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod flash_attention;
 mod foreach;
 mod gelu;
 mod gelu_portable;
@@ -51,6 +52,7 @@ pub use attention::attention;
 pub use bias::add_bias;
 pub use block::{transformer_block, BLOCK_PARAMS};
 pub use cross_entropy::{dino_cross_entropy, dino_loss_rows};
+pub use flash_attention::{attention_composed, attention_no_grad};
 pub use foreach::{adamw_foreach, clip_foreach, ema_foreach, AdamWItem};
 pub use gelu::{bias_gelu, gelu_erf};
 pub use layer_norm::layer_norm;

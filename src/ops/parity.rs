@@ -1,6 +1,6 @@
 //! Each of dino_rs's own device kernels against the CPU, one by one: the forward value and every
 //! input gradient of LayerNorm, softmax, bias + GELU, the residual update and the DINO loss (f32,
-//! and bf16 under autocast where a model uses it), the multi-tensor AdamW, EMA and clipping over
+//! and bf16 under autocast where a model uses it), attention with no gradient (bf16, forward only), the multi-tensor AdamW, EMA and clipping over
 //! tensors that span several chunks, and the page-locked upload. The model-level tests
 //! (tests/python/test_gpu.py) say whether training matches; this says which kernel does not.
 //!
@@ -52,6 +52,19 @@ pub fn kernel_parity(device: &Device) -> Result<Vec<(String, f64)>> {
         rng,
         &attention,
     )?;
+
+    // Attention with no gradient in bf16 (the fused kernel on CUDA; composed elsewhere) against
+    // the CPU's f32 on the same rounded qkv: 197 tokens, 3 heads of 64.
+    let qkv = randn(rng, &[2, 197, 3 * 3 * 64], 0.0, 1.5)?.to_dtype(DType::BF16)?;
+    let want = super::attention(&qkv.to_dtype(DType::F32)?, 3, 0.125)?;
+    let on_device = qkv.to_device(device)?;
+    let got = super::no_grad(|| -> Result<Tensor> {
+        match super::attention_no_grad(&on_device, 3, 0.125)? {
+            Some(out) => Ok(out),
+            None => Ok(super::attention_composed(&on_device, 3, 0.125)?.0),
+        }
+    })?;
+    out.push(("attention_no_grad.bf16".into(), rel(&got, &want)?));
 
     let h = randn(rng, &[2, 50, 1536], 0.0, 1.0)?;
     let hb = randn(rng, &[1536], 0.0, 0.5)?;

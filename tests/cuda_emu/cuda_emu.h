@@ -35,12 +35,16 @@
 #define __forceinline__ inline
 #define __shared__ static
 #define __restrict__ __restrict
+#define __align__(n) __attribute__((aligned(n)))
 
 struct uint3 {
     unsigned int x, y, z;
 };
 struct dim3 {
     unsigned int x = 1, y = 1, z = 1;
+};
+struct alignas(16) uint4 {
+    unsigned int x, y, z, w;
 };
 struct alignas(8) float2 {
     float x, y;
@@ -156,6 +160,7 @@ template <class... A> void launch(void (*kernel)(A...), const unsigned int *g, c
 }  // namespace emu
 
 inline void __syncthreads() { emu::block->sync.arrive_and_wait(); }
+inline void __syncwarp(unsigned int = 0xffffffffu) { emu::block->warps[emu::warp]->arrive_and_wait(); }
 inline float __shfl_xor_sync(unsigned int, float v, int mask) {
     return emu::exchange(v, [mask](unsigned int l) { return l ^ static_cast<unsigned int>(mask); });
 }
