@@ -695,12 +695,13 @@ fn fused_attention_matches_the_cpu_on_global_and_local_crops() {
         // Spread 1.5: scores of several units, so the softmax is far from uniform.
         let qkv = to_bf16(&randn(&mut rng, b * n * 3 * c, 0.0, 1.5));
         let mut out = vec![bf16::NAN; b * n * c];
-        let (pq, po) = (addr(&qkv), addr_mut(&mut out));
+        // No log-sum-exps: the no-grad pass.
+        let (pq, po, no_lse) = (addr(&qkv), addr_mut(&mut out), 0u64);
         let (nn, hh) = (n as u32, heads as u32);
         emu.launch(
             "dino_attention_fwd_bf16",
             launch::attention(b, n, heads),
-            &args![pq, po, nn, hh, scale],
+            &args![pq, po, no_lse, nn, hh, scale],
         );
         let want = ops::attention(&tensor(&from_bf16(&qkv), &[b, n, 3 * c]), heads, scale as f64).unwrap();
         // bf16 probabilities and output: within a few bf16 roundings of the f32 result.
@@ -710,5 +711,94 @@ fn fused_attention_matches_the_cpu_on_global_and_local_crops() {
             &values(&want),
             1.5e-2,
         );
+    }
+}
+
+#[test]
+fn fused_attention_backward_matches_the_cpu_gradients() {
+    let emu = Emu::get();
+    let mut rng = ChaCha8Rng::seed_from_u64(10);
+    let hd = launch::ATTENTION_HEAD_DIM;
+    // 197 tokens: four key blocks of 64 (the last of 5) against seven query steps of 32 (the last
+    // of 5); 37: one and a bit; 1: a single token, where every gradient but v's is zero.
+    for (b, n, heads) in [(2usize, 197usize, 3usize), (3, 37, 2), (1, 1, 1)] {
+        let c = heads * hd;
+        let scale = (hd as f32).powf(-0.5);
+        let qkv = to_bf16(&randn(&mut rng, b * n * 3 * c, 0.0, 1.5));
+        let dout = to_bf16(&randn(&mut rng, b * n * c, 0.0, 1.0));
+        let rows = b * n * heads;
+        let (mut out, mut lse, mut dot) = (vec![bf16::NAN; b * n * c], vec![f32::NAN; rows], vec![f32::NAN; rows]);
+        let mut dqkv = vec![bf16::NAN; b * n * 3 * c];
+        let (pq, pd) = (addr(&qkv), addr(&dout));
+        let (po, pl, pdot, pdq) = (
+            addr_mut(&mut out),
+            addr_mut(&mut lse),
+            addr_mut(&mut dot),
+            addr_mut(&mut dqkv),
+        );
+        let (nn, hh, rr) = (n as u32, heads as u32, rows as u32);
+        let grid = launch::attention(b, n, heads);
+        emu.launch("dino_attention_fwd_bf16", grid, &args![pq, po, pl, nn, hh, scale]);
+        emu.launch(
+            "dino_attention_bwd_dot",
+            launch::row_blocks(rows),
+            &args![po, pd, pdot, rr],
+        );
+        emu.launch(
+            "dino_attention_bwd_dkdv",
+            grid,
+            &args![pq, pd, pl, pdot, pdq, nn, hh, scale],
+        );
+        emu.launch(
+            "dino_attention_bwd_dq",
+            grid,
+            &args![pq, pd, pl, pdot, pdq, nn, hh, scale],
+        );
+
+        let inputs = [tensor(&from_bf16(&qkv), &[b, n, 3 * c])];
+        let g = tensor(&from_bf16(&dout), &[b, n, c]);
+        let (_, grads) = cpu_with_grads(&inputs, &g, |t| ops::attention(&t[0], heads, scale as f64));
+        let want = values(&grads[0]);
+        let got = from_bf16(&dqkv);
+        // q, k and v's parts on their own: each has its own scale (and q's and k's are zero for one token).
+        for (part, name) in ["dq", "dk", "dv"].iter().enumerate() {
+            let pick = |v: &[f32]| -> Vec<f32> {
+                v.chunks(c)
+                    .enumerate()
+                    .filter(|(i, _)| i % 3 == part)
+                    .flat_map(|(_, r)| r.to_vec())
+                    .collect()
+            };
+            let (got, want) = (pick(&got), pick(&want));
+            let what = format!("attention backward {b}x{n}, {heads} heads: {name}");
+            if want.iter().all(|&x| x.abs() < 1e-6) {
+                assert!(got.iter().all(|&x| x.abs() < 1e-6), "{what}: not zero");
+            } else {
+                assert_close(&what, &got, &want, 2e-2);
+            }
+        }
+        // The log-sum-exps the backward pass takes its probabilities from, against f64.
+        let x = from_bf16(&qkv);
+        let head = |token: usize, part: usize, h: usize| &x[((token * 3 + part) * heads + h) * hd..][..hd];
+        for bi in 0..b {
+            for t in 0..n {
+                for h in 0..heads {
+                    let q = head(bi * n + t, 0, h);
+                    let scores: Vec<f64> = (0..n)
+                        .map(|k| {
+                            let k = head(bi * n + k, 1, h);
+                            scale as f64 * q.iter().zip(k).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>()
+                        })
+                        .collect();
+                    let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let want = max + scores.iter().map(|s| (s - max).exp()).sum::<f64>().ln();
+                    let got = lse[(bi * n + t) * heads + h] as f64;
+                    assert!(
+                        (got - want).abs() < 1e-4 * want.abs().max(1.0),
+                        "log-sum-exp {got} against {want}"
+                    );
+                }
+            }
+        }
     }
 }

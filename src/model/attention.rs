@@ -1,6 +1,6 @@
 //! Multi-head self-attention as in the official ViT (`qkv` with bias, scaled dot product,
 //! `proj`). On the CPU in f32 the core is the fused [`crate::ops::attention`]; on CUDA in bf16,
-//! where nothing needs a gradient, the fused kernel of [`crate::ops::attention_no_grad`];
+//! where nothing needs a gradient, the fused kernel of [`crate::ops::flash_attention`];
 //! elsewhere [`crate::ops::attention_composed`], which also returns the attention weights (for
 //! attention maps). Its softmax has a backward pass (candle-nn's fused `softmax_last_dim` does not).
 
@@ -54,7 +54,7 @@ impl Module for Attention {
         let qkv = self.qkv.forward(x)?;
         let out = if fused {
             crate::ops::attention(&qkv, self.num_heads, self.scale)?
-        } else if let Some(out) = crate::ops::attention_no_grad(&qkv, self.num_heads, self.scale)? {
+        } else if let Some(out) = crate::ops::flash_attention(&qkv, self.num_heads, self.scale)? {
             out
         } else {
             crate::ops::attention_composed(&qkv, self.num_heads, self.scale)?.0

@@ -52,7 +52,7 @@ pub use attention::attention;
 pub use bias::add_bias;
 pub use block::{transformer_block, BLOCK_PARAMS};
 pub use cross_entropy::{dino_cross_entropy, dino_loss_rows};
-pub use flash_attention::{attention_composed, attention_no_grad};
+pub use flash_attention::{attention_composed, flash_attention};
 pub use foreach::{adamw_foreach, clip_foreach, ema_foreach, AdamWItem};
 pub use gelu::{bias_gelu, gelu_erf};
 pub use layer_norm::layer_norm;

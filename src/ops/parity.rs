@@ -1,6 +1,6 @@
 //! Each of dino_rs's own device kernels against the CPU, one by one: the forward value and every
 //! input gradient of LayerNorm, softmax, bias + GELU, the residual update and the DINO loss (f32,
-//! and bf16 under autocast where a model uses it), attention with no gradient (bf16, forward only), the multi-tensor AdamW, EMA and clipping over
+//! and bf16 under autocast where a model uses it), attention from the qkv projection, the multi-tensor AdamW, EMA and clipping over
 //! tensors that span several chunks, and the page-locked upload. The model-level tests
 //! (tests/python/test_gpu.py) say whether training matches; this says which kernel does not.
 //!
@@ -53,18 +53,29 @@ pub fn kernel_parity(device: &Device) -> Result<Vec<(String, f64)>> {
         &attention,
     )?;
 
-    // Attention with no gradient in bf16 (the fused kernel on CUDA; composed elsewhere) against
-    // the CPU's f32 on the same rounded qkv: 197 tokens, 3 heads of 64.
-    let qkv = randn(rng, &[2, 197, 3 * 3 * 64], 0.0, 1.5)?.to_dtype(DType::BF16)?;
-    let want = super::attention(&qkv.to_dtype(DType::F32)?, 3, 0.125)?;
-    let on_device = qkv.to_device(device)?;
-    let got = super::no_grad(|| -> Result<Tensor> {
-        match super::attention_no_grad(&on_device, 3, 0.125)? {
-            Some(out) => Ok(out),
-            None => Ok(super::attention_composed(&on_device, 3, 0.125)?.0),
+    // Attention from the qkv projection: 197 tokens, 3 heads of 64. In bf16 on CUDA these are the
+    // flash attention kernels, forward and backward.
+    let qkv = randn(rng, &[2, 197, 3 * 3 * 64], 0.0, 1.5)?;
+    let attend = |t: &[Tensor]| -> Result<Tensor> {
+        let qkv = super::autocast::lower(&t[0])?;
+        if super::fused(&qkv) {
+            return super::attention(&qkv, 3, 0.125);
         }
-    })?;
-    out.push(("attention_no_grad.bf16".into(), rel(&got, &want)?));
+        match super::flash_attention(&qkv, 3, 0.125)? {
+            Some(out) => Ok(out),
+            None => Ok(super::attention_composed(&qkv, 3, 0.125)?.0),
+        }
+    };
+    compare(&mut out, "attention", device, None, &[&qkv], rng, &attend)?;
+    compare(
+        &mut out,
+        "attention.bf16",
+        device,
+        Some(DType::BF16),
+        &[&qkv],
+        rng,
+        &attend,
+    )?;
 
     let h = randn(rng, &[2, 50, 1536], 0.0, 1.0)?;
     let hb = randn(rng, &[1536], 0.0, 0.5)?;

@@ -4,7 +4,7 @@
 // per `extern "C" __global__` kernel (EMU_EXPORT), which takes its arguments as cuLaunchKernel does (an array of
 // pointers to the values) and runs the grid.
 //
-// How a launch runs: blocks one after another; the threads of a block as real threads, so that a
+// How a launch runs: one launch at a time, blocks one after another; the threads of a block as real threads, so that a
 // missing __syncthreads or a shuffle in divergent code shows up as a wrong result or a hang rather
 // than passing by luck of a sequential order. `__shared__` variables are function-local statics:
 // shared by the threads of the running block, and only one block runs at a time. Warp shuffles
@@ -24,6 +24,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <type_traits>
 #include <utility>
@@ -130,6 +131,9 @@ void call(void (*kernel)(A...), void **args, std::index_sequence<I...>) {
 
 // Runs `kernel` over grid × block with cuLaunchKernel's argument array.
 template <class... A> void launch(void (*kernel)(A...), const unsigned int *g, const unsigned int *b, void **args) {
+    // One launch at a time in the process: `__shared__` variables are statics, one per kernel.
+    static std::mutex one_at_a_time;
+    const std::lock_guard<std::mutex> lock(one_at_a_time);
     const dim3 grid{g[0], g[1], g[2]}, dims{b[0], b[1], b[2]};
     const unsigned int threads = dims.x * dims.y * dims.z;
     for (unsigned int bz = 0; bz < grid.z; ++bz)

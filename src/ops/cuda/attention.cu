@@ -7,6 +7,12 @@
 // rounds the whole matrix, and the row sums they are divided by stay in f32.
 //
 // A block takes 64 queries of one (image, head), a warp 16 of them, and walks the keys 32 at a time.
+//
+// The backward pass recomputes the probabilities from the forward's row log-sum-exps, as
+// FlashAttention-2 does, in three kernels: each row's Σ dout·out; dk and dv, a block per 64 keys
+// walking the queries; dq, a block per 64 queries walking the keys. Each gradient element is summed
+// by one warp in a fixed order (no atomics), so a step repeats bit for bit. They write the gradient
+// of the qkv projection, (B, N, 3, heads, 64), directly.
 #include <cuda_bf16.h>
 #include <mma.h>
 
@@ -17,26 +23,29 @@ using namespace nvcuda;
 #define K_TILE 32u  // keys per step
 #define WARPS 4u
 
-// A tile of `rows` rows of HEAD_DIM bf16 from the qkv projection (part `part`: 0 q, 1 k, 2 v) into
-// shared memory, zeros past the last token; 16-byte loads by all threads of the block.
-__device__ __forceinline__ void load_tile(__nv_bfloat16 *dst, const __nv_bfloat16 *qkv, unsigned int first,
-                                          unsigned int rows, unsigned int n, unsigned int part, unsigned int b,
-                                          unsigned int h, unsigned int heads) {
+// A tile of `rows` tokens of head h's HEAD_DIM bf16 into shared memory, zeros past the last token;
+// 16-byte loads by all threads of the block. `src` is (B, N, parts, heads, HEAD_DIM): the qkv
+// projection (parts 3; part 0 q, 1 k, 2 v) or an output or its gradient (parts 1).
+__device__ __forceinline__ void load_tile(__nv_bfloat16 *dst, const __nv_bfloat16 *src, unsigned int first,
+                                          unsigned int rows, unsigned int n, unsigned int parts, unsigned int part,
+                                          unsigned int b, unsigned int h, unsigned int heads) {
     const unsigned int vecs = rows * HEAD_DIM / 8;  // 8 bf16 per 16 bytes
     for (unsigned int i = threadIdx.x; i < vecs; i += blockDim.x) {
         const unsigned int r = i / (HEAD_DIM / 8), c = (i % (HEAD_DIM / 8)) * 8;
         const unsigned int token = first + r;
         uint4 v = {0u, 0u, 0u, 0u};
         if (token < n) {
-            const size_t at = (((size_t)b * n + token) * 3 + part) * heads * HEAD_DIM + (size_t)h * HEAD_DIM + c;
-            v = *reinterpret_cast<const uint4 *>(qkv + at);
+            const size_t at = (((size_t)b * n + token) * parts + part) * heads * HEAD_DIM + (size_t)h * HEAD_DIM + c;
+            v = *reinterpret_cast<const uint4 *>(src + at);
         }
         *reinterpret_cast<uint4 *>(dst + r * HEAD_DIM + c) = v;
     }
 }
 
-extern "C" __global__ void dino_attention_fwd_bf16(const __nv_bfloat16 *qkv, __nv_bfloat16 *out, unsigned int n,
-                                                   unsigned int heads, float scale) {
+// out (B, N, heads·64); with `lse` (not null), also each row's log-sum-exp of its scaled scores,
+// (B, N, heads) in f32, for the backward pass.
+extern "C" __global__ void dino_attention_fwd_bf16(const __nv_bfloat16 *qkv, __nv_bfloat16 *out, float *lse,
+                                                   unsigned int n, unsigned int heads, float scale) {
     __shared__ __align__(32) __nv_bfloat16 qs[Q_TILE * HEAD_DIM];
     __shared__ __align__(32) __nv_bfloat16 ks[K_TILE * HEAD_DIM];
     __shared__ __align__(32) __nv_bfloat16 vs[K_TILE * HEAD_DIM];
@@ -48,7 +57,7 @@ extern "C" __global__ void dino_attention_fwd_bf16(const __nv_bfloat16 *qkv, __n
     const unsigned int b = blockIdx.y / heads, h = blockIdx.y % heads;
     const unsigned int q0 = blockIdx.x * Q_TILE;
 
-    load_tile(qs, qkv, q0, Q_TILE, n, 0, b, h, heads);
+    load_tile(qs, qkv, q0, Q_TILE, n, 3, 0, b, h, heads);
     for (unsigned int i = lane; i < 16 * HEAD_DIM; i += 32) os[warp][i] = 0.0f;
     __syncthreads();
     wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> qf[HEAD_DIM / 16];
@@ -62,8 +71,8 @@ extern "C" __global__ void dino_attention_fwd_bf16(const __nv_bfloat16 *qkv, __n
 
     for (unsigned int k0 = 0; k0 < n; k0 += K_TILE) {
         __syncthreads();  // the last tile's ks and vs are no longer read
-        load_tile(ks, qkv, k0, K_TILE, n, 1, b, h, heads);
-        load_tile(vs, qkv, k0, K_TILE, n, 2, b, h, heads);
+        load_tile(ks, qkv, k0, K_TILE, n, 3, 1, b, h, heads);
+        load_tile(vs, qkv, k0, K_TILE, n, 3, 2, b, h, heads);
         __syncthreads();
 
         // Scores: the warp's 16 queries against the tile's keys.
@@ -123,5 +132,227 @@ extern "C" __global__ void dino_attention_fwd_bf16(const __nv_bfloat16 *qkv, __n
         const float *orow = os[warp] + row * HEAD_DIM + side * (HEAD_DIM / 2);
         __nv_bfloat16 *dst = out + ((size_t)b * n + token) * heads * HEAD_DIM + (size_t)h * HEAD_DIM + side * (HEAD_DIM / 2);
         for (unsigned int c = 0; c < HEAD_DIM / 2; ++c) dst[c] = __float2bfloat16(orow[c] * inv);
+        if (lse != nullptr && side == 0) lse[((size_t)b * n + token) * heads + h] = m + logf(l);
     }
+}
+
+// One warp per row of (B, N, heads) rows of HEAD_DIM: dot[row] = Σ dout·out, in f32.
+extern "C" __global__ void dino_attention_bwd_dot(const __nv_bfloat16 *out, const __nv_bfloat16 *dout, float *dot,
+                                                  unsigned int rows) {
+    const unsigned int row = blockIdx.x * blockDim.y + threadIdx.y;
+    if (row >= rows) return;
+    const size_t at = (size_t)row * HEAD_DIM + threadIdx.x;
+    float s = __bfloat162float(out[at]) * __bfloat162float(dout[at]) +
+              __bfloat162float(out[at + 32]) * __bfloat162float(dout[at + 32]);
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if (threadIdx.x == 0) dot[row] = s;
+}
+
+// Writes a warp's 16 rows of HEAD_DIM accumulated in `acc` (scaled by `scale`) to tokens first..
+// of part `part` of dqkv, through `stage` (16 × K_TILE f32 of the warp's own), two fragments at a time.
+__device__ __forceinline__ void write_rows(wmma::fragment<wmma::accumulator, 16, 16, 16, float> *acc, float *stage,
+                                           __nv_bfloat16 *dqkv, unsigned int first, unsigned int n,
+                                           unsigned int part, unsigned int b, unsigned int h, unsigned int heads) {
+    const unsigned int lane = threadIdx.x % 32, row = lane / 2, side = lane % 2;
+    const unsigned int token = first + row;
+    for (unsigned int half = 0; half < HEAD_DIM / K_TILE; ++half) {
+        wmma::store_matrix_sync(stage, acc[2 * half], K_TILE, wmma::mem_row_major);
+        wmma::store_matrix_sync(stage + 16, acc[2 * half + 1], K_TILE, wmma::mem_row_major);
+        __syncwarp();
+        if (token < n) {
+            __nv_bfloat16 *dst = dqkv + (((size_t)b * n + token) * 3 + part) * heads * HEAD_DIM + (size_t)h * HEAD_DIM +
+                                 half * K_TILE + side * 16;
+            for (unsigned int c = 0; c < 16; ++c) dst[c] = __float2bfloat16(stage[row * K_TILE + side * 16 + c]);
+        }
+        __syncwarp();
+    }
+}
+
+// dk and dv for 64 keys of one (image, head), a warp's 16 keys against every query, 32 at a time:
+// Pᵀ = exp(scale · k·qᵀ − lse), dv += Pᵀ·dout, dPᵀ = v·doutᵀ, dSᵀ = scale · Pᵀ ∘ (dPᵀ − dot),
+// dk += dSᵀ·q.
+extern "C" __global__ void dino_attention_bwd_dkdv(const __nv_bfloat16 *qkv, const __nv_bfloat16 *dout,
+                                                   const float *lse, const float *dot, __nv_bfloat16 *dqkv,
+                                                   unsigned int n, unsigned int heads, float scale) {
+    __shared__ __align__(32) __nv_bfloat16 ks[Q_TILE * HEAD_DIM];
+    __shared__ __align__(32) __nv_bfloat16 vs[Q_TILE * HEAD_DIM];
+    __shared__ __align__(32) __nv_bfloat16 qs[K_TILE * HEAD_DIM];
+    __shared__ __align__(32) __nv_bfloat16 dos[K_TILE * HEAD_DIM];
+    __shared__ float lses[K_TILE], dots[K_TILE];
+    __shared__ __align__(32) float st[WARPS][16 * K_TILE];
+    __shared__ __align__(32) __nv_bfloat16 pt[WARPS][16 * K_TILE];
+    __shared__ __align__(32) __nv_bfloat16 dst[WARPS][16 * K_TILE];
+
+    const unsigned int warp = threadIdx.x / 32, lane = threadIdx.x % 32, row = lane / 2, side = lane % 2;
+    const unsigned int b = blockIdx.y / heads, h = blockIdx.y % heads;
+    const unsigned int k0 = blockIdx.x * Q_TILE;
+    load_tile(ks, qkv, k0, Q_TILE, n, 3, 1, b, h, heads);
+    load_tile(vs, qkv, k0, Q_TILE, n, 3, 2, b, h, heads);
+    __syncthreads();
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> kf[HEAD_DIM / 16], vf[HEAD_DIM / 16];
+    for (unsigned int k = 0; k < HEAD_DIM / 16; ++k) {
+        wmma::load_matrix_sync(kf[k], ks + warp * 16 * HEAD_DIM + k * 16, HEAD_DIM);
+        wmma::load_matrix_sync(vf[k], vs + warp * 16 * HEAD_DIM + k * 16, HEAD_DIM);
+    }
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> dk[HEAD_DIM / 16], dv[HEAD_DIM / 16];
+    for (unsigned int j = 0; j < HEAD_DIM / 16; ++j) {
+        wmma::fill_fragment(dk[j], 0.0f);
+        wmma::fill_fragment(dv[j], 0.0f);
+    }
+    float p[K_TILE / 2];
+
+    for (unsigned int q0 = 0; q0 < n; q0 += K_TILE) {
+        __syncthreads();  // the last step's qs, dos, lses and dots are no longer read
+        load_tile(qs, qkv, q0, K_TILE, n, 3, 0, b, h, heads);
+        load_tile(dos, dout, q0, K_TILE, n, 1, 0, b, h, heads);
+        for (unsigned int i = threadIdx.x; i < K_TILE; i += blockDim.x) {
+            const unsigned int token = q0 + i;
+            const size_t at = ((size_t)b * n + token) * heads + h;
+            lses[i] = token < n ? lse[at] : 0.0f;
+            dots[i] = token < n ? dot[at] : 0.0f;
+        }
+        __syncthreads();
+
+        // Sᵀ: the warp's keys against the step's queries.
+        for (unsigned int j = 0; j < K_TILE / 16; ++j) {
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+            wmma::fill_fragment(acc, 0.0f);
+            for (unsigned int k = 0; k < HEAD_DIM / 16; ++k) {
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> qt;
+                wmma::load_matrix_sync(qt, qs + j * 16 * HEAD_DIM + k * 16, HEAD_DIM);
+                wmma::mma_sync(acc, kf[k], qt, acc);
+            }
+            wmma::store_matrix_sync(st[warp] + j * 16, acc, K_TILE, wmma::mem_row_major);
+        }
+        __syncwarp();
+        for (unsigned int c = 0; c < K_TILE / 2; ++c) {
+            const unsigned int col = side * (K_TILE / 2) + c;
+            p[c] = q0 + col < n ? expf(scale * st[warp][row * K_TILE + col] - lses[col]) : 0.0f;
+            pt[warp][row * K_TILE + col] = __float2bfloat16(p[c]);
+        }
+        __syncwarp();
+
+        // dv += Pᵀ·dout
+        for (unsigned int j = 0; j < HEAD_DIM / 16; ++j)
+            for (unsigned int k = 0; k < K_TILE / 16; ++k) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a;
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> d;
+                wmma::load_matrix_sync(a, pt[warp] + k * 16, K_TILE);
+                wmma::load_matrix_sync(d, dos + k * 16 * HEAD_DIM + j * 16, HEAD_DIM);
+                wmma::mma_sync(dv[j], a, d, dv[j]);
+            }
+        // dPᵀ = v·doutᵀ, over Sᵀ (read above)
+        for (unsigned int j = 0; j < K_TILE / 16; ++j) {
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+            wmma::fill_fragment(acc, 0.0f);
+            for (unsigned int k = 0; k < HEAD_DIM / 16; ++k) {
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> dt;
+                wmma::load_matrix_sync(dt, dos + j * 16 * HEAD_DIM + k * 16, HEAD_DIM);
+                wmma::mma_sync(acc, vf[k], dt, acc);
+            }
+            wmma::store_matrix_sync(st[warp] + j * 16, acc, K_TILE, wmma::mem_row_major);
+        }
+        __syncwarp();
+        for (unsigned int c = 0; c < K_TILE / 2; ++c) {
+            const unsigned int col = side * (K_TILE / 2) + c;
+            dst[warp][row * K_TILE + col] = __float2bfloat16(scale * p[c] * (st[warp][row * K_TILE + col] - dots[col]));
+        }
+        __syncwarp();
+
+        // dk += dSᵀ·q
+        for (unsigned int j = 0; j < HEAD_DIM / 16; ++j)
+            for (unsigned int k = 0; k < K_TILE / 16; ++k) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a;
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> q;
+                wmma::load_matrix_sync(a, dst[warp] + k * 16, K_TILE);
+                wmma::load_matrix_sync(q, qs + k * 16 * HEAD_DIM + j * 16, HEAD_DIM);
+                wmma::mma_sync(dk[j], a, q, dk[j]);
+            }
+    }
+    __syncwarp();
+    write_rows(dk, st[warp], dqkv, k0 + warp * 16, n, 1, b, h, heads);
+    write_rows(dv, st[warp], dqkv, k0 + warp * 16, n, 2, b, h, heads);
+}
+
+// dq for 64 queries of one (image, head), a warp's 16 queries against every key, 32 at a time:
+// P = exp(scale · q·kᵀ − lse), dP = dout·vᵀ, dS = scale · P ∘ (dP − dot), dq += dS·k.
+extern "C" __global__ void dino_attention_bwd_dq(const __nv_bfloat16 *qkv, const __nv_bfloat16 *dout,
+                                                 const float *lse, const float *dot, __nv_bfloat16 *dqkv,
+                                                 unsigned int n, unsigned int heads, float scale) {
+    __shared__ __align__(32) __nv_bfloat16 qs[Q_TILE * HEAD_DIM];
+    __shared__ __align__(32) __nv_bfloat16 dos[Q_TILE * HEAD_DIM];
+    __shared__ __align__(32) __nv_bfloat16 ks[K_TILE * HEAD_DIM];
+    __shared__ __align__(32) __nv_bfloat16 vs[K_TILE * HEAD_DIM];
+    __shared__ __align__(32) float ss[WARPS][16 * K_TILE];
+    __shared__ __align__(32) __nv_bfloat16 ds[WARPS][16 * K_TILE];
+
+    const unsigned int warp = threadIdx.x / 32, lane = threadIdx.x % 32, row = lane / 2, side = lane % 2;
+    const unsigned int b = blockIdx.y / heads, h = blockIdx.y % heads;
+    const unsigned int q0 = blockIdx.x * Q_TILE;
+    load_tile(qs, qkv, q0, Q_TILE, n, 3, 0, b, h, heads);
+    load_tile(dos, dout, q0, Q_TILE, n, 1, 0, b, h, heads);
+    __syncthreads();
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> qf[HEAD_DIM / 16], df[HEAD_DIM / 16];
+    for (unsigned int k = 0; k < HEAD_DIM / 16; ++k) {
+        wmma::load_matrix_sync(qf[k], qs + warp * 16 * HEAD_DIM + k * 16, HEAD_DIM);
+        wmma::load_matrix_sync(df[k], dos + warp * 16 * HEAD_DIM + k * 16, HEAD_DIM);
+    }
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> dq[HEAD_DIM / 16];
+    for (unsigned int j = 0; j < HEAD_DIM / 16; ++j) wmma::fill_fragment(dq[j], 0.0f);
+    const unsigned int token = q0 + warp * 16 + row;
+    const size_t at = ((size_t)b * n + token) * heads + h;
+    const float my_lse = token < n ? lse[at] : 0.0f, my_dot = token < n ? dot[at] : 0.0f;
+    float p[K_TILE / 2];
+
+    for (unsigned int k0 = 0; k0 < n; k0 += K_TILE) {
+        __syncthreads();  // the last step's ks and vs are no longer read
+        load_tile(ks, qkv, k0, K_TILE, n, 3, 1, b, h, heads);
+        load_tile(vs, qkv, k0, K_TILE, n, 3, 2, b, h, heads);
+        __syncthreads();
+
+        for (unsigned int j = 0; j < K_TILE / 16; ++j) {
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+            wmma::fill_fragment(acc, 0.0f);
+            for (unsigned int k = 0; k < HEAD_DIM / 16; ++k) {
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> kt;
+                wmma::load_matrix_sync(kt, ks + j * 16 * HEAD_DIM + k * 16, HEAD_DIM);
+                wmma::mma_sync(acc, qf[k], kt, acc);
+            }
+            wmma::store_matrix_sync(ss[warp] + j * 16, acc, K_TILE, wmma::mem_row_major);
+        }
+        __syncwarp();
+        for (unsigned int c = 0; c < K_TILE / 2; ++c) {
+            const unsigned int col = side * (K_TILE / 2) + c;
+            p[c] = k0 + col < n ? expf(scale * ss[warp][row * K_TILE + col] - my_lse) : 0.0f;
+        }
+        __syncwarp();
+        // dP = dout·vᵀ, over S (read above)
+        for (unsigned int j = 0; j < K_TILE / 16; ++j) {
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+            wmma::fill_fragment(acc, 0.0f);
+            for (unsigned int k = 0; k < HEAD_DIM / 16; ++k) {
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> vt;
+                wmma::load_matrix_sync(vt, vs + j * 16 * HEAD_DIM + k * 16, HEAD_DIM);
+                wmma::mma_sync(acc, df[k], vt, acc);
+            }
+            wmma::store_matrix_sync(ss[warp] + j * 16, acc, K_TILE, wmma::mem_row_major);
+        }
+        __syncwarp();
+        for (unsigned int c = 0; c < K_TILE / 2; ++c) {
+            const unsigned int col = side * (K_TILE / 2) + c;
+            ds[warp][row * K_TILE + col] = __float2bfloat16(scale * p[c] * (ss[warp][row * K_TILE + col] - my_dot));
+        }
+        __syncwarp();
+        // dq += dS·k
+        for (unsigned int j = 0; j < HEAD_DIM / 16; ++j)
+            for (unsigned int k = 0; k < K_TILE / 16; ++k) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a;
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> kk;
+                wmma::load_matrix_sync(a, ds[warp] + k * 16, K_TILE);
+                wmma::load_matrix_sync(kk, ks + k * 16 * HEAD_DIM + j * 16, HEAD_DIM);
+                wmma::mma_sync(dq[j], a, kk, dq[j]);
+            }
+    }
+    __syncwarp();
+    write_rows(dq, ss[warp], dqkv, q0 + warp * 16, n, 0, b, h, heads);
 }
