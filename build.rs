@@ -5,7 +5,15 @@ use std::path::PathBuf;
 use std::process::Command;
 
 /// The kernel sources in src/ops/cuda, each compiled to `$OUT_DIR/<name>.ptx`.
-const KERNELS: &[&str] = &["update", "gelu", "residual", "layer_norm", "softmax", "attention"];
+const KERNELS: &[&str] = &[
+    "update",
+    "gelu",
+    "residual",
+    "layer_norm",
+    "softmax",
+    "attention",
+    "pixels",
+];
 
 fn main() {
     println!("cargo:rerun-if-changed=src/ops/cuda");

@@ -802,3 +802,28 @@ fn fused_attention_backward_matches_the_cpu_gradients() {
         }
     }
 }
+
+#[test]
+fn normalising_u8_crops_matches_the_cpu_bit_for_bit() {
+    let emu = Emu::get();
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let normalize = _dino_rs::augment::normalize::Normalize::new([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]);
+    // 3 crops of 3 × 15 × 17: planes that are not a multiple of the block size.
+    let (n, h, w) = (3usize, 15usize, 17usize);
+    let px: Vec<u8> = (0..n * 3 * h * w).map(|_| rng.random()).collect();
+    let table: Vec<f32> = normalize.table().iter().flatten().copied().collect();
+    let mut out = vec![f32::NAN; px.len()];
+    let (pp, pt, po) = (addr(&px), addr(&table), addr_mut(&mut out));
+    let (count, plane) = (px.len() as u32, (h * w) as u32);
+    emu.launch(
+        "dino_normalize_u8",
+        launch::grid_stride(px.len()),
+        &args![pp, pt, po, count, plane],
+    );
+    let on_cpu = Tensor::from_slice(&px, (n, 3, h, w), &Device::Cpu).unwrap();
+    let want = values(&normalize.on_device(&on_cpu).unwrap());
+    assert!(
+        out.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
+        "differs from the CPU's lookup"
+    );
+}

@@ -23,8 +23,12 @@ impl Normalize {
     }
 
     /// Normalised crops from planar u8 ones (N, 3, H, W) already on their device: a lookup in
-    /// this table (3 × 256 values), bit for bit what [`Normalize::apply`] writes.
+    /// this table (3 × 256 values), bit for bit what [`Normalize::apply`] writes. One kernel on
+    /// CUDA ([`crate::ops::normalize_u8`]); candle ops elsewhere.
     pub fn on_device(&self, pixels: &Tensor) -> candle_core::Result<Tensor> {
+        if let Some(out) = crate::ops::normalize_u8(pixels, &self.lut)? {
+            return Ok(out);
+        }
         let dev = pixels.device();
         let table = Tensor::from_iter(self.lut.iter().flatten().copied(), dev)?;
         let (n, c, h, w) = pixels.dims4()?;
@@ -39,6 +43,11 @@ impl Normalize {
         let offsets = Tensor::from_slice(&[0u32, 256, 512], (1, 3, 1, 1), dev)?;
         let idx = pixels.to_dtype(DType::U32)?.broadcast_add(&offsets)?.flatten_all()?;
         table.index_select(&idx, 0)?.reshape((n, c, h, w))
+    }
+
+    /// The table: value v of channel c becomes `table()[c][v]`.
+    pub fn table(&self) -> &[[f32; 256]; 3] {
+        &self.lut
     }
 
     /// Writes `img` into `out` (length 3·H·W) in CHW order.
