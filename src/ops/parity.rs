@@ -1,8 +1,9 @@
 //! Each of dino_rs's own device kernels against the CPU, one by one: the forward value and every
-//! input gradient of LayerNorm, softmax, bias + GELU, the residual update and the DINO loss (f32,
-//! and bf16 under autocast where a model uses it), attention from the qkv projection, the multi-tensor AdamW, EMA and clipping over
-//! tensors that span several chunks, and the page-locked upload. The model-level tests
-//! (tests/python/test_gpu.py) say whether training matches; this says which kernel does not.
+//! input gradient of LayerNorm, softmax, bias + GELU, the residual update, the DINO loss and
+//! attention from the qkv projection (f32, and bf16 under autocast where a model uses it), the
+//! multi-tensor AdamW, EMA and clipping over tensors that span several chunks, the page-locked
+//! upload and the normalisation of u8 crops. The model-level tests (tests/python/test_gpu.py) say
+//! whether training matches; this says which kernel does not.
 //!
 //! The reference is the CPU in f32 (its fused kernels, which the golden tests check against the
 //! official code). Asked for the CPU, the other side is the CPU's path for other devices (the fused
@@ -123,6 +124,13 @@ pub fn kernel_parity(device: &Device) -> Result<Vec<(String, f64)>> {
     let back = up.flatten_all()?.to_device(&cpu)?.to_vec1::<u8>()?;
     let wrong = back.iter().zip(&bytes).filter(|(a, b)| a != b).count();
     out.push(("upload_u8".into(), wrong as f64 / bytes.len() as f64));
+    // Crops normalised where they are (one kernel on CUDA) against the CPU's lookup.
+    let normalize = crate::augment::normalize::Normalize::new([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]);
+    let on_cpu = Tensor::from_vec(bytes, (2, 3, 96, 96), &cpu)?;
+    out.push((
+        "normalize_u8".into(),
+        rel(&normalize.on_device(&up)?, &normalize.on_device(&on_cpu)?)?,
+    ));
     Ok(out)
 }
 
@@ -291,6 +299,9 @@ mod tests {
             "adamw.moments",
             "ema",
             "upload_u8",
+            "normalize_u8",
+            "attention.grad0",
+            "attention.bf16.grad0",
         ] {
             assert!(names.contains(&want), "{want} missing from {names:?}");
         }
