@@ -1,18 +1,20 @@
-// Attention without the (B, heads, N, N) matrices, for forward passes that keep nothing for a
-// backward pass (inference, the EMA teacher): out = softmax(scale · q·kᵀ)·v per (image, head), read
-// straight from the qkv projection (B, N, 3, heads, 64) and written in token order (B, N, heads·64),
-// so neither the head split nor the merge is a copy. bf16 in and out (autocast), tensor-core
-// matmuls (wmma, f32 accumulation), the softmax online in f32 over key tiles as FlashAttention
-// does it: each tile's probabilities are rounded to bf16 for the ·v product, as PyTorch's autocast
-// rounds the whole matrix, and the row sums they are divided by stay in f32.
+// Attention without the (B, heads, N, N) matrices (src/ops/flash_attention.rs): out = softmax(scale ·
+// q·kᵀ)·v per (image, head), read straight from the qkv projection (B, N, 3, heads, 64) and written
+// in token order (B, N, heads·64), so neither the head split nor the merge is a copy. bf16 in and
+// out (autocast), tensor-core matmuls (wmma, f32 accumulation), the softmax online in f32 over key
+// tiles as FlashAttention does it: each tile's probabilities are rounded to bf16 for the ·v
+// product, as PyTorch's autocast rounds the whole matrix, and the row sums they are divided by stay
+// in f32.
 //
-// A block takes 64 queries of one (image, head), a warp 16 of them, and walks the keys 32 at a time.
+// The forward pass: a block takes 64 queries of one (image, head), a warp 16 of them, and walks the
+// keys 32 at a time. The backward pass recomputes the probabilities from the forward's row
+// log-sum-exps, as FlashAttention-2 does, in three kernels: each row's Σ dout·out; dk and dv, a
+// block per 64 keys walking the queries; dq, a block per 64 queries walking the keys. Each gradient
+// element is summed by one warp in a fixed order (no atomics), so a step repeats bit for bit. They
+// write the gradient of the qkv projection, (B, N, 3, heads, 64), directly.
 //
-// The backward pass recomputes the probabilities from the forward's row log-sum-exps, as
-// FlashAttention-2 does, in three kernels: each row's Σ dout·out; dk and dv, a block per 64 keys
-// walking the queries; dq, a block per 64 queries walking the keys. Each gradient element is summed
-// by one warp in a fixed order (no atomics), so a step repeats bit for bit. They write the gradient
-// of the qkv projection, (B, N, 3, heads, 64), directly.
+// Tiles that the matmuls read again and again are stored with padded rows (LD, SLD, PLD), so that
+// the 16 rows of a fragment do not all fall in the same shared-memory banks.
 #include <cuda_bf16.h>
 #include <mma.h>
 
@@ -22,13 +24,17 @@ using namespace nvcuda;
 #define Q_TILE 64u  // queries per block: 4 warps of 16
 #define K_TILE 32u  // keys per step
 #define WARPS 4u
+#define LD (HEAD_DIM + 8u)  // row stride of re-read bf16 tiles: 144 bytes
+#define SLD (K_TILE + 4u)   // row stride of f32 score tiles: 144 bytes
+#define PLD (K_TILE + 8u)   // row stride of bf16 probability tiles: 80 bytes
 
-// A tile of `rows` tokens of head h's HEAD_DIM bf16 into shared memory, zeros past the last token;
-// 16-byte loads by all threads of the block. `src` is (B, N, parts, heads, HEAD_DIM): the qkv
-// projection (parts 3; part 0 q, 1 k, 2 v) or an output or its gradient (parts 1).
+// A tile of `rows` tokens of head h's HEAD_DIM bf16 into shared memory, `ld` elements from row to
+// row, zeros past the last token; 16-byte loads by all threads of the block. `src` is (B, N, parts,
+// heads, HEAD_DIM): the qkv projection (parts 3; part 0 q, 1 k, 2 v) or an output or its gradient
+// (parts 1).
 __device__ __forceinline__ void load_tile(__nv_bfloat16 *dst, const __nv_bfloat16 *src, unsigned int first,
                                           unsigned int rows, unsigned int n, unsigned int parts, unsigned int part,
-                                          unsigned int b, unsigned int h, unsigned int heads) {
+                                          unsigned int b, unsigned int h, unsigned int heads, unsigned int ld) {
     const unsigned int vecs = rows * HEAD_DIM / 8;  // 8 bf16 per 16 bytes
     for (unsigned int i = threadIdx.x; i < vecs; i += blockDim.x) {
         const unsigned int r = i / (HEAD_DIM / 8), c = (i % (HEAD_DIM / 8)) * 8;
@@ -38,7 +44,7 @@ __device__ __forceinline__ void load_tile(__nv_bfloat16 *dst, const __nv_bfloat1
             const size_t at = (((size_t)b * n + token) * parts + part) * heads * HEAD_DIM + (size_t)h * HEAD_DIM + c;
             v = *reinterpret_cast<const uint4 *>(src + at);
         }
-        *reinterpret_cast<uint4 *>(dst + r * HEAD_DIM + c) = v;
+        *reinterpret_cast<uint4 *>(dst + r * ld + c) = v;
     }
 }
 
@@ -47,17 +53,17 @@ __device__ __forceinline__ void load_tile(__nv_bfloat16 *dst, const __nv_bfloat1
 extern "C" __global__ void dino_attention_fwd_bf16(const __nv_bfloat16 *qkv, __nv_bfloat16 *out, float *lse,
                                                    unsigned int n, unsigned int heads, float scale) {
     __shared__ __align__(32) __nv_bfloat16 qs[Q_TILE * HEAD_DIM];
-    __shared__ __align__(32) __nv_bfloat16 ks[K_TILE * HEAD_DIM];
-    __shared__ __align__(32) __nv_bfloat16 vs[K_TILE * HEAD_DIM];
-    __shared__ __align__(32) float ss[WARPS][16 * K_TILE];     // scores of a warp's 16 rows
-    __shared__ __align__(32) __nv_bfloat16 ps[WARPS][16 * K_TILE];  // their probabilities, unnormalised
+    __shared__ __align__(32) __nv_bfloat16 ks[K_TILE * LD];
+    __shared__ __align__(32) __nv_bfloat16 vs[K_TILE * LD];
+    __shared__ __align__(32) float ss[WARPS][16 * SLD];     // scores of a warp's 16 rows
+    __shared__ __align__(32) __nv_bfloat16 ps[WARPS][16 * PLD];  // their probabilities, unnormalised
     __shared__ __align__(32) float os[WARPS][16 * HEAD_DIM];   // the output rows so far
 
     const unsigned int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const unsigned int b = blockIdx.y / heads, h = blockIdx.y % heads;
     const unsigned int q0 = blockIdx.x * Q_TILE;
 
-    load_tile(qs, qkv, q0, Q_TILE, n, 3, 0, b, h, heads);
+    load_tile(qs, qkv, q0, Q_TILE, n, 3, 0, b, h, heads, HEAD_DIM);
     for (unsigned int i = lane; i < 16 * HEAD_DIM; i += 32) os[warp][i] = 0.0f;
     __syncthreads();
     wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> qf[HEAD_DIM / 16];
@@ -71,8 +77,8 @@ extern "C" __global__ void dino_attention_fwd_bf16(const __nv_bfloat16 *qkv, __n
 
     for (unsigned int k0 = 0; k0 < n; k0 += K_TILE) {
         __syncthreads();  // the last tile's ks and vs are no longer read
-        load_tile(ks, qkv, k0, K_TILE, n, 3, 1, b, h, heads);
-        load_tile(vs, qkv, k0, K_TILE, n, 3, 2, b, h, heads);
+        load_tile(ks, qkv, k0, K_TILE, n, 3, 1, b, h, heads, LD);
+        load_tile(vs, qkv, k0, K_TILE, n, 3, 2, b, h, heads, LD);
         __syncthreads();
 
         // Scores: the warp's 16 queries against the tile's keys.
@@ -81,16 +87,16 @@ extern "C" __global__ void dino_attention_fwd_bf16(const __nv_bfloat16 *qkv, __n
             wmma::fill_fragment(acc, 0.0f);
             for (unsigned int k = 0; k < HEAD_DIM / 16; ++k) {
                 wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> kf;
-                wmma::load_matrix_sync(kf, ks + j * 16 * HEAD_DIM + k * 16, HEAD_DIM);
+                wmma::load_matrix_sync(kf, ks + j * 16 * LD + k * 16, LD);
                 wmma::mma_sync(acc, qf[k], kf, acc);
             }
-            wmma::store_matrix_sync(ss[warp] + j * 16, acc, K_TILE, wmma::mem_row_major);
+            wmma::store_matrix_sync(ss[warp] + j * 16, acc, SLD, wmma::mem_row_major);
         }
         __syncwarp();
 
         // Online softmax over this tile's columns of the lane's row.
-        const float *sr = ss[warp] + row * K_TILE + side * (K_TILE / 2);
-        __nv_bfloat16 *pr = ps[warp] + row * K_TILE + side * (K_TILE / 2);
+        const float *sr = ss[warp] + row * SLD + side * (K_TILE / 2);
+        __nv_bfloat16 *pr = ps[warp] + row * PLD + side * (K_TILE / 2);
         float tile_max = __int_as_float(0xff800000u);
         for (unsigned int c = 0; c < K_TILE / 2; ++c)
             if (k0 + side * (K_TILE / 2) + c < n) tile_max = fmaxf(tile_max, scale * sr[c]);
@@ -117,8 +123,8 @@ extern "C" __global__ void dino_attention_fwd_bf16(const __nv_bfloat16 *qkv, __n
             for (unsigned int k = 0; k < K_TILE / 16; ++k) {
                 wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> pf;
                 wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> vf;
-                wmma::load_matrix_sync(pf, ps[warp] + k * 16, K_TILE);
-                wmma::load_matrix_sync(vf, vs + k * 16 * HEAD_DIM + j * 16, HEAD_DIM);
+                wmma::load_matrix_sync(pf, ps[warp] + k * 16, PLD);
+                wmma::load_matrix_sync(vf, vs + k * 16 * LD + j * 16, LD);
                 wmma::mma_sync(acc, pf, vf, acc);
             }
             wmma::store_matrix_sync(os[warp] + j * 16, acc, HEAD_DIM, wmma::mem_row_major);
@@ -149,20 +155,20 @@ extern "C" __global__ void dino_attention_bwd_dot(const __nv_bfloat16 *out, cons
 }
 
 // Writes a warp's 16 rows of HEAD_DIM accumulated in `acc` (scaled by `scale`) to tokens first..
-// of part `part` of dqkv, through `stage` (16 × K_TILE f32 of the warp's own), two fragments at a time.
+// of part `part` of dqkv, through `stage` (16 rows of SLD f32, the warp's own), two fragments at a time.
 __device__ __forceinline__ void write_rows(wmma::fragment<wmma::accumulator, 16, 16, 16, float> *acc, float *stage,
                                            __nv_bfloat16 *dqkv, unsigned int first, unsigned int n,
                                            unsigned int part, unsigned int b, unsigned int h, unsigned int heads) {
     const unsigned int lane = threadIdx.x % 32, row = lane / 2, side = lane % 2;
     const unsigned int token = first + row;
     for (unsigned int half = 0; half < HEAD_DIM / K_TILE; ++half) {
-        wmma::store_matrix_sync(stage, acc[2 * half], K_TILE, wmma::mem_row_major);
-        wmma::store_matrix_sync(stage + 16, acc[2 * half + 1], K_TILE, wmma::mem_row_major);
+        wmma::store_matrix_sync(stage, acc[2 * half], SLD, wmma::mem_row_major);
+        wmma::store_matrix_sync(stage + 16, acc[2 * half + 1], SLD, wmma::mem_row_major);
         __syncwarp();
         if (token < n) {
             __nv_bfloat16 *dst = dqkv + (((size_t)b * n + token) * 3 + part) * heads * HEAD_DIM + (size_t)h * HEAD_DIM +
                                  half * K_TILE + side * 16;
-            for (unsigned int c = 0; c < 16; ++c) dst[c] = __float2bfloat16(stage[row * K_TILE + side * 16 + c]);
+            for (unsigned int c = 0; c < 16; ++c) dst[c] = __float2bfloat16(stage[row * SLD + side * 16 + c]);
         }
         __syncwarp();
     }
@@ -176,18 +182,18 @@ extern "C" __global__ void dino_attention_bwd_dkdv(const __nv_bfloat16 *qkv, con
                                                    unsigned int n, unsigned int heads, float scale) {
     __shared__ __align__(32) __nv_bfloat16 ks[Q_TILE * HEAD_DIM];
     __shared__ __align__(32) __nv_bfloat16 vs[Q_TILE * HEAD_DIM];
-    __shared__ __align__(32) __nv_bfloat16 qs[K_TILE * HEAD_DIM];
-    __shared__ __align__(32) __nv_bfloat16 dos[K_TILE * HEAD_DIM];
+    __shared__ __align__(32) __nv_bfloat16 qs[K_TILE * LD];
+    __shared__ __align__(32) __nv_bfloat16 dos[K_TILE * LD];
     __shared__ float lses[K_TILE], dots[K_TILE];
-    __shared__ __align__(32) float st[WARPS][16 * K_TILE];
-    __shared__ __align__(32) __nv_bfloat16 pt[WARPS][16 * K_TILE];
-    __shared__ __align__(32) __nv_bfloat16 dst[WARPS][16 * K_TILE];
+    __shared__ __align__(32) float st[WARPS][16 * SLD];
+    __shared__ __align__(32) __nv_bfloat16 pt[WARPS][16 * PLD];
+    __shared__ __align__(32) __nv_bfloat16 dst[WARPS][16 * PLD];
 
     const unsigned int warp = threadIdx.x / 32, lane = threadIdx.x % 32, row = lane / 2, side = lane % 2;
     const unsigned int b = blockIdx.y / heads, h = blockIdx.y % heads;
     const unsigned int k0 = blockIdx.x * Q_TILE;
-    load_tile(ks, qkv, k0, Q_TILE, n, 3, 1, b, h, heads);
-    load_tile(vs, qkv, k0, Q_TILE, n, 3, 2, b, h, heads);
+    load_tile(ks, qkv, k0, Q_TILE, n, 3, 1, b, h, heads, HEAD_DIM);
+    load_tile(vs, qkv, k0, Q_TILE, n, 3, 2, b, h, heads, HEAD_DIM);
     __syncthreads();
     wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> kf[HEAD_DIM / 16], vf[HEAD_DIM / 16];
     for (unsigned int k = 0; k < HEAD_DIM / 16; ++k) {
@@ -203,8 +209,8 @@ extern "C" __global__ void dino_attention_bwd_dkdv(const __nv_bfloat16 *qkv, con
 
     for (unsigned int q0 = 0; q0 < n; q0 += K_TILE) {
         __syncthreads();  // the last step's qs, dos, lses and dots are no longer read
-        load_tile(qs, qkv, q0, K_TILE, n, 3, 0, b, h, heads);
-        load_tile(dos, dout, q0, K_TILE, n, 1, 0, b, h, heads);
+        load_tile(qs, qkv, q0, K_TILE, n, 3, 0, b, h, heads, LD);
+        load_tile(dos, dout, q0, K_TILE, n, 1, 0, b, h, heads, LD);
         for (unsigned int i = threadIdx.x; i < K_TILE; i += blockDim.x) {
             const unsigned int token = q0 + i;
             const size_t at = ((size_t)b * n + token) * heads + h;
@@ -219,16 +225,16 @@ extern "C" __global__ void dino_attention_bwd_dkdv(const __nv_bfloat16 *qkv, con
             wmma::fill_fragment(acc, 0.0f);
             for (unsigned int k = 0; k < HEAD_DIM / 16; ++k) {
                 wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> qt;
-                wmma::load_matrix_sync(qt, qs + j * 16 * HEAD_DIM + k * 16, HEAD_DIM);
+                wmma::load_matrix_sync(qt, qs + j * 16 * LD + k * 16, LD);
                 wmma::mma_sync(acc, kf[k], qt, acc);
             }
-            wmma::store_matrix_sync(st[warp] + j * 16, acc, K_TILE, wmma::mem_row_major);
+            wmma::store_matrix_sync(st[warp] + j * 16, acc, SLD, wmma::mem_row_major);
         }
         __syncwarp();
         for (unsigned int c = 0; c < K_TILE / 2; ++c) {
             const unsigned int col = side * (K_TILE / 2) + c;
-            p[c] = q0 + col < n ? expf(scale * st[warp][row * K_TILE + col] - lses[col]) : 0.0f;
-            pt[warp][row * K_TILE + col] = __float2bfloat16(p[c]);
+            p[c] = q0 + col < n ? expf(scale * st[warp][row * SLD + col] - lses[col]) : 0.0f;
+            pt[warp][row * PLD + col] = __float2bfloat16(p[c]);
         }
         __syncwarp();
 
@@ -237,8 +243,8 @@ extern "C" __global__ void dino_attention_bwd_dkdv(const __nv_bfloat16 *qkv, con
             for (unsigned int k = 0; k < K_TILE / 16; ++k) {
                 wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a;
                 wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> d;
-                wmma::load_matrix_sync(a, pt[warp] + k * 16, K_TILE);
-                wmma::load_matrix_sync(d, dos + k * 16 * HEAD_DIM + j * 16, HEAD_DIM);
+                wmma::load_matrix_sync(a, pt[warp] + k * 16, PLD);
+                wmma::load_matrix_sync(d, dos + k * 16 * LD + j * 16, LD);
                 wmma::mma_sync(dv[j], a, d, dv[j]);
             }
         // dPᵀ = v·doutᵀ, over Sᵀ (read above)
@@ -247,15 +253,15 @@ extern "C" __global__ void dino_attention_bwd_dkdv(const __nv_bfloat16 *qkv, con
             wmma::fill_fragment(acc, 0.0f);
             for (unsigned int k = 0; k < HEAD_DIM / 16; ++k) {
                 wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> dt;
-                wmma::load_matrix_sync(dt, dos + j * 16 * HEAD_DIM + k * 16, HEAD_DIM);
+                wmma::load_matrix_sync(dt, dos + j * 16 * LD + k * 16, LD);
                 wmma::mma_sync(acc, vf[k], dt, acc);
             }
-            wmma::store_matrix_sync(st[warp] + j * 16, acc, K_TILE, wmma::mem_row_major);
+            wmma::store_matrix_sync(st[warp] + j * 16, acc, SLD, wmma::mem_row_major);
         }
         __syncwarp();
         for (unsigned int c = 0; c < K_TILE / 2; ++c) {
             const unsigned int col = side * (K_TILE / 2) + c;
-            dst[warp][row * K_TILE + col] = __float2bfloat16(scale * p[c] * (st[warp][row * K_TILE + col] - dots[col]));
+            dst[warp][row * PLD + col] = __float2bfloat16(scale * p[c] * (st[warp][row * SLD + col] - dots[col]));
         }
         __syncwarp();
 
@@ -264,8 +270,8 @@ extern "C" __global__ void dino_attention_bwd_dkdv(const __nv_bfloat16 *qkv, con
             for (unsigned int k = 0; k < K_TILE / 16; ++k) {
                 wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a;
                 wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> q;
-                wmma::load_matrix_sync(a, dst[warp] + k * 16, K_TILE);
-                wmma::load_matrix_sync(q, qs + k * 16 * HEAD_DIM + j * 16, HEAD_DIM);
+                wmma::load_matrix_sync(a, dst[warp] + k * 16, PLD);
+                wmma::load_matrix_sync(q, qs + k * 16 * LD + j * 16, LD);
                 wmma::mma_sync(dk[j], a, q, dk[j]);
             }
     }
@@ -281,16 +287,16 @@ extern "C" __global__ void dino_attention_bwd_dq(const __nv_bfloat16 *qkv, const
                                                  unsigned int n, unsigned int heads, float scale) {
     __shared__ __align__(32) __nv_bfloat16 qs[Q_TILE * HEAD_DIM];
     __shared__ __align__(32) __nv_bfloat16 dos[Q_TILE * HEAD_DIM];
-    __shared__ __align__(32) __nv_bfloat16 ks[K_TILE * HEAD_DIM];
-    __shared__ __align__(32) __nv_bfloat16 vs[K_TILE * HEAD_DIM];
-    __shared__ __align__(32) float ss[WARPS][16 * K_TILE];
-    __shared__ __align__(32) __nv_bfloat16 ds[WARPS][16 * K_TILE];
+    __shared__ __align__(32) __nv_bfloat16 ks[K_TILE * LD];
+    __shared__ __align__(32) __nv_bfloat16 vs[K_TILE * LD];
+    __shared__ __align__(32) float ss[WARPS][16 * SLD];
+    __shared__ __align__(32) __nv_bfloat16 ds[WARPS][16 * PLD];
 
     const unsigned int warp = threadIdx.x / 32, lane = threadIdx.x % 32, row = lane / 2, side = lane % 2;
     const unsigned int b = blockIdx.y / heads, h = blockIdx.y % heads;
     const unsigned int q0 = blockIdx.x * Q_TILE;
-    load_tile(qs, qkv, q0, Q_TILE, n, 3, 0, b, h, heads);
-    load_tile(dos, dout, q0, Q_TILE, n, 1, 0, b, h, heads);
+    load_tile(qs, qkv, q0, Q_TILE, n, 3, 0, b, h, heads, HEAD_DIM);
+    load_tile(dos, dout, q0, Q_TILE, n, 1, 0, b, h, heads, HEAD_DIM);
     __syncthreads();
     wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> qf[HEAD_DIM / 16], df[HEAD_DIM / 16];
     for (unsigned int k = 0; k < HEAD_DIM / 16; ++k) {
@@ -306,8 +312,8 @@ extern "C" __global__ void dino_attention_bwd_dq(const __nv_bfloat16 *qkv, const
 
     for (unsigned int k0 = 0; k0 < n; k0 += K_TILE) {
         __syncthreads();  // the last step's ks and vs are no longer read
-        load_tile(ks, qkv, k0, K_TILE, n, 3, 1, b, h, heads);
-        load_tile(vs, qkv, k0, K_TILE, n, 3, 2, b, h, heads);
+        load_tile(ks, qkv, k0, K_TILE, n, 3, 1, b, h, heads, LD);
+        load_tile(vs, qkv, k0, K_TILE, n, 3, 2, b, h, heads, LD);
         __syncthreads();
 
         for (unsigned int j = 0; j < K_TILE / 16; ++j) {
@@ -315,15 +321,15 @@ extern "C" __global__ void dino_attention_bwd_dq(const __nv_bfloat16 *qkv, const
             wmma::fill_fragment(acc, 0.0f);
             for (unsigned int k = 0; k < HEAD_DIM / 16; ++k) {
                 wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> kt;
-                wmma::load_matrix_sync(kt, ks + j * 16 * HEAD_DIM + k * 16, HEAD_DIM);
+                wmma::load_matrix_sync(kt, ks + j * 16 * LD + k * 16, LD);
                 wmma::mma_sync(acc, qf[k], kt, acc);
             }
-            wmma::store_matrix_sync(ss[warp] + j * 16, acc, K_TILE, wmma::mem_row_major);
+            wmma::store_matrix_sync(ss[warp] + j * 16, acc, SLD, wmma::mem_row_major);
         }
         __syncwarp();
         for (unsigned int c = 0; c < K_TILE / 2; ++c) {
             const unsigned int col = side * (K_TILE / 2) + c;
-            p[c] = k0 + col < n ? expf(scale * ss[warp][row * K_TILE + col] - my_lse) : 0.0f;
+            p[c] = k0 + col < n ? expf(scale * ss[warp][row * SLD + col] - my_lse) : 0.0f;
         }
         __syncwarp();
         // dP = dout·vᵀ, over S (read above)
@@ -332,15 +338,15 @@ extern "C" __global__ void dino_attention_bwd_dq(const __nv_bfloat16 *qkv, const
             wmma::fill_fragment(acc, 0.0f);
             for (unsigned int k = 0; k < HEAD_DIM / 16; ++k) {
                 wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> vt;
-                wmma::load_matrix_sync(vt, vs + j * 16 * HEAD_DIM + k * 16, HEAD_DIM);
+                wmma::load_matrix_sync(vt, vs + j * 16 * LD + k * 16, LD);
                 wmma::mma_sync(acc, df[k], vt, acc);
             }
-            wmma::store_matrix_sync(ss[warp] + j * 16, acc, K_TILE, wmma::mem_row_major);
+            wmma::store_matrix_sync(ss[warp] + j * 16, acc, SLD, wmma::mem_row_major);
         }
         __syncwarp();
         for (unsigned int c = 0; c < K_TILE / 2; ++c) {
             const unsigned int col = side * (K_TILE / 2) + c;
-            ds[warp][row * K_TILE + col] = __float2bfloat16(scale * p[c] * (ss[warp][row * K_TILE + col] - my_dot));
+            ds[warp][row * PLD + col] = __float2bfloat16(scale * p[c] * (ss[warp][row * SLD + col] - my_dot));
         }
         __syncwarp();
         // dq += dS·k
@@ -348,8 +354,8 @@ extern "C" __global__ void dino_attention_bwd_dq(const __nv_bfloat16 *qkv, const
             for (unsigned int k = 0; k < K_TILE / 16; ++k) {
                 wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a;
                 wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> kk;
-                wmma::load_matrix_sync(a, ds[warp] + k * 16, K_TILE);
-                wmma::load_matrix_sync(kk, ks + k * 16 * HEAD_DIM + j * 16, HEAD_DIM);
+                wmma::load_matrix_sync(a, ds[warp] + k * 16, PLD);
+                wmma::load_matrix_sync(kk, ks + k * 16 * LD + j * 16, LD);
                 wmma::mma_sync(dq[j], a, kk, dq[j]);
             }
     }
