@@ -12,13 +12,15 @@ What it measures (each configuration in its own child process, so that GPU memor
   (EMA teacher, centering, clipping, AdamW schedules). PyTorch under bf16 autocast, with the official
   explicit attention and with ``scaled_dot_product_attention``; dino_rs ``Trainer.step`` with
   ``dtype="bfloat16"`` (the same autocast policy), and again with ``DINO_RS_COMPOSED_OPS=1`` (AdamW,
-  EMA and gradient clipping as candle ops instead of dino_rs's multi-tensor kernels), to show what
-  those are worth.
+  EMA and gradient clipping as candle ops instead of dino_rs's multi-tensor kernels, attention
+  composed instead of the flash attention kernels, the crops normalised by candle ops), to show
+  what those are worth.
   After its timed steps each dino_rs run profiles 3 more (``Trainer.profile``): a second table
   gives the milliseconds per phase (teacher forward, student forward, loss, backward, clip, AdamW,
   EMA, centre).
 * ``embed``: teacher embedding throughput, B = 256 crops of 224 px, no gradients: PyTorch bf16 SDPA
-  and fp32 against dino_rs ``forward_backbone(batch_size=256)`` in bfloat16 and float32.
+  and fp32 against dino_rs ``forward_backbone(batch_size=256)`` in bfloat16 (with the flash
+  attention kernel, and composed: ``dino_rs-bf16-composed``) and float32.
 * ``e2e``: dino_rs training from JPEG files (copies of the bundled ~500x375 photos in an ImageFolder,
   the native multi-crop loader on every core, crops sent to the GPU as uint8 and normalised there)
   against the same trainer's ``step`` on synthetic crops already in memory, in the same process:
@@ -67,6 +69,7 @@ RUNS = [
     ("embed", "torch-fp32-sdpa"),
     ("embed", "dino_rs-bf16"),
     ("embed", "dino_rs-fp32"),
+    ("embed", "dino_rs-bf16-composed"),
     ("e2e", "dino_rs-bf16"),
 ]
 
@@ -137,7 +140,7 @@ def child(kind: str, framework: str, c: dict, device: str, warmup: int, steps: i
                                                      enabled=dtype is not None):
                     return backbone(x).float().cpu().numpy()
     else:
-        if framework.endswith("-composed"):  # the update kernels off: what they are worth
+        if framework.endswith("-composed"):  # the update and attention kernels off: what they are worth
             os.environ["DINO_RS_COMPOSED_OPS"] = "1"
         import dino_rs as dr
 
