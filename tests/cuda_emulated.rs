@@ -704,12 +704,13 @@ fn fused_attention_matches_the_cpu_on_global_and_local_crops() {
             &args![pq, po, no_lse, nn, hh, scale],
         );
         let want = ops::attention(&tensor(&from_bf16(&qkv), &[b, n, 3 * c]), heads, scale as f64).unwrap();
-        // bf16 probabilities and output: within a few bf16 roundings of the f32 result.
+        // bf16 probabilities and output: within a few bf16 roundings of the f32 result (2e-3 to 4e-3
+        // seen).
         assert_close(
             &format!("attention {b}x{n}, {heads} heads"),
             &from_bf16(&out),
             &values(&want),
-            1.5e-2,
+            1e-2,
         );
     }
 }
@@ -760,7 +761,8 @@ fn fused_attention_backward_matches_the_cpu_gradients() {
         let (_, grads) = cpu_with_grads(&inputs, &g, |t| ops::attention(&t[0], heads, scale as f64));
         let want = values(&grads[0]);
         let got = from_bf16(&dqkv);
-        // q, k and v's parts on their own: each has its own scale (and q's and k's are zero for one token).
+        // q, k and v's parts on their own: each has its own scale (and q's and k's are zero for one
+        // token). 2e-3 to 5e-3 seen: the bf16 rounding of the products and of the result.
         for (part, name) in ["dq", "dk", "dv"].iter().enumerate() {
             let pick = |v: &[f32]| -> Vec<f32> {
                 v.chunks(c)
@@ -774,7 +776,7 @@ fn fused_attention_backward_matches_the_cpu_gradients() {
             if want.iter().all(|&x| x.abs() < 1e-6) {
                 assert!(got.iter().all(|&x| x.abs() < 1e-6), "{what}: not zero");
             } else {
-                assert_close(&what, &got, &want, 2e-2);
+                assert_close(&what, &got, &want, 1e-2);
             }
         }
         // The log-sum-exps the backward pass takes its probabilities from, against f64.
