@@ -30,7 +30,7 @@ type Kept = ();
 /// `softmax(q·kᵀ·scale)·v` per head for `qkv` (B, N, 3·C) laid out as the official
 /// `qkv(x).reshape(B, N, 3, heads, C/heads)`, as (B, N, C), by the fused kernels, with a backward
 /// pass where `qkv` needs a gradient; `None` where they do not apply (not CUDA, not bf16, another
-/// head dimension, `DINO_RS_COMPOSED_OPS=1`).
+/// head dimension, `DINO_RS_COMPOSED_OPS=1` or `DINO_RS_FLASH_ATTENTION=0`).
 pub fn flash_attention(qkv: &Tensor, heads: usize, scale: f64) -> Result<Option<Tensor>> {
     if !applies(qkv, heads) {
         return Ok(None);
@@ -63,12 +63,20 @@ fn aligned(t: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// False when `DINO_RS_FLASH_ATTENTION=0`: attention alone composed, the other kernels kept (to
+/// tell, on a GPU, what the attention kernels do from what the rest does).
+fn enabled() -> bool {
+    static ENABLED: OnceLock<bool> = OnceLock::new();
+    *ENABLED.get_or_init(|| std::env::var("DINO_RS_FLASH_ATTENTION").map_or(true, |v| v != "0"))
+}
+
 fn applies(qkv: &Tensor, heads: usize) -> bool {
     let Ok((b, n, c3)) = qkv.dims3() else {
         return false;
     };
     cfg!(feature = "cuda")
         && super::kernels_enabled()
+        && enabled()
         && qkv.device().is_cuda()
         && qkv.dtype() == DType::BF16
         && n > 0
