@@ -4,7 +4,9 @@
 //! cost an activation-sized memset and add in the backward pass, and every matmul output was
 //! zero-filled before being overwritten. Here the forward is one gemm onto rows pre-filled with the
 //! bias, the backward two gemms (dx = g·W, dW = gᵀ·x) into uninitialised buffers and a row sum
-//! (db); dx is skipped when `x` needs no gradient (the patch embedding's pixels).
+//! (db); dx is skipped when `x` needs no gradient (the patch embedding's pixels). Elsewhere (CUDA,
+//! autocast, other dtypes) the layer is one node too, with the backend's matmul
+//! ([`super::linear_portable`]).
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::{gemm, Parallelism};
@@ -33,13 +35,16 @@ fn composed(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor
         candle_core::bail!("linear: a scalar has no features");
     };
     // A broadcast (batched) matmul would give the weight a per-batch gradient to sum afterwards.
-    let y = x
-        .contiguous()?
-        .reshape((x.elem_count() / k.max(1), k))?
-        .matmul(&weight.t()?)?;
-    let y = match &bias {
-        Some(b) => y.broadcast_add(b)?,
-        None => y,
+    let rows = x.contiguous()?.reshape((x.elem_count() / k.max(1), k))?;
+    let y = if rows.dim(0)? > 0 && k > 0 {
+        super::linear_portable::linear_rows(&rows, &weight, bias.as_ref())?
+    } else {
+        // Nothing to multiply: candle's matmul makes the empty (or zero) result.
+        let y = rows.matmul(&weight.t()?)?;
+        match &bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        }
     };
     let mut out = dims.to_vec();
     *out.last_mut().expect("checked non-empty above") = weight.dim(0)?;

@@ -40,6 +40,7 @@ mod gelu_portable;
 pub mod launch;
 mod layer_norm;
 mod linear;
+mod linear_portable;
 pub mod math;
 mod parity;
 mod pixels;
