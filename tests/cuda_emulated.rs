@@ -251,6 +251,20 @@ fn layer_norm_forward_matches_the_cpu_with_large_means() {
         )
         .unwrap();
         assert_close(&format!("layer norm {rows}x{d}, mean {mean}"), &y, &values(&want), tol);
+        // The bf16 output (for a bf16 matmul under autocast): the f32 result rounded once.
+        let mut y16 = vec![bf16::NAN; rows * d];
+        let py16 = addr_mut(&mut y16);
+        emu.launch(
+            "dino_layer_norm_fwd_bf16",
+            launch::row_blocks(rows),
+            &args![px, pw, pb, py16, r, dd, eps],
+        );
+        assert!(
+            y16.iter()
+                .zip(&y)
+                .all(|(a, b)| a.to_bits() == bf16::from_f32(*b).to_bits()),
+            "layer norm {rows}x{d}: the bf16 output is not the f32 one rounded"
+        );
     }
 }
 

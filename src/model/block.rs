@@ -61,8 +61,9 @@ impl Block {
 
     /// Layer by layer: the reference the fused block is tested against.
     pub fn forward_layers(&self, x: &Tensor, masks: Option<&DropPathMasks>) -> Result<Tensor> {
-        let x = residual(x, self.attn.forward(&self.norm1.forward(x)?)?, masks, 0)?;
-        residual(&x, self.mlp.forward(&self.norm2.forward(&x)?)?, masks, 1)
+        // The norms feed the qkv and fc1 layers: under autocast they write bf16 directly.
+        let x = residual(x, self.attn.forward(&self.norm1.forward_lowered(x)?)?, masks, 0)?;
+        residual(&x, self.mlp.forward(&self.norm2.forward_lowered(&x)?)?, masks, 1)
     }
 
     /// The parameters in [`crate::ops::BLOCK_PARAMS`] order (None if a linear layer has no bias).

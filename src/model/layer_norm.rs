@@ -29,6 +29,12 @@ impl LayerNorm {
     pub fn eps(&self) -> f64 {
         self.eps
     }
+
+    /// The output as the input of a linear layer: in bf16 under bf16 autocast, as the layer would
+    /// cast it ([`crate::ops::layer_norm_lowered`]); as [`Module::forward`] otherwise.
+    pub fn forward_lowered(&self, x: &Tensor) -> Result<Tensor> {
+        crate::ops::layer_norm_lowered(x, &self.weight, &self.bias, self.eps)
+    }
 }
 
 impl Module for LayerNorm {

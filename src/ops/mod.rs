@@ -57,7 +57,7 @@ pub use cross_entropy::{dino_cross_entropy, dino_loss_rows};
 pub use flash_attention::{attention_composed, flash_attention};
 pub use foreach::{adamw_foreach, clip_foreach, ema_foreach, AdamWItem};
 pub use gelu::{bias_gelu, gelu_erf};
-pub use layer_norm::layer_norm;
+pub use layer_norm::{layer_norm, layer_norm_lowered};
 pub use linear::linear;
 pub use parity::kernel_parity;
 pub use pixels::normalize_u8;

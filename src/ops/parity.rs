@@ -28,6 +28,17 @@ pub fn kernel_parity(device: &Device) -> Result<Vec<(String, f64)>> {
     let b = randn(rng, &[384], 0.0, 0.2)?;
     let ln = |t: &[Tensor]| super::layer_norm(&t[0], &t[1], &t[2], 1e-6);
     compare(&mut out, "layer_norm", device, None, &[&x, &w, &b], rng, &ln)?;
+    // Under autocast the norms before qkv and fc1 write bf16 themselves.
+    let ln_low = |t: &[Tensor]| super::layer_norm_lowered(&t[0], &t[1], &t[2], 1e-6);
+    compare(
+        &mut out,
+        "layer_norm_lowered.bf16",
+        device,
+        Some(DType::BF16),
+        &[&x, &w, &b],
+        rng,
+        &ln_low,
+    )?;
 
     let logits = randn(rng, &[2, 6, 37, 37], 0.0, 2.0)?;
     compare(&mut out, "softmax", device, None, &[&logits], rng, &|t| {
@@ -288,6 +299,7 @@ mod tests {
         for want in [
             "layer_norm.grad0",
             "layer_norm.grad2",
+            "layer_norm_lowered.bf16.grad0",
             "softmax.grad0",
             "attention_probabilities.grad0",
             "attention_probabilities.bf16.forward",

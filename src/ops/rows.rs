@@ -9,12 +9,19 @@
 //! (../shared/GPU.md), that count is the step time.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType, D};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType, D};
 
 use super::at_least_f32;
 
 /// `(x - mean) / sqrt(var + eps) * weight + bias` over the last dimension.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    layer_norm_to(x, weight, bias, eps, None)
+}
+
+/// [`layer_norm`] with its output written as `out` (bf16 where it feeds a bf16 matmul under
+/// autocast): computed as the inputs' dtype, rounded once. A separate cast would be a graph node of
+/// its own, and candle keeps a node's input (here the f32 output) until the backward pass.
+pub fn layer_norm_to(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64, out: Option<DType>) -> Result<Tensor> {
     let d = x.dim(D::Minus1)?;
     if weight.dims1()? != d || bias.dims1()? != d {
         candle_core::bail!(
@@ -24,8 +31,9 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
             bias.dims()
         );
     }
+    let out = out.filter(|&t| t != x.dtype());
     x.contiguous()?
-        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, AnyLayerNorm { eps })
+        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, AnyLayerNorm { eps, out })
 }
 
 /// Softmax over the last dimension.
@@ -62,6 +70,8 @@ fn last_dim(l: &Layout, what: &str) -> Result<usize> {
 
 struct AnyLayerNorm {
     eps: f64,
+    /// The output's dtype where it is not the input's.
+    out: Option<DType>,
 }
 
 impl CustomOp3 for AnyLayerNorm {
@@ -92,6 +102,10 @@ impl CustomOp3 for AnyLayerNorm {
         }
         let d = last_dim(l1, self.name())?;
         let out = by_dtype!(self.name(), run, [(s1, l1), (s2, l2), (s3, l3)], d, self.eps);
+        let out = match self.out {
+            Some(t) => out.to_dtype(&Layout::contiguous(l1.shape()), t)?,
+            None => out,
+        };
         Ok((out, l1.shape().clone()))
     }
 
@@ -105,7 +119,7 @@ impl CustomOp3 for AnyLayerNorm {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::layer_norm(s1, l1, s2, l2, s3, l3, self.eps as f32)
+        cuda::layer_norm(s1, l1, s2, l2, s3, l3, self.eps as f32, self.out)
     }
 
     fn bwd(
@@ -117,7 +131,9 @@ impl CustomOp3 for AnyLayerNorm {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let d = x.dim(D::Minus1)?;
-        let same = [w.dtype(), b.dtype(), grad.dtype()].iter().all(|&t| t == x.dtype());
+        // An output written in another dtype (`out`) has its gradient in that dtype.
+        let grad = &grad.to_dtype(x.dtype())?;
+        let same = [w.dtype(), b.dtype()].iter().all(|&t| t == x.dtype());
         // CUDA's kernels take f32 (LayerNorm runs in f32 under autocast); other dtypes compose.
         if same && (x.device().is_cpu() || x.dtype() == candle_core::DType::F32) {
             // dx, dw and db from one op (three kernels on CUDA), packed one after the other.
@@ -375,9 +391,11 @@ mod cuda {
         s3: &CudaStorage,
         l3: &Layout,
         eps: f32,
+        out: Option<candle_core::DType>,
     ) -> Result<(CudaStorage, Shape)> {
         let dev = s1.device();
-        if s1.dtype() == candle_core::DType::F32 {
+        let to_bf16 = out == Some(candle_core::DType::BF16);
+        if s1.dtype() == candle_core::DType::F32 && (out.is_none() || to_bf16) {
             // Our own kernel: two-pass variance (candle's `layernorm` takes one pass).
             let (x, w, b) = (
                 view::<f32>(s1, l1, "layer norm input")?,
@@ -385,24 +403,43 @@ mod cuda {
                 view::<f32>(s3, l3, "layer norm bias")?,
             );
             let (rows, cols) = rows_cols(l1);
-            let func = dev.get_or_load_custom_func("dino_layer_norm_fwd", "dino_rs_layer_norm", PTX)?;
-            // SAFETY: every element is written by the kernel.
-            let dst = unsafe { dev.alloc::<f32>(rows * cols)? };
             let (r, d) = (rows as u32, cols as u32);
-            let mut builder = func.builder();
-            builder.arg(&x).arg(&w).arg(&b).arg(&dst).arg(&r).arg(&d).arg(&eps);
-            // SAFETY: the arguments match dino_layer_norm_fwd's signature; x holds rows × d values.
-            unsafe { builder.launch(row_blocks(rows)) }.w()?;
-            return Ok((CudaStorage::wrap_cuda_slice(dst, dev.clone()), l1.shape().clone()));
+            macro_rules! launch {
+                ($t:ty, $name:literal) => {{
+                    let func = dev.get_or_load_custom_func($name, "dino_rs_layer_norm", PTX)?;
+                    // SAFETY: every element is written by the kernel.
+                    let dst = unsafe { dev.alloc::<$t>(rows * cols)? };
+                    let mut builder = func.builder();
+                    builder
+                        .arg(&x)
+                        .arg(&w)
+                        .arg(&b)
+                        .arg(&dst)
+                        .arg(&r)
+                        .arg(&d)
+                        .arg(&eps);
+                    // SAFETY: the arguments match the kernel's signature; x holds rows × d values.
+                    unsafe { builder.launch(row_blocks(rows)) }.w()?;
+                    CudaStorage::wrap_cuda_slice(dst, dev.clone())
+                }};
+            }
+            let y = if to_bf16 {
+                launch!(half::bf16, "dino_layer_norm_fwd_bf16")
+            } else {
+                launch!(f32, "dino_layer_norm_fwd")
+            };
+            return Ok((y, l1.shape().clone()));
         }
         let slice = LayerNorm(eps).map(&s1.slice, l1, &s2.slice, l2, &s3.slice, l3, dev)?;
-        Ok((
-            CudaStorage {
-                slice,
-                device: dev.clone(),
-            },
-            l1.shape().clone(),
-        ))
+        let y = CudaStorage {
+            slice,
+            device: dev.clone(),
+        };
+        let y = match out {
+            Some(t) => y.to_dtype(&Layout::contiguous(l1.shape()), t)?,
+            None => y,
+        };
+        Ok((y, l1.shape().clone()))
     }
 
     /// `[dx, dw, db]` of LayerNorm (see `LayerNormBackward`) for f32 `x`, weight `w`, gradient `g`.

@@ -1,6 +1,7 @@
 // LayerNorm over rows of d f32 values, forward and backward (src/ops/rows.rs). One warp per row;
 // the mean and variance in two passes (candle's layernorm kernel takes E[x^2] - mean^2 in one,
 // which cancels when a row's mean is large against its spread).
+#include <cuda_bf16.h>
 
 #define WARP 32u
 #define ROWS_PER_BLOCK 8u  // warps per block in the row kernels: blockDim = (32, 8)
@@ -24,15 +25,29 @@ __device__ __forceinline__ float2 row_stats(const float *x, unsigned int d, floa
     return make_float2(mean, rsqrtf(var + eps));
 }
 
-// y = (x - mean) * rstd * w + b
-extern "C" __global__ void dino_layer_norm_fwd(const float *x, const float *w, const float *b, float *y,
-                                               unsigned int rows, unsigned int d, float eps) {
+__device__ __forceinline__ void narrow(float v, float *out) { *out = v; }
+__device__ __forceinline__ void narrow(float v, __nv_bfloat16 *out) { *out = __float2bfloat16(v); }
+
+// y = (x - mean) * rstd * w + b, written as T: f32, or bf16 where the output feeds a bf16 matmul
+// under autocast (computed in f32, rounded once: what PyTorch's f32 LayerNorm and the cast give).
+template <typename T>
+__device__ void layer_norm_fwd(const float *x, const float *w, const float *b, T *y, unsigned int rows,
+                               unsigned int d, float eps) {
     const unsigned int row = blockIdx.x * ROWS_PER_BLOCK + threadIdx.y;
     if (row >= rows) return;
     const float *xr = x + (size_t)row * d;
-    float *yr = y + (size_t)row * d;
+    T *yr = y + (size_t)row * d;
     const float2 st = row_stats(xr, d, eps);
-    for (unsigned int c = threadIdx.x; c < d; c += WARP) yr[c] = (xr[c] - st.x) * st.y * w[c] + b[c];
+    for (unsigned int c = threadIdx.x; c < d; c += WARP) narrow((xr[c] - st.x) * st.y * w[c] + b[c], &yr[c]);
+}
+
+extern "C" __global__ void dino_layer_norm_fwd(const float *x, const float *w, const float *b, float *y,
+                                               unsigned int rows, unsigned int d, float eps) {
+    layer_norm_fwd(x, w, b, y, rows, d, eps);
+}
+extern "C" __global__ void dino_layer_norm_fwd_bf16(const float *x, const float *w, const float *b,
+                                                    __nv_bfloat16 *y, unsigned int rows, unsigned int d, float eps) {
+    layer_norm_fwd(x, w, b, y, rows, d, eps);
 }
 
 // dx = rstd * (gw - mean(gw) - xhat * mean(gw * xhat)), gw = g * w, xhat = (x - mean) * rstd; each
