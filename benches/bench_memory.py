@@ -6,8 +6,10 @@ Off the fused f32 CPU kernels dino_rs runs the path a GPU runs (candle ops, dino
 on CUDA some of them are kernels, which keep the same tensors). What that path keeps for the
 backward pass decides the GPU's peak memory (issue 5: at most PyTorch's), and it shows on the CPU as
 the growth of the process's peak RSS over what the built model holds. This is a proxy, not the
-GPU figure: CPU allocators keep freed memory differently, and PyTorch's CPU autocast is not its
-CUDA one. Each framework runs in its own process: build the model, one warm-up step, two measured.
+GPU figure: CPU allocators keep freed memory differently (mimalloc is told to return freed pages at
+once, for figures that repeat), and PyTorch's CPU autocast is not its CUDA one; on the CPU
+dino_rs's attention is composed (it keeps the (B, heads, N, N) logits and probabilities), on CUDA
+the flash kernels keep neither. Each framework runs in its own process: build the model, one warm-up step, two measured.
 
 The configuration has ViT-S/16's widths (384, 6 heads of 64) at depth 4, batch 8, 2 x 224 + 4 x 96
 crops, out_dim 4096, so that it runs in minutes on 2 cores.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -32,14 +35,18 @@ from bench_gpu import RECIPE, VITS16, inputs  # noqa: E402
 CONFIG = dict(VITS16, name="vits16-depth4-b8", depth=4, batch_size=8, n_local=4, out_dim=4096, hidden_dim=1024,
               bottleneck_dim=256)
 FRAMEWORKS = ["torch-bf16", "torch-bf16-sdpa", "dino_rs-bf16"]
+# dino_rs allocates with mimalloc, which by default keeps freed pages a while before returning
+# them: peak RSS then varies by 100 MiB and more from run to run. Returned at once, it repeats
+# within a few MiB (and the steps are slower; the times here are not the point).
+ENV = {**os.environ, "MIMALLOC_PURGE_DELAY": "0"}
 
 
 def rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def child(framework: str, threads: int, steps: int) -> dict:
-    c = {**RECIPE, **CONFIG}
+def child(framework: str, threads: int, steps: int, out_dim: int) -> dict:
+    c = {**RECIPE, **CONFIG, "out_dim": out_dim}
     epochs = 100
     if framework.startswith("torch"):
         import torch
@@ -91,20 +98,23 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--frameworks", default=",".join(FRAMEWORKS))
+    ap.add_argument("--out-dim", type=int, default=CONFIG["out_dim"],
+                    help="the DINO head's output size (65536 in the official recipe: the loss's tensors grow with it)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(child(args.child, args.threads, args.steps)), flush=True)
+        print("RESULT " + json.dumps(child(args.child, args.threads, args.steps, args.out_dim)), flush=True)
         return
     c = CONFIG
     print(f"config {c['name']}: batch {c['batch_size']}, {c['n_global']}x{c['global_size']} + {c['n_local']}x"
           f"{c['local_size']} px, dim {c['embed_dim']}, {c['num_heads']} heads, depth {c['depth']}, out_dim "
-          f"{c['out_dim']}; bf16 autocast on the CPU, {args.threads} threads, 1 warm-up + {args.steps} steps",
+          f"{args.out_dim}; bf16 autocast on the CPU, {args.threads} threads, 1 warm-up + {args.steps} steps",
           flush=True)
     results = []
     for fw in args.frameworks.split(","):
         out = subprocess.run([sys.executable, __file__, "--child", fw, "--threads", str(args.threads),
-                              "--steps", str(args.steps)], capture_output=True, text=True)
+                              "--steps", str(args.steps), "--out-dim", str(args.out_dim)],
+                             capture_output=True, text=True, env=ENV)
         line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
             print(f"{fw}: failed\n{out.stderr[-2000:]}", flush=True)

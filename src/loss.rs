@@ -61,8 +61,9 @@ impl DinoLoss {
     pub fn loss(&self, student_out: &Tensor, teacher_out: &Tensor, epoch: usize) -> Result<Tensor> {
         // Checked before the teacher's softmax, which would accept any row count.
         crate::ops::dino_loss_rows(self.ncrops, student_out.dims2()?.0, teacher_out.dim(0)?)?;
-        // Never in half precision: bf16 logits from a mixed-precision forward are widened first.
-        let (student_out, teacher_out) = (&at_least_f32(student_out)?, &at_least_f32(teacher_out)?);
+        // Never in half precision: bf16 logits from a mixed-precision forward are widened first
+        // (the student's inside the loss, which then keeps them in bf16 for the backward pass).
+        let teacher_out = &at_least_f32(teacher_out)?;
         // One kernel where candle's composed softmax was five ops over (2·B, out_dim).
         let q = crate::ops::softmax_last_dim(
             &(teacher_out.broadcast_sub(&self.center)? / self.teacher_temp(epoch))?.detach(),

@@ -108,13 +108,14 @@ impl DinoHead {
 
     /// The last layer's effective weight g · v / ‖v‖ (norm over each output row).
     pub fn last_layer_weight(&self) -> Result<Tensor> {
-        let norm = self.weight_v.sqr()?.sum_keepdim(1)?.sqrt()?;
-        self.weight_v.broadcast_mul(&self.weight_g.broadcast_div(&norm)?)
+        crate::ops::weight_norm(&self.weight_v, &self.weight_g)
     }
 }
 
 impl Module for DinoHead {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        crate::ops::linear(&self.bottleneck(x)?, &self.last_layer_weight()?, None)
+        // Under autocast the weight is made in bf16, what the matmul casts it to.
+        let weight = crate::ops::weight_norm_to(&self.weight_v, &self.weight_g, crate::ops::autocast::active())?;
+        crate::ops::linear(&self.bottleneck(x)?, &weight, None)
     }
 }

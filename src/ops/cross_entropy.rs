@@ -12,12 +12,14 @@ use rayon::prelude::*;
 use super::{f32_slice, fused, math};
 
 /// mean over pairs and samples of −Σ q·log_softmax(student / τ), with `student` (ncrops·B, K)
-/// view-major and `q` (2·B, K) the teacher probabilities of the two global views. Each teacher
+/// view-major (any float dtype; the loss is taken in f32 or wider) and `q` (2·B, K) the teacher
+/// probabilities of the two global views. Each teacher
 /// view is paired with every student view but its own. Differentiable in `student`.
 pub fn dino_cross_entropy(student: &Tensor, q: &Tensor, ncrops: usize, student_temp: f64) -> Result<Tensor> {
     let op = CrossEntropy { ncrops, student_temp };
+    // Half-precision logits are widened inside (the fused kernel takes f32 only).
     if !fused(student) {
-        return op.composed(student, q);
+        return op.portable(student, q);
     }
     student.contiguous()?.apply_op2(&q.detach().contiguous()?, op)
 }
@@ -130,15 +132,33 @@ impl CrossEntropy {
     /// come out of a handful of full-size ops. (One narrow per (teacher, student) pair, as the
     /// official loop writes it, gave the backward pass a zero-padded full-size gradient per pair:
     /// 14 of (640, 65536) for ViT-S's recipe.)
-    fn composed(&self, student: &Tensor, q: &Tensor) -> Result<Tensor> {
-        use candle_core::D;
-        let (b, terms) = dino_loss_rows(self.ncrops, student.dim(0)?, q.dim(0)?)?;
-        let q = q.detach();
+    /// Each student row's teacher weights W (rows, K): the other global's q for a global view, both
+    /// globals' summed for a local one.
+    fn weights(&self, q: &Tensor, b: usize) -> Result<Tensor> {
         let (q0, q1) = (q.narrow(0, 0, b)?, q.narrow(0, b, b)?);
         let both = (&q0 + &q1)?;
         let mut weights = vec![q1, q0];
         weights.extend(std::iter::repeat_n(both, self.ncrops - 2));
-        let w = Tensor::cat(&weights, 0)?;
+        Tensor::cat(&weights, 0)
+    }
+
+    /// Off the fused CPU path: the value from candle ops on detached operands, so that none of
+    /// their (rows, K) intermediates is kept, and one graph node over the student output that
+    /// keeps only it (in its own dtype) and the teacher probabilities. Composed, the loss kept
+    /// about six student-sized f32 tensors until the backward pass: at ViT-S's recipe (640 rows
+    /// of 65,536) over 1 GB, where PyTorch keeps its log-softmax outputs.
+    fn portable(&self, student: &Tensor, q: &Tensor) -> Result<Tensor> {
+        let q = super::at_least_f32(&q.detach())?;
+        let value = self.composed(&super::at_least_f32(&student.detach())?, &q)?;
+        student.apply_op2(&value, LossNode { op: *self, q })
+    }
+
+    /// The loss composed of candle ops, for f32 (or wider) operands.
+    fn composed(&self, student: &Tensor, q: &Tensor) -> Result<Tensor> {
+        use candle_core::D;
+        let (b, terms) = dino_loss_rows(self.ncrops, student.dim(0)?, q.dim(0)?)?;
+        let q = q.detach();
+        let w = self.weights(&q, b)?;
         let z = (student / self.student_temp)?;
         // The max only shifts the exponent: detached, its gradient (which cancels) is not taken.
         let max = z.max_keepdim(D::Minus1)?.detach();
@@ -211,5 +231,57 @@ impl CustomOp2 for Backward {
             )
         });
         Ok((CpuStorage::F32(ds), ls.shape().clone()))
+    }
+}
+
+/// The loss's graph node off the fused CPU path: its value computed beforehand (the second
+/// operand, passed through), its backward the row formula
+/// dx = (Σ W · softmax(x/τ) − W) / (τ · B · pairs), on the kept student output and teacher q.
+struct LossNode {
+    op: CrossEntropy,
+    q: Tensor,
+}
+
+/// A copy of the (scalar) value, on any backend.
+fn pass_through<S: candle_core::backend::BackendStorage>(value: &S, l: &Layout) -> Result<(S, Shape)> {
+    Ok((value.affine(l, 1.0, 0.0)?, l.shape().clone()))
+}
+
+impl CustomOp2 for LossNode {
+    fn name(&self) -> &'static str {
+        "dino-cross-entropy-node"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, value: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        pass_through(value, l)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        value: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        pass_through(value, l)
+    }
+
+    fn bwd(
+        &self,
+        student: &Tensor,
+        _value: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        use candle_core::D;
+        let CrossEntropy { ncrops, student_temp } = self.op;
+        let (b, terms) = dino_loss_rows(ncrops, student.dim(0)?, self.q.dim(0)?)?;
+        let w = self.op.weights(&self.q, b)?;
+        let z = (super::at_least_f32(student)? / student_temp)?;
+        let mass = w.sum_keepdim(D::Minus1)?;
+        let dz = (super::softmax_last_dim(&z)?.broadcast_mul(&mass)? - w)?;
+        let scale = (grad.to_dtype(z.dtype())?.reshape((1, 1))? / (student_temp * (b * terms) as f64))?;
+        Ok((Some(dz.broadcast_mul(&scale)?.to_dtype(student.dtype())?), None))
     }
 }

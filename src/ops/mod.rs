@@ -49,6 +49,7 @@ mod residual_portable;
 mod rows;
 mod softmax;
 mod update;
+mod weight_norm;
 
 pub use attention::attention;
 pub use bias::add_bias;
@@ -64,6 +65,7 @@ pub use pixels::normalize_u8;
 pub use residual::{residual, residual_with_mask};
 pub use softmax::{attention_probabilities, softmax_last_dim};
 pub use update::{adamw_update, ema_update, AdamWStep};
+pub use weight_norm::{weight_norm, weight_norm_to};
 
 use candle_core::{backend::BackendStorage, bail, CpuStorage, Layout, Result, Tensor};
 use rayon::prelude::*;
