@@ -48,6 +48,38 @@ __device__ __forceinline__ void load_tile(__nv_bfloat16 *dst, const __nv_bfloat1
     }
 }
 
+typedef wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> RowsFragment;
+typedef wmma::fragment<wmma::accumulator, 16, 16, 16, float> Accumulator;
+
+// out (16 × K_TILE f32, row stride SLD) = a · tileᵀ: a warp's 16 rows of HEAD_DIM (as fragments)
+// against the K_TILE rows of a shared tile (row stride LD). Scores q·kᵀ and their gradients' dout·vᵀ.
+__device__ __forceinline__ void rows_by_tile(const RowsFragment *a, const __nv_bfloat16 *tile, float *out) {
+    for (unsigned int j = 0; j < K_TILE / 16; ++j) {
+        Accumulator acc;
+        wmma::fill_fragment(acc, 0.0f);
+        for (unsigned int k = 0; k < HEAD_DIM / 16; ++k) {
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> t;
+            wmma::load_matrix_sync(t, tile + j * 16 * LD + k * 16, LD);
+            wmma::mma_sync(acc, a[k], t, acc);
+        }
+        wmma::store_matrix_sync(out + j * 16, acc, SLD, wmma::mem_row_major);
+    }
+}
+
+// acc (16 × HEAD_DIM, as fragments) += p · tile: a warp's 16 rows of K_TILE weights (bf16, row
+// stride PLD) over the K_TILE rows of a shared tile (row stride LD).
+__device__ __forceinline__ void add_weighted_tile(Accumulator *acc, const __nv_bfloat16 *p,
+                                                  const __nv_bfloat16 *tile) {
+    for (unsigned int j = 0; j < HEAD_DIM / 16; ++j)
+        for (unsigned int k = 0; k < K_TILE / 16; ++k) {
+            RowsFragment a;
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> t;
+            wmma::load_matrix_sync(a, p + k * 16, PLD);
+            wmma::load_matrix_sync(t, tile + k * 16 * LD + j * 16, LD);
+            wmma::mma_sync(acc[j], a, t, acc[j]);
+        }
+}
+
 // out (B, N, heads·64); with `lse` (not null), also each row's log-sum-exp of its scaled scores,
 // (B, N, heads) in f32, for the backward pass.
 extern "C" __global__ void dino_attention_fwd_bf16(const __nv_bfloat16 *qkv, __nv_bfloat16 *out, float *lse,
@@ -66,7 +98,7 @@ extern "C" __global__ void dino_attention_fwd_bf16(const __nv_bfloat16 *qkv, __n
     load_tile(qs, qkv, q0, Q_TILE, n, 3, 0, b, h, heads, HEAD_DIM);
     for (unsigned int i = lane; i < 16 * HEAD_DIM; i += 32) os[warp][i] = 0.0f;
     __syncthreads();
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> qf[HEAD_DIM / 16];
+    RowsFragment qf[HEAD_DIM / 16];
     for (unsigned int k = 0; k < HEAD_DIM / 16; ++k)
         wmma::load_matrix_sync(qf[k], qs + warp * 16 * HEAD_DIM + k * 16, HEAD_DIM);
 
@@ -82,16 +114,7 @@ extern "C" __global__ void dino_attention_fwd_bf16(const __nv_bfloat16 *qkv, __n
         __syncthreads();
 
         // Scores: the warp's 16 queries against the tile's keys.
-        for (unsigned int j = 0; j < K_TILE / 16; ++j) {
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-            wmma::fill_fragment(acc, 0.0f);
-            for (unsigned int k = 0; k < HEAD_DIM / 16; ++k) {
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> kf;
-                wmma::load_matrix_sync(kf, ks + j * 16 * LD + k * 16, LD);
-                wmma::mma_sync(acc, qf[k], kf, acc);
-            }
-            wmma::store_matrix_sync(ss[warp] + j * 16, acc, SLD, wmma::mem_row_major);
-        }
+        rows_by_tile(qf, ks, ss[warp]);
         __syncwarp();
 
         // Online softmax over this tile's columns of the lane's row.
@@ -116,19 +139,13 @@ extern "C" __global__ void dino_attention_fwd_bf16(const __nv_bfloat16 *qkv, __n
         for (unsigned int c = 0; c < HEAD_DIM / 2; ++c) orow[c] *= alpha;
         __syncwarp();
 
-        // os += p · v
-        for (unsigned int j = 0; j < HEAD_DIM / 16; ++j) {
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-            wmma::load_matrix_sync(acc, os[warp] + j * 16, HEAD_DIM, wmma::mem_row_major);
-            for (unsigned int k = 0; k < K_TILE / 16; ++k) {
-                wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> pf;
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> vf;
-                wmma::load_matrix_sync(pf, ps[warp] + k * 16, PLD);
-                wmma::load_matrix_sync(vf, vs + k * 16 * LD + j * 16, LD);
-                wmma::mma_sync(acc, pf, vf, acc);
-            }
-            wmma::store_matrix_sync(os[warp] + j * 16, acc, HEAD_DIM, wmma::mem_row_major);
-        }
+        // os += p · v (os in shared memory: its rows were rescaled above)
+        Accumulator o[HEAD_DIM / 16];
+        for (unsigned int j = 0; j < HEAD_DIM / 16; ++j)
+            wmma::load_matrix_sync(o[j], os[warp] + j * 16, HEAD_DIM, wmma::mem_row_major);
+        add_weighted_tile(o, ps[warp], vs);
+        for (unsigned int j = 0; j < HEAD_DIM / 16; ++j)
+            wmma::store_matrix_sync(os[warp] + j * 16, o[j], HEAD_DIM, wmma::mem_row_major);
         __syncwarp();
     }
 
@@ -156,7 +173,7 @@ extern "C" __global__ void dino_attention_bwd_dot(const __nv_bfloat16 *out, cons
 
 // Writes a warp's 16 rows of HEAD_DIM accumulated in `acc` (scaled by `scale`) to tokens first..
 // of part `part` of dqkv, through `stage` (16 rows of SLD f32, the warp's own), two fragments at a time.
-__device__ __forceinline__ void write_rows(wmma::fragment<wmma::accumulator, 16, 16, 16, float> *acc, float *stage,
+__device__ __forceinline__ void write_rows(Accumulator *acc, float *stage,
                                            __nv_bfloat16 *dqkv, unsigned int first, unsigned int n,
                                            unsigned int part, unsigned int b, unsigned int h, unsigned int heads) {
     const unsigned int lane = threadIdx.x % 32, row = lane / 2, side = lane % 2;
@@ -195,12 +212,12 @@ extern "C" __global__ void dino_attention_bwd_dkdv(const __nv_bfloat16 *qkv, con
     load_tile(ks, qkv, k0, Q_TILE, n, 3, 1, b, h, heads, HEAD_DIM);
     load_tile(vs, qkv, k0, Q_TILE, n, 3, 2, b, h, heads, HEAD_DIM);
     __syncthreads();
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> kf[HEAD_DIM / 16], vf[HEAD_DIM / 16];
+    RowsFragment kf[HEAD_DIM / 16], vf[HEAD_DIM / 16];
     for (unsigned int k = 0; k < HEAD_DIM / 16; ++k) {
         wmma::load_matrix_sync(kf[k], ks + warp * 16 * HEAD_DIM + k * 16, HEAD_DIM);
         wmma::load_matrix_sync(vf[k], vs + warp * 16 * HEAD_DIM + k * 16, HEAD_DIM);
     }
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> dk[HEAD_DIM / 16], dv[HEAD_DIM / 16];
+    Accumulator dk[HEAD_DIM / 16], dv[HEAD_DIM / 16];
     for (unsigned int j = 0; j < HEAD_DIM / 16; ++j) {
         wmma::fill_fragment(dk[j], 0.0f);
         wmma::fill_fragment(dv[j], 0.0f);
@@ -220,16 +237,7 @@ extern "C" __global__ void dino_attention_bwd_dkdv(const __nv_bfloat16 *qkv, con
         __syncthreads();
 
         // Sᵀ: the warp's keys against the step's queries.
-        for (unsigned int j = 0; j < K_TILE / 16; ++j) {
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-            wmma::fill_fragment(acc, 0.0f);
-            for (unsigned int k = 0; k < HEAD_DIM / 16; ++k) {
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> qt;
-                wmma::load_matrix_sync(qt, qs + j * 16 * LD + k * 16, LD);
-                wmma::mma_sync(acc, kf[k], qt, acc);
-            }
-            wmma::store_matrix_sync(st[warp] + j * 16, acc, SLD, wmma::mem_row_major);
-        }
+        rows_by_tile(kf, qs, st[warp]);
         __syncwarp();
         for (unsigned int c = 0; c < K_TILE / 2; ++c) {
             const unsigned int col = side * (K_TILE / 2) + c;
@@ -239,25 +247,9 @@ extern "C" __global__ void dino_attention_bwd_dkdv(const __nv_bfloat16 *qkv, con
         __syncwarp();
 
         // dv += Pᵀ·dout
-        for (unsigned int j = 0; j < HEAD_DIM / 16; ++j)
-            for (unsigned int k = 0; k < K_TILE / 16; ++k) {
-                wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a;
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> d;
-                wmma::load_matrix_sync(a, pt[warp] + k * 16, PLD);
-                wmma::load_matrix_sync(d, dos + k * 16 * LD + j * 16, LD);
-                wmma::mma_sync(dv[j], a, d, dv[j]);
-            }
+        add_weighted_tile(dv, pt[warp], dos);
         // dPᵀ = v·doutᵀ, over Sᵀ (read above)
-        for (unsigned int j = 0; j < K_TILE / 16; ++j) {
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-            wmma::fill_fragment(acc, 0.0f);
-            for (unsigned int k = 0; k < HEAD_DIM / 16; ++k) {
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> dt;
-                wmma::load_matrix_sync(dt, dos + j * 16 * LD + k * 16, LD);
-                wmma::mma_sync(acc, vf[k], dt, acc);
-            }
-            wmma::store_matrix_sync(st[warp] + j * 16, acc, SLD, wmma::mem_row_major);
-        }
+        rows_by_tile(vf, dos, st[warp]);
         __syncwarp();
         for (unsigned int c = 0; c < K_TILE / 2; ++c) {
             const unsigned int col = side * (K_TILE / 2) + c;
@@ -266,14 +258,7 @@ extern "C" __global__ void dino_attention_bwd_dkdv(const __nv_bfloat16 *qkv, con
         __syncwarp();
 
         // dk += dSᵀ·q
-        for (unsigned int j = 0; j < HEAD_DIM / 16; ++j)
-            for (unsigned int k = 0; k < K_TILE / 16; ++k) {
-                wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a;
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> q;
-                wmma::load_matrix_sync(a, dst[warp] + k * 16, PLD);
-                wmma::load_matrix_sync(q, qs + k * 16 * LD + j * 16, LD);
-                wmma::mma_sync(dk[j], a, q, dk[j]);
-            }
+        add_weighted_tile(dk, dst[warp], qs);
     }
     __syncwarp();
     write_rows(dk, st[warp], dqkv, k0 + warp * 16, n, 1, b, h, heads);
@@ -298,12 +283,12 @@ extern "C" __global__ void dino_attention_bwd_dq(const __nv_bfloat16 *qkv, const
     load_tile(qs, qkv, q0, Q_TILE, n, 3, 0, b, h, heads, HEAD_DIM);
     load_tile(dos, dout, q0, Q_TILE, n, 1, 0, b, h, heads, HEAD_DIM);
     __syncthreads();
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> qf[HEAD_DIM / 16], df[HEAD_DIM / 16];
+    RowsFragment qf[HEAD_DIM / 16], df[HEAD_DIM / 16];
     for (unsigned int k = 0; k < HEAD_DIM / 16; ++k) {
         wmma::load_matrix_sync(qf[k], qs + warp * 16 * HEAD_DIM + k * 16, HEAD_DIM);
         wmma::load_matrix_sync(df[k], dos + warp * 16 * HEAD_DIM + k * 16, HEAD_DIM);
     }
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> dq[HEAD_DIM / 16];
+    Accumulator dq[HEAD_DIM / 16];
     for (unsigned int j = 0; j < HEAD_DIM / 16; ++j) wmma::fill_fragment(dq[j], 0.0f);
     const unsigned int token = q0 + warp * 16 + row;
     const size_t at = ((size_t)b * n + token) * heads + h;
@@ -316,16 +301,7 @@ extern "C" __global__ void dino_attention_bwd_dq(const __nv_bfloat16 *qkv, const
         load_tile(vs, qkv, k0, K_TILE, n, 3, 2, b, h, heads, LD);
         __syncthreads();
 
-        for (unsigned int j = 0; j < K_TILE / 16; ++j) {
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-            wmma::fill_fragment(acc, 0.0f);
-            for (unsigned int k = 0; k < HEAD_DIM / 16; ++k) {
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> kt;
-                wmma::load_matrix_sync(kt, ks + j * 16 * LD + k * 16, LD);
-                wmma::mma_sync(acc, qf[k], kt, acc);
-            }
-            wmma::store_matrix_sync(ss[warp] + j * 16, acc, SLD, wmma::mem_row_major);
-        }
+        rows_by_tile(qf, ks, ss[warp]);
         __syncwarp();
         for (unsigned int c = 0; c < K_TILE / 2; ++c) {
             const unsigned int col = side * (K_TILE / 2) + c;
@@ -333,16 +309,7 @@ extern "C" __global__ void dino_attention_bwd_dq(const __nv_bfloat16 *qkv, const
         }
         __syncwarp();
         // dP = dout·vᵀ, over S (read above)
-        for (unsigned int j = 0; j < K_TILE / 16; ++j) {
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-            wmma::fill_fragment(acc, 0.0f);
-            for (unsigned int k = 0; k < HEAD_DIM / 16; ++k) {
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> vt;
-                wmma::load_matrix_sync(vt, vs + j * 16 * LD + k * 16, LD);
-                wmma::mma_sync(acc, df[k], vt, acc);
-            }
-            wmma::store_matrix_sync(ss[warp] + j * 16, acc, SLD, wmma::mem_row_major);
-        }
+        rows_by_tile(df, vs, ss[warp]);
         __syncwarp();
         for (unsigned int c = 0; c < K_TILE / 2; ++c) {
             const unsigned int col = side * (K_TILE / 2) + c;
@@ -350,14 +317,7 @@ extern "C" __global__ void dino_attention_bwd_dq(const __nv_bfloat16 *qkv, const
         }
         __syncwarp();
         // dq += dS·k
-        for (unsigned int j = 0; j < HEAD_DIM / 16; ++j)
-            for (unsigned int k = 0; k < K_TILE / 16; ++k) {
-                wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a;
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> kk;
-                wmma::load_matrix_sync(a, ds[warp] + k * 16, PLD);
-                wmma::load_matrix_sync(kk, ks + k * 16 * LD + j * 16, LD);
-                wmma::mma_sync(dq[j], a, kk, dq[j]);
-            }
+        add_weighted_tile(dq, ds[warp], ks);
     }
     __syncwarp();
     write_rows(dq, ss[warp], dqkv, q0 + warp * 16, n, 0, b, h, heads);
