@@ -98,7 +98,10 @@ pub fn attention_composed(qkv: &Tensor, heads: usize, scale: f64) -> Result<(Ten
         // One copy into (3, B, heads, N, head dim): q, k and v are then contiguous slices.
         .contiguous()?;
     let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
-    let attn = super::attention_probabilities(&q.matmul(&k.t()?)?, scale)?;
+    let attn = match super::attention_scores(&q, &k, scale)? {
+        Some(attn) => attn,
+        None => super::attention_probabilities(&q.matmul(&k.t()?)?, scale)?,
+    };
     let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?;
     Ok((out, attn))
 }

@@ -26,6 +26,7 @@ macro_rules! by_dtype {
 }
 
 mod attention;
+mod attention_scores;
 pub mod autocast;
 mod bias;
 mod block;
@@ -52,6 +53,7 @@ mod update;
 mod weight_norm;
 
 pub use attention::attention;
+pub use attention_scores::attention_scores;
 pub use bias::add_bias;
 pub use block::{transformer_block, BLOCK_PARAMS};
 pub use cross_entropy::{dino_cross_entropy, dino_loss_rows};

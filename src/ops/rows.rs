@@ -235,8 +235,8 @@ impl CustomOp3 for LayerNormBackward {
     }
 }
 
-struct AnySoftmax {
-    scale: f64,
+pub(super) struct AnySoftmax {
+    pub(super) scale: f64,
 }
 
 impl CustomOp1 for AnySoftmax {
@@ -269,17 +269,20 @@ impl CustomOp1 for AnySoftmax {
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let g = grad.to_dtype(y.dtype())?.contiguous()?;
-        if y.device().is_cpu() || matches!(y.dtype(), candle_core::DType::F32 | candle_core::DType::BF16) {
-            return Ok(Some(y.apply_op2_no_bwd(&g, &SoftmaxBackward { scale: self.scale })?));
-        }
-        // dx = scale · y · (g − Σ g·y) over the row.
-        let (y32, g) = (at_least_f32(y)?, at_least_f32(grad)?);
-        let dot = (&g * &y32)?.sum_keepdim(D::Minus1)?;
-        Ok(Some(
-            (g.broadcast_sub(&dot)?.mul(&y32)? * self.scale)?.to_dtype(y.dtype())?,
-        ))
+        Ok(Some(softmax_backward(y, grad, self.scale)?))
     }
+}
+
+/// The gradient of x for y = softmax(scale · x) and the output gradient `grad`:
+/// dx = scale · y · (g − Σ g·y) over the row, one kernel where the dtype has one.
+pub(super) fn softmax_backward(y: &Tensor, grad: &Tensor, scale: f64) -> Result<Tensor> {
+    let g = grad.to_dtype(y.dtype())?.contiguous()?;
+    if y.device().is_cpu() || matches!(y.dtype(), candle_core::DType::F32 | candle_core::DType::BF16) {
+        return y.apply_op2_no_bwd(&g, &SoftmaxBackward { scale });
+    }
+    let (y32, g) = (at_least_f32(y)?, at_least_f32(grad)?);
+    let dot = (&g * &y32)?.sum_keepdim(D::Minus1)?;
+    (g.broadcast_sub(&dot)?.mul(&y32)? * scale)?.to_dtype(y.dtype())
 }
 
 /// Softmax's backward pass from its output `y` and the output gradient `g` (same dtype):
