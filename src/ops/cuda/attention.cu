@@ -51,6 +51,14 @@ __device__ __forceinline__ void load_tile(__nv_bfloat16 *dst, const __nv_bfloat1
 typedef wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> RowsFragment;
 typedef wmma::fragment<wmma::accumulator, 16, 16, 16, float> Accumulator;
 
+// The warp's 16 rows of HEAD_DIM from a block tile of unpadded rows, as matrix_a fragments (read
+// once per block: queries, keys, values or output gradients the warp owns).
+__device__ __forceinline__ void warp_rows(RowsFragment *f, const __nv_bfloat16 *tile) {
+    const unsigned int warp = threadIdx.x / 32;
+    for (unsigned int k = 0; k < HEAD_DIM / 16; ++k)
+        wmma::load_matrix_sync(f[k], tile + warp * 16 * HEAD_DIM + k * 16, HEAD_DIM);
+}
+
 // out (16 × K_TILE f32, row stride SLD) = a · tileᵀ: a warp's 16 rows of HEAD_DIM (as fragments)
 // against the K_TILE rows of a shared tile (row stride LD). Scores q·kᵀ and their gradients' dout·vᵀ.
 __device__ __forceinline__ void rows_by_tile(const RowsFragment *a, const __nv_bfloat16 *tile, float *out) {
@@ -99,8 +107,7 @@ extern "C" __global__ void dino_attention_fwd_bf16(const __nv_bfloat16 *qkv, __n
     for (unsigned int i = lane; i < 16 * HEAD_DIM; i += 32) os[warp][i] = 0.0f;
     __syncthreads();
     RowsFragment qf[HEAD_DIM / 16];
-    for (unsigned int k = 0; k < HEAD_DIM / 16; ++k)
-        wmma::load_matrix_sync(qf[k], qs + warp * 16 * HEAD_DIM + k * 16, HEAD_DIM);
+    warp_rows(qf, qs);
 
     // Each row belongs to two lanes, each of which takes half of its K_TILE columns and half of its
     // HEAD_DIM outputs; both keep the row's running max and sum.
@@ -213,10 +220,8 @@ extern "C" __global__ void dino_attention_bwd_dkdv(const __nv_bfloat16 *qkv, con
     load_tile(vs, qkv, k0, Q_TILE, n, 3, 2, b, h, heads, HEAD_DIM);
     __syncthreads();
     RowsFragment kf[HEAD_DIM / 16], vf[HEAD_DIM / 16];
-    for (unsigned int k = 0; k < HEAD_DIM / 16; ++k) {
-        wmma::load_matrix_sync(kf[k], ks + warp * 16 * HEAD_DIM + k * 16, HEAD_DIM);
-        wmma::load_matrix_sync(vf[k], vs + warp * 16 * HEAD_DIM + k * 16, HEAD_DIM);
-    }
+    warp_rows(kf, ks);
+    warp_rows(vf, vs);
     Accumulator dk[HEAD_DIM / 16], dv[HEAD_DIM / 16];
     for (unsigned int j = 0; j < HEAD_DIM / 16; ++j) {
         wmma::fill_fragment(dk[j], 0.0f);
@@ -284,10 +289,8 @@ extern "C" __global__ void dino_attention_bwd_dq(const __nv_bfloat16 *qkv, const
     load_tile(dos, dout, q0, Q_TILE, n, 1, 0, b, h, heads, HEAD_DIM);
     __syncthreads();
     RowsFragment qf[HEAD_DIM / 16], df[HEAD_DIM / 16];
-    for (unsigned int k = 0; k < HEAD_DIM / 16; ++k) {
-        wmma::load_matrix_sync(qf[k], qs + warp * 16 * HEAD_DIM + k * 16, HEAD_DIM);
-        wmma::load_matrix_sync(df[k], dos + warp * 16 * HEAD_DIM + k * 16, HEAD_DIM);
-    }
+    warp_rows(qf, qs);
+    warp_rows(df, dos);
     Accumulator dq[HEAD_DIM / 16];
     for (unsigned int j = 0; j < HEAD_DIM / 16; ++j) wmma::fill_fragment(dq[j], 0.0f);
     const unsigned int token = q0 + warp * 16 + row;
