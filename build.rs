@@ -13,6 +13,7 @@ const KERNELS: &[&str] = &[
     "softmax",
     "attention",
     "pixels",
+    "weight_norm",
 ];
 
 fn main() {

@@ -447,6 +447,66 @@ fn bias_gelu_forward_and_backward_match_the_cpu_in_f32_and_bf16() {
 }
 
 #[test]
+fn weight_norm_forward_and_backward_match_the_cpu() {
+    let emu = Emu::get();
+    let mut rng = ChaCha8Rng::seed_from_u64(12);
+    // The head's bottleneck (256) and a row width that is not a multiple of the warp; 50 rows: the
+    // last block of 8 is partial.
+    for d in [256usize, 37] {
+        let rows = 50;
+        let v = randn(&mut rng, rows * d, 0.0, 0.05);
+        let g: Vec<f32> = randn(&mut rng, rows, 1.0, 0.3);
+        let grad = randn(&mut rng, rows * d, 0.0, 1.0);
+        let (r, dd) = (rows as u32, d as u32);
+        for bf in [false, true] {
+            let dtype = if bf { DType::BF16 } else { DType::F32 };
+            let inputs = [tensor(&v, &[rows, d]), tensor(&g, &[rows, 1])];
+            let gs = tensor(&grad, &[rows, d]).to_dtype(dtype).unwrap();
+            let (w_cpu, grads) = cpu_with_grads(&inputs, &gs, |t| ops::weight_norm_to(&t[0], &t[1], Some(dtype)));
+            let mut packed = vec![f32::NAN; rows * d + rows];
+            let (pv, pg, pp) = (addr(&v), addr(&g), addr_mut(&mut packed));
+            let w = if bf {
+                let gb = to_bf16(&grad);
+                let mut w = vec![bf16::NAN; rows * d];
+                let (pw, pgrad) = (addr_mut(&mut w), addr(&gb));
+                emu.launch(
+                    "dino_weight_norm_fwd_bf16",
+                    launch::row_blocks(rows),
+                    &args![pv, pg, pw, r, dd],
+                );
+                emu.launch(
+                    "dino_weight_norm_bwd_bf16",
+                    launch::row_blocks(rows),
+                    &args![pgrad, pv, pg, pp, r, dd],
+                );
+                from_bf16(&w)
+            } else {
+                let mut w = vec![f32::NAN; rows * d];
+                let (pw, pgrad) = (addr_mut(&mut w), addr(&grad));
+                emu.launch(
+                    "dino_weight_norm_fwd_f32",
+                    launch::row_blocks(rows),
+                    &args![pv, pg, pw, r, dd],
+                );
+                emu.launch(
+                    "dino_weight_norm_bwd_f32",
+                    launch::row_blocks(rows),
+                    &args![pgrad, pv, pg, pp, r, dd],
+                );
+                w
+            };
+            let what = format!("weight norm {rows}x{d} {dtype:?}");
+            // bf16 output: at most one rounding apart (2^-8 relative).
+            let tol_w = if bf { 4e-3 } else { 1e-6 };
+            assert_close(&format!("{what} forward"), &w, &values(&w_cpu), tol_w);
+            let (dv, dg) = packed.split_at(rows * d);
+            assert_close(&format!("{what} dv"), dv, &values(&grads[0]), 1e-5);
+            assert_close(&format!("{what} dg"), dg, &values(&grads[1]), 1e-5);
+        }
+    }
+}
+
+#[test]
 fn residual_updates_match_the_cpu_bit_for_bit() {
     let emu = Emu::get();
     let mut rng = ChaCha8Rng::seed_from_u64(5);

@@ -1,9 +1,9 @@
 //! Each of dino_rs's own device kernels against the CPU, one by one: the forward value and every
-//! input gradient of LayerNorm, softmax, bias + GELU, the residual update, the DINO loss and
-//! attention from the qkv projection (f32, and bf16 under autocast where a model uses it), the
-//! multi-tensor AdamW, EMA and clipping over tensors that span several chunks, the page-locked
-//! upload and the normalisation of u8 crops. The model-level tests (tests/python/test_gpu.py) say
-//! whether training matches; this says which kernel does not.
+//! input gradient of LayerNorm, softmax, bias + GELU, the residual update, the DINO loss, the
+//! weight-normalised last layer and attention from the qkv projection (f32, and bf16 under
+//! autocast where a model uses it), the multi-tensor AdamW, EMA and clipping over tensors that span
+//! several chunks, the page-locked upload and the normalisation of u8 crops. The model-level tests
+//! (tests/python/test_gpu.py) say whether training matches; this says which kernel does not.
 //!
 //! The reference is the CPU in f32 (its fused kernels, which the golden tests check against the
 //! official code). Asked for the CPU, the other side is the CPU's path for other devices (the fused
@@ -127,6 +127,21 @@ pub fn kernel_parity(device: &Device) -> Result<Vec<(String, f64)>> {
     compare(&mut out, "dino_loss", device, None, &[&student], rng, &|t| {
         super::dino_cross_entropy(&t[0], &q.to_device(t[0].device())?, 4, 0.1)
     })?;
+
+    // The head's last layer: 1000 rows of the bottleneck's 256, written bf16 under autocast.
+    let v = randn(rng, &[1000, 256], 0.0, 0.05)?;
+    let g = randn(rng, &[1000, 1], 1.0, 0.3)?;
+    let wn = |t: &[Tensor]| super::weight_norm_to(&t[0], &t[1], super::autocast::active());
+    compare(&mut out, "weight_norm", device, None, &[&v, &g], rng, &wn)?;
+    compare(
+        &mut out,
+        "weight_norm.bf16",
+        device,
+        Some(DType::BF16),
+        &[&v, &g],
+        rng,
+        &wn,
+    )?;
 
     updates(&mut out, device, rng)?;
 

@@ -1,16 +1,25 @@
 //! The weight-normalised last layer's weight, w = g · v / ‖v‖ (norm over each output row), as one
-//! graph node, forward on any backend and backward by its formula.
+//! graph node: forward and backward each one pass over the rows (a row loop on the CPU, a warp per
+//! row on CUDA: src/ops/cuda/weight_norm.cu).
 //!
-//! Composed of candle ops (a square, a row sum, a root, a division and a product) the graph kept
-//! v² and w itself until the backward pass, each the size of the weight: at out_dim 65,536 and a
-//! bottleneck of 256, 64 MB apiece, plus the f32 w under autocast's bf16 cast, and its backward
-//! went through five nodes of that size. PyTorch's `_weight_norm` keeps v, g and the row norms. So
-//! does this node (v and g are parameters, alive anyway; the norms are recomputed), and under
-//! autocast it writes the bf16 weight the matmul takes itself.
+//! Composed of candle ops the graph kept v² and w itself until the backward pass, each the size of
+//! the weight: at out_dim 65,536 and a bottleneck of 256, 64 MB apiece, plus the f32 w under
+//! autocast's bf16 cast. PyTorch's `_weight_norm` keeps v, g and the row norms; so does this node
+//! (v and g are parameters, alive anyway; the norms are recomputed), and under autocast it writes
+//! the bf16 weight the matmul takes itself. Its backward written as candle ops held seven
+//! weight-sized f32 temporaries at once, at the step's peak (`heaptrack` on bench_memory.py's
+//! step at out_dim 65,536: the largest item there); as one op it writes dv and dg and nothing else.
+//! `DINO_RS_COMPOSED_OPS=1` keeps the candle-op versions (any device and dtype).
+
+// Without the `cuda` feature the kernels never apply.
+#![cfg_attr(not(feature = "cuda"), allow(dead_code, unused_variables))]
 
 use candle_core::backend::BackendStorage;
 use candle_core::op::{Div, Mul, ReduceOp, Sqr, Sqrt};
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType, D};
+use rayon::prelude::*;
+
+use super::{contiguous, kernels_enabled};
 
 /// g · v / ‖v‖ for `v` (out, in) and `g` (out, 1), differentiable in both.
 pub fn weight_norm(v: &Tensor, g: &Tensor) -> Result<Tensor> {
@@ -39,9 +48,15 @@ struct WeightNorm {
     out: Option<DType>,
 }
 
-/// The same operations as the composed `v · (g / sqrt(Σ v²))`, so the same values, on any backend;
-/// the squares are freed before it returns.
-fn forward<S: BackendStorage>(v: &S, lv: &Layout, g: &S, lg: &Layout, dtype: Option<DType>) -> Result<(S, Shape)> {
+/// Whether the one-pass forward and backward take parameters of `dtype` on this device: f32 and
+/// f64 on the CPU, f32 on CUDA (the master weights); otherwise candle ops.
+fn one_pass(dtype: DType, cpu: bool) -> bool {
+    kernels_enabled() && (dtype == DType::F32 || (cpu && dtype == DType::F64))
+}
+
+/// `v · (g / sqrt(Σ v²))` as candle's storage ops, on any backend; the squares are freed before it
+/// returns.
+fn composed_forward<S: BackendStorage>(v: &S, lv: &Layout, g: &S, lg: &Layout, dtype: Option<DType>) -> Result<S> {
     let (out, inp) = lv.shape().dims2()?;
     let rows = Layout::contiguous((out, 1));
     let sums = v
@@ -49,11 +64,28 @@ fn forward<S: BackendStorage>(v: &S, lv: &Layout, g: &S, lg: &Layout, dtype: Opt
         .reduce_op(ReduceOp::Sum, &Layout::contiguous((out, inp)), &[1])?;
     let factor = g.binary_impl::<Div>(&sums.unary_impl::<Sqrt>(&rows)?, lg, &rows)?;
     let w = v.binary_impl::<Mul>(&factor, lv, &rows.broadcast_as((out, inp))?)?;
-    let w = match dtype {
-        Some(t) => w.to_dtype(&Layout::contiguous((out, inp)), t)?,
-        None => w,
-    };
-    Ok((w, Shape::from((out, inp))))
+    match dtype {
+        Some(t) => w.to_dtype(&Layout::contiguous((out, inp)), t),
+        None => Ok(w),
+    }
+}
+
+/// The CPU's forward: each row's Σ v² in f64, `w = v · (g / ‖v‖)` rounded once to `U`.
+fn cpu_forward<T: WithDType, U: WithDType>(v: &[T], g: &[T], d: usize) -> Vec<U> {
+    let mut w = vec![U::from_f64(0.0); v.len()];
+    crate::parallel::install(|| {
+        w.par_chunks_mut(d)
+            .zip(v.par_chunks(d))
+            .zip(g)
+            .for_each(|((wr, vr), g)| {
+                let sq: f64 = vr.iter().map(|x| x.to_f64() * x.to_f64()).sum();
+                let f = g.to_f64() / sq.sqrt();
+                for (o, x) in wr.iter_mut().zip(vr) {
+                    *o = U::from_f64(x.to_f64() * f);
+                }
+            })
+    });
+    w
 }
 
 impl CustomOp2 for WeightNorm {
@@ -62,7 +94,28 @@ impl CustomOp2 for WeightNorm {
     }
 
     fn cpu_fwd(&self, v: &CpuStorage, lv: &Layout, g: &CpuStorage, lg: &Layout) -> Result<(CpuStorage, Shape)> {
-        forward(v, lv, g, lg, self.out)
+        let shape = lv.shape().clone();
+        if !one_pass(v.dtype(), true) {
+            return Ok((composed_forward(v, lv, g, lg, self.out)?, shape));
+        }
+        let d = shape.dims2()?.1;
+        fn to<T: WithDType>(v: &[T], g: &[T], d: usize, out: DType) -> Result<CpuStorage> {
+            Ok(match out {
+                DType::F32 => CpuStorage::F32(cpu_forward(v, g, d)),
+                DType::F64 => CpuStorage::F64(cpu_forward(v, g, d)),
+                DType::BF16 => CpuStorage::BF16(cpu_forward(v, g, d)),
+                DType::F16 => CpuStorage::F16(cpu_forward(v, g, d)),
+                t => candle_core::bail!("weight norm: no {t:?} output"),
+            })
+        }
+        let out = self.out.unwrap_or(v.dtype());
+        let what = self.name();
+        let w = match (v, g) {
+            (CpuStorage::F32(v), CpuStorage::F32(g)) => to(contiguous(v, lv, what)?, contiguous(g, lg, what)?, d, out)?,
+            (CpuStorage::F64(v), CpuStorage::F64(g)) => to(contiguous(v, lv, what)?, contiguous(g, lg, what)?, d, out)?,
+            _ => candle_core::bail!("{what}: v {:?} with g {:?}", v.dtype(), g.dtype()),
+        };
+        Ok((w, shape))
     }
 
     #[cfg(feature = "cuda")]
@@ -73,12 +126,31 @@ impl CustomOp2 for WeightNorm {
         g: &candle_core::CudaStorage,
         lg: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        forward(v, lv, g, lg, self.out)
+        let out = self.out.unwrap_or(v.dtype());
+        if one_pass(v.dtype(), false) && matches!(out, DType::F32 | DType::BF16) {
+            return cuda::forward(v, lv, g, lg, out);
+        }
+        Ok((composed_forward(v, lv, g, lg, self.out)?, lv.shape().clone()))
     }
 
     /// With n = ‖v‖ per row and dw the output gradient: dg = Σ dw·v / n, and
     /// dv = (g/n) · (dw − v · Σ(dw·v) / n²).
     fn bwd(&self, v: &Tensor, g: &Tensor, _w: &Tensor, dw: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (rows, d) = v.dims2()?;
+        let takes = match v.dtype() {
+            DType::F32 => matches!(dw.dtype(), DType::F32 | DType::BF16),
+            DType::F64 => dw.dtype() == DType::F64,
+            _ => false,
+        };
+        if takes && one_pass(v.dtype(), v.device().is_cpu()) {
+            // dv and dg from one op, packed one after the other.
+            let packed = dw.contiguous()?.apply_op3_no_bwd(v, g, &WeightNormBackward)?;
+            let n = rows * d;
+            return Ok((
+                Some(packed.narrow(0, 0, n)?.reshape((rows, d))?),
+                Some(packed.narrow(0, n, rows)?.reshape((rows, 1))?),
+            ));
+        }
         let dw = dw.to_dtype(v.dtype())?;
         let n = v.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?;
         let dot = (&dw * v)?.sum_keepdim(D::Minus1)?;
@@ -87,5 +159,181 @@ impl CustomOp2 for WeightNorm {
             .broadcast_sub(&v.broadcast_mul(&dot.broadcast_div(&n.sqr()?)?)?)?
             .broadcast_mul(&g.broadcast_div(&n)?)?;
         Ok((Some(dv), Some(dg)))
+    }
+}
+
+/// The weight norm's backward pass for the output gradient `dw` (the parameters' dtype, or bf16
+/// under autocast), `v` and `g`: `[dv (rows × d), dg (rows)]` in one flat tensor of the
+/// parameters' dtype. Each row's ‖v‖² and Σ dw·v in one pass (f64 on the CPU, f32 on CUDA).
+struct WeightNormBackward;
+
+/// The CPU's backward: `rows · d` values of dv, then `rows` of dg.
+fn cpu_backward<G: WithDType, T: WithDType>(dw: &[G], v: &[T], g: &[T], d: usize) -> Vec<T> {
+    let rows = g.len();
+    let mut out = vec![T::from_f64(0.0); rows * d + rows];
+    let (dv, dg) = out.split_at_mut(rows * d);
+    crate::parallel::install(|| {
+        dv.par_chunks_mut(d)
+            .zip(dg.par_iter_mut())
+            .zip(v.par_chunks(d).zip(dw.par_chunks(d)))
+            .zip(g)
+            .for_each(|(((dvr, dg), (vr, dwr)), g)| {
+                let sq: f64 = vr.iter().map(|x| x.to_f64() * x.to_f64()).sum();
+                let dot: f64 = vr.iter().zip(dwr).map(|(x, y)| x.to_f64() * y.to_f64()).sum();
+                let n = sq.sqrt();
+                let (a, b) = (g.to_f64() / n, dot / sq);
+                for ((o, x), y) in dvr.iter_mut().zip(vr).zip(dwr) {
+                    *o = T::from_f64(a * (y.to_f64() - x.to_f64() * b));
+                }
+                *dg = T::from_f64(dot / n);
+            })
+    });
+    out
+}
+
+impl CustomOp3 for WeightNormBackward {
+    fn name(&self) -> &'static str {
+        "dino-weight-norm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dw: &CpuStorage,
+        ldw: &Layout,
+        v: &CpuStorage,
+        lv: &Layout,
+        g: &CpuStorage,
+        lg: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (rows, d) = lv.shape().dims2()?;
+        let what = self.name();
+        let out = match (dw, v, g) {
+            (CpuStorage::F32(dw), CpuStorage::F32(v), CpuStorage::F32(g)) => CpuStorage::F32(cpu_backward(
+                contiguous(dw, ldw, what)?,
+                contiguous(v, lv, what)?,
+                contiguous(g, lg, what)?,
+                d,
+            )),
+            (CpuStorage::BF16(dw), CpuStorage::F32(v), CpuStorage::F32(g)) => CpuStorage::F32(cpu_backward(
+                contiguous(dw, ldw, what)?,
+                contiguous(v, lv, what)?,
+                contiguous(g, lg, what)?,
+                d,
+            )),
+            (CpuStorage::F64(dw), CpuStorage::F64(v), CpuStorage::F64(g)) => CpuStorage::F64(cpu_backward(
+                contiguous(dw, ldw, what)?,
+                contiguous(v, lv, what)?,
+                contiguous(g, lg, what)?,
+                d,
+            )),
+            _ => candle_core::bail!(
+                "{what}: gradient {:?} with v {:?} and g {:?}",
+                dw.dtype(),
+                v.dtype(),
+                g.dtype()
+            ),
+        };
+        Ok((out, Shape::from(rows * d + rows)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        dw: &candle_core::CudaStorage,
+        ldw: &Layout,
+        v: &candle_core::CudaStorage,
+        lv: &Layout,
+        g: &candle_core::CudaStorage,
+        lg: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::backward(dw, ldw, v, lv, g, lg)
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+    use candle_core::cuda_backend::WrapErr;
+    use candle_core::{CudaStorage, DType, Layout, Result, Shape};
+
+    use crate::ops::cuda::view;
+    use crate::ops::launch::row_blocks;
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/weight_norm.ptx"));
+    const MODULE: &str = "dino_rs_weight_norm";
+
+    /// `w` as `out` (f32 or bf16) from f32 `v` and `g`.
+    pub(super) fn forward(
+        v: &CudaStorage,
+        lv: &Layout,
+        g: &CudaStorage,
+        lg: &Layout,
+        out: DType,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = v.device();
+        let (rows, d) = lv.shape().dims2()?;
+        let (vs, gs) = (
+            view::<f32>(v, lv, "weight norm v")?,
+            view::<f32>(g, lg, "weight norm g")?,
+        );
+        let (r, dd) = (rows as u32, d as u32);
+        macro_rules! launch {
+            ($t:ty, $name:literal) => {{
+                let func = dev.get_or_load_custom_func($name, MODULE, PTX)?;
+                // SAFETY: the kernel writes every element.
+                let w = unsafe { dev.alloc::<$t>(rows * d)? };
+                let mut b = func.builder();
+                b.arg(&vs).arg(&gs).arg(&w).arg(&r).arg(&dd);
+                // SAFETY: the arguments follow the kernel's signature for this output dtype.
+                unsafe { b.launch(row_blocks(rows).into()) }.w()?;
+                CudaStorage::wrap_cuda_slice(w, dev.clone())
+            }};
+        }
+        let w = match out {
+            DType::F32 => launch!(f32, "dino_weight_norm_fwd_f32"),
+            DType::BF16 => launch!(half::bf16, "dino_weight_norm_fwd_bf16"),
+            t => candle_core::bail!("weight norm on CUDA writes f32 or bf16, not {t:?}"),
+        };
+        Ok((w, lv.shape().clone()))
+    }
+
+    /// `[dv, dg]` in f32 from `dw` (f32 or bf16) and f32 `v` and `g`.
+    pub(super) fn backward(
+        dw: &CudaStorage,
+        ldw: &Layout,
+        v: &CudaStorage,
+        lv: &Layout,
+        g: &CudaStorage,
+        lg: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = v.device();
+        let (rows, d) = lv.shape().dims2()?;
+        let (vs, gs) = (
+            view::<f32>(v, lv, "weight norm v")?,
+            view::<f32>(g, lg, "weight norm g")?,
+        );
+        let (r, dd) = (rows as u32, d as u32);
+        // SAFETY: the kernel writes every element: dv by each row's lanes, dg by its first lane.
+        let out = unsafe { dev.alloc::<f32>(rows * d + rows)? };
+        macro_rules! launch {
+            ($t:ty, $name:literal) => {{
+                let func = dev.get_or_load_custom_func($name, MODULE, PTX)?;
+                let dws = view::<$t>(dw, ldw, "weight norm gradient")?;
+                let mut b = func.builder();
+                b.arg(&dws).arg(&vs).arg(&gs).arg(&out).arg(&r).arg(&dd);
+                // SAFETY: the arguments follow the kernel's signature for this gradient dtype.
+                unsafe { b.launch(row_blocks(rows).into()) }.w()?;
+            }};
+        }
+        match dw.dtype() {
+            DType::F32 => launch!(f32, "dino_weight_norm_bwd_f32"),
+            DType::BF16 => launch!(half::bf16, "dino_weight_norm_bwd_bf16"),
+            t => candle_core::bail!("weight norm backward on CUDA takes an f32 or bf16 gradient, not {t:?}"),
+        }
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, dev.clone()),
+            Shape::from(rows * d + rows),
+        ))
     }
 }
