@@ -480,3 +480,44 @@ fn transformer_block_rejects_wrong_shapes() -> Result<()> {
     assert!(err.to_string().contains("mlp.fc1.bias is [31], expected [32]"), "{err}");
     Ok(())
 }
+
+#[test]
+fn linear_residual_equals_linear_then_residual_bit_for_bit() -> Result<()> {
+    // Off the fused CPU path (under bf16 autocast here; CUDA's path) the node runs the same storage
+    // ops as a linear node followed by a residual node, forward and backward, so every value and
+    // gradient is the same bit for bit, with and without a drop-path mask.
+    let mut rng = ChaCha8Rng::seed_from_u64(16);
+    let (b, n, inp, out) = (3, 7, 24, 16);
+    let inputs = vec![
+        randn(&mut rng, &[b, n, out], 1.0)?,
+        randn(&mut rng, &[b, n, inp], 1.0)?,
+        randn(&mut rng, &[out, inp], 0.3)?,
+        randn(&mut rng, &[out], 0.3)?,
+    ];
+    let r = randn(&mut rng, &[b, n, out], 1.0)?;
+    let mask = Tensor::new(&[1.0f32 / 0.9, 0.0, 1.0 / 0.9], &Device::Cpu)?;
+    for m in [None, Some(&mask)] {
+        let node = |t: &[Tensor]| {
+            ops::autocast::autocast(DType::BF16, || {
+                let y = ops::linear_residual(&t[0], &t[1], &t[2], &t[3], m)?;
+                Ok(y.expect("the node applies under autocast"))
+            })
+        };
+        let layers = |t: &[Tensor]| {
+            ops::autocast::autocast(DType::BF16, || {
+                ops::residual_with_mask(&t[0], &ops::linear(&t[1], &t[2], Some(&t[3]))?, m)
+            })
+        };
+        let (y1, g1) = value_and_grads(&inputs, node, &r)?;
+        let (y2, g2) = value_and_grads(&inputs, layers, &r)?;
+        assert_eq!(y1.dtype(), DType::F32);
+        assert_eq!(max_abs_diff(&y1, &y2)?, 0.0, "value, mask {}", m.is_some());
+        for (i, (a, b)) in g1.iter().zip(&g2).enumerate() {
+            assert!(max_abs(b)? > 0.0, "input {i} has a gradient");
+            assert_eq!(max_abs_diff(a, b)?, 0.0, "gradient of input {i}, mask {}", m.is_some());
+        }
+    }
+    // On the fused CPU path (f32, no autocast) it leaves the work to the fused layers.
+    assert!(ops::linear_residual(&inputs[0], &inputs[1], &inputs[2], &inputs[3], None)?.is_none());
+    Ok(())
+}

@@ -48,17 +48,22 @@ impl Attention {
     }
 }
 
+impl Attention {
+    /// The heads' outputs merged, (B, N, D): everything before `proj`.
+    pub fn attend(&self, x: &Tensor) -> Result<Tensor> {
+        let qkv = self.qkv.forward(x)?;
+        if crate::ops::fused(x) {
+            crate::ops::attention(&qkv, self.num_heads, self.scale)
+        } else if let Some(out) = crate::ops::flash_attention(&qkv, self.num_heads, self.scale)? {
+            Ok(out)
+        } else {
+            Ok(crate::ops::attention_composed(&qkv, self.num_heads, self.scale)?.0)
+        }
+    }
+}
+
 impl Module for Attention {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let fused = crate::ops::fused(x);
-        let qkv = self.qkv.forward(x)?;
-        let out = if fused {
-            crate::ops::attention(&qkv, self.num_heads, self.scale)?
-        } else if let Some(out) = crate::ops::flash_attention(&qkv, self.num_heads, self.scale)? {
-            out
-        } else {
-            crate::ops::attention_composed(&qkv, self.num_heads, self.scale)?.0
-        };
-        self.proj.forward(&out)
+        self.proj.forward(&self.attend(x)?)
     }
 }

@@ -7,6 +7,7 @@ use candle_nn::VarBuilder;
 
 use super::attention::Attention;
 use super::layer_norm::LayerNorm;
+use super::linear::Linear;
 use super::mlp::Mlp;
 
 pub const LN_EPS: f64 = 1e-6;
@@ -39,6 +40,30 @@ fn residual(x: &Tensor, branch: Tensor, masks: Option<&DropPathMasks>, which: us
     }
 }
 
+/// [`residual`] with the branch `layer(input)`: off the fused CPU path one graph node
+/// ([`crate::ops::linear_residual`]), so that the layer's output is not kept for the backward pass.
+fn residual_after(
+    x: &Tensor,
+    layer: &Linear,
+    input: &Tensor,
+    masks: Option<&DropPathMasks>,
+    which: usize,
+) -> Result<Tensor> {
+    let mask = match masks {
+        None => Some(None),
+        Some(DropPathMasks {
+            on_device: Some(dev), ..
+        }) => Some(Some(&dev[which])),
+        Some(_) => None,
+    };
+    if let (Some(mask), Some(bias)) = (mask, layer.bias()) {
+        if let Some(out) = crate::ops::linear_residual(x, input, layer.weight(), bias, mask)? {
+            return Ok(out);
+        }
+    }
+    residual(x, layer.forward(input)?, masks, which)
+}
+
 impl Block {
     pub fn new(dim: usize, num_heads: usize, mlp_ratio: f64, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
@@ -62,8 +87,10 @@ impl Block {
     /// Layer by layer: the reference the fused block is tested against.
     pub fn forward_layers(&self, x: &Tensor, masks: Option<&DropPathMasks>) -> Result<Tensor> {
         // The norms feed the qkv and fc1 layers: under autocast they write bf16 directly.
-        let x = residual(x, self.attn.forward(&self.norm1.forward_lowered(x)?)?, masks, 0)?;
-        residual(&x, self.mlp.forward(&self.norm2.forward_lowered(&x)?)?, masks, 1)
+        let attended = self.attn.attend(&self.norm1.forward_lowered(x)?)?;
+        let x = residual_after(x, self.attn.proj(), &attended, masks, 0)?;
+        let hidden = self.mlp.hidden(&self.norm2.forward_lowered(&x)?)?;
+        residual_after(&x, self.mlp.fc2(), &hidden, masks, 1)
     }
 
     /// The parameters in [`crate::ops::BLOCK_PARAMS`] order (None if a linear layer has no bias).

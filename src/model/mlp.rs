@@ -26,10 +26,15 @@ impl Mlp {
     pub fn fc2(&self) -> &Linear {
         &self.fc2
     }
+
+    /// `gelu(fc1(x))`: everything before `fc2`.
+    pub fn hidden(&self, x: &Tensor) -> Result<Tensor> {
+        self.fc1.forward_gelu(x)
+    }
 }
 
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.fc2.forward(&self.fc1.forward_gelu(x)?)
+        self.fc2.forward(&self.hidden(x)?)
     }
 }

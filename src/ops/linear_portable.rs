@@ -24,7 +24,7 @@ pub fn linear_rows(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result
 struct LinearNode;
 
 /// y = x · wᵀ (+ b) with the backend's own matmul and broadcast add, for any backend.
-fn forward<S: BackendStorage>(
+pub(super) fn forward<S: BackendStorage>(
     x: &S,
     lx: &Layout,
     w: &S,

@@ -1,9 +1,10 @@
 //! Each of dino_rs's own device kernels against the CPU, one by one: the forward value and every
-//! input gradient of LayerNorm, softmax, bias + GELU, the residual update, the DINO loss, the
-//! weight-normalised last layer and attention from the qkv projection (f32, and bf16 under
-//! autocast where a model uses it), the multi-tensor AdamW, EMA and clipping over tensors that span
-//! several chunks, the page-locked upload and the normalisation of u8 crops. The model-level tests
-//! (tests/python/test_gpu.py) say whether training matches; this says which kernel does not.
+//! input gradient of LayerNorm, softmax, bias + GELU, the residual update (alone and with the
+//! linear layer before it), the DINO loss, the weight-normalised last layer and attention from the
+//! qkv projection (f32, and bf16 under autocast where a model uses it), the multi-tensor AdamW, EMA
+//! and clipping over tensors that span several chunks, the page-locked upload and the
+//! normalisation of u8 crops. The model-level tests (tests/python/test_gpu.py) say whether training
+//! matches; this says which kernel does not.
 //!
 //! The reference is the CPU in f32 (its fused kernels, which the golden tests check against the
 //! official code). Asked for the CPU, the other side is the CPU's path for other devices (the fused
@@ -119,6 +120,38 @@ pub fn kernel_parity(device: &Device) -> Result<Vec<(String, f64)>> {
         &[&stream, &branch],
         rng,
         &residual,
+    )?;
+
+    // A block's last linear layer (fc2: 1536 -> 384) with its residual update, as one node off
+    // the fused CPU path.
+    let hidden = randn(rng, &[4, 50, 1536], 0.0, 1.0)?;
+    let w2 = randn(rng, &[384, 1536], 0.0, 0.02)?;
+    let b2 = randn(rng, &[384], 0.0, 0.2)?;
+    let linear_residual = |t: &[Tensor]| -> Result<Tensor> {
+        let mask = Tensor::from_slice(&keep, 4, t[0].device())?;
+        match super::linear_residual(&t[0], &t[1], &t[2], &t[3], Some(&mask))? {
+            Some(y) => Ok(y),
+            None => super::residual_with_mask(&t[0], &super::linear(&t[1], &t[2], Some(&t[3]))?, Some(&mask)),
+        }
+    };
+    let lr_inputs = [&stream, &hidden, &w2, &b2];
+    compare(
+        &mut out,
+        "linear_residual",
+        device,
+        None,
+        &lr_inputs,
+        rng,
+        &linear_residual,
+    )?;
+    compare(
+        &mut out,
+        "linear_residual.bf16",
+        device,
+        Some(DType::BF16),
+        &lr_inputs,
+        rng,
+        &linear_residual,
     )?;
 
     // ncrops 4 of B 3 against the two globals' teacher probabilities.

@@ -48,7 +48,7 @@ fn values(s: &CpuStorage, l: &Layout) -> Result<Vec<f64>> {
 }
 
 /// `x[i] + mask[i / per] · b[i]`, each step rounded in `x`'s dtype (as the f32 kernels do).
-fn cpu(
+pub(super) fn cpu(
     x: &CpuStorage,
     lx: &Layout,
     b: &CpuStorage,
@@ -164,7 +164,7 @@ impl CustomOp3 for ResidualMasked {
 }
 
 #[cfg(feature = "cuda")]
-mod cuda {
+pub(super) mod cuda {
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
     use candle_core::cuda_backend::WrapErr;
