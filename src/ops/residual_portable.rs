@@ -175,7 +175,7 @@ pub(super) mod cuda {
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/residual.ptx"));
     const OP: &str = "residual";
 
-    pub(super) fn run(
+    pub(in crate::ops) fn run(
         (x, lx): (&CudaStorage, &Layout),
         (b, lb): (&CudaStorage, &Layout),
         mask: Option<(&CudaStorage, &Layout)>,
