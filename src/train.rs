@@ -201,7 +201,13 @@ impl DinoTrainer {
         mark(&mut clock, "teacher_forward")?;
         let groups: Vec<&Tensor> = std::iter::once(globals).chain(locals).collect();
         let (student, rng) = (&self.dino.student, &mut self.rng);
-        let student_out = autocast(&mut || student.forward_t(&groups, Some(&mut *rng)))?.to_dtype(DType::F32)?;
+        let Some(head) = student.head.as_ref() else {
+            candle_core::bail!("this model has no DINO head (a backbone loaded on its own): it cannot be trained");
+        };
+        let last_layer = head.last_layer_leaf(self.dtype)?;
+        let student_out =
+            autocast(&mut || student.forward_with(&groups, Some(&mut *rng), Some(last_layer.as_tensor())))?
+                .to_dtype(DType::F32)?;
         mark(&mut clock, "student_forward")?;
         let loss = self.loss.loss(&student_out, &teacher_out, epoch)?;
         let value = loss.to_scalar::<f32>()? as f64;
@@ -213,12 +219,24 @@ impl DinoTrainer {
             }));
         }
         let grad_store = loss.backward()?;
-        let mut grads: HashMap<String, Tensor> = self
-            .dino
-            .trainable()
-            .into_iter()
-            .filter_map(|(n, v)| grad_store.get(v.as_tensor()).map(|g| (n, g.clone())))
+        let trainable = self.dino.trainable();
+        let mut grads: HashMap<String, Tensor> = trainable
+            .iter()
+            .filter_map(|(n, v)| grad_store.get(v.as_tensor()).map(|g| (n.clone(), g.clone())))
             .collect();
+        let dw = grad_store.get(last_layer.as_tensor()).cloned();
+        // The graph (every activation) goes before the weight norm's backward runs.
+        drop((grad_store, loss, student_out, last_layer));
+        if let Some(dw) = dw {
+            let (dv, dg) = head.last_layer_grads(&dw)?;
+            for (n, v) in &trainable {
+                if v.as_tensor().id() == head.weight_v().id() {
+                    grads.insert(n.clone(), dv.clone());
+                } else if v.as_tensor().id() == head.weight_g().id() {
+                    grads.insert(n.clone(), dg.clone());
+                }
+            }
+        }
         mark(&mut clock, "backward")?;
         if self.config.clip_grad > 0.0 {
             clip_gradients(&mut grads, self.config.clip_grad)?;
@@ -381,5 +399,67 @@ impl DinoTrainer {
             .ok_or_else(|| bad("bad RNG state".into()))?;
         trainer.rng.set_word_pos(pos);
         Ok((trainer, meta["extra"].clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::head::HeadConfig;
+    use crate::model::vit::VitConfig;
+    use candle_core::Device;
+
+    /// `compute` takes the last layer's weight as a leaf and derives v's and g's gradients after
+    /// the backward pass: they must be those of the graph through the weight norm, bit for bit.
+    #[test]
+    fn last_layer_gradients_are_those_through_the_weight_norm_node() -> Result<()> {
+        for (norm_last_layer, dtype) in [(false, DType::F32), (true, DType::F32), (false, DType::BF16)] {
+            let mut vit = VitConfig::custom(32, 2, 2, 4, 16);
+            vit.drop_path_rate = 0.1;
+            let head = HeadConfig {
+                in_dim: 32,
+                out_dim: 96,
+                hidden_dim: 48,
+                bottleneck_dim: 16,
+                nlayers: 3,
+                norm_last_layer,
+            };
+            let mut dino = Dino::new(vit, Some(head), 3, None, &Device::Cpu).map_err(candle_core::Error::wrap)?;
+            dino.dtype = dtype;
+            let config = TrainConfig {
+                clip_grad: 0.0,
+                batch_size: 2,
+                n_local: 2,
+                epochs: 2,
+                niter_per_ep: 2,
+                ..TrainConfig::default()
+            };
+            let mut trainer = DinoTrainer::new(Arc::new(dino), config, 5)?;
+            let globals = Tensor::randn(0f32, 1.0, (4, 3, 16, 16), &Device::Cpu)?;
+            let locals = Tensor::randn(0f32, 1.0, (4, 3, 8, 8), &Device::Cpu)?;
+            let mut rng = trainer.rng.clone();
+            let computed = match trainer.compute(&globals, Some(&locals))? {
+                Ok(c) => c,
+                Err(e) => candle_core::bail!("non-finite loss {e:?}"),
+            };
+            // The same step with the weight norm inside the graph (the head's plain forward).
+            let student = &trainer.dino.student;
+            let out =
+                crate::ops::autocast::autocast(dtype, || student.forward_t(&[&globals, &locals], Some(&mut rng)))?
+                    .to_dtype(DType::F32)?;
+            let grads = trainer.loss.loss(&out, &computed.teacher_out, 0)?.backward()?;
+            let head = student.head.as_ref().expect("a head");
+            let mut checked = 0;
+            for (name, var) in trainer.dino.trainable() {
+                let want = grads.get(var.as_tensor()).expect("a gradient");
+                let got = &computed.grads[&name];
+                let diff = (got - want)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+                assert_eq!(diff, 0.0, "{name} ({dtype:?}, norm_last_layer {norm_last_layer})");
+                let id = var.as_tensor().id();
+                checked += usize::from(id == head.weight_v().id() || id == head.weight_g().id());
+            }
+            assert_eq!(checked, if norm_last_layer { 1 } else { 2 });
+        }
+        Ok(())
     }
 }

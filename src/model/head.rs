@@ -2,7 +2,7 @@
 //! L2 normalisation, and a weight-normalised linear layer without bias to `out_dim`. With
 //! `norm_last_layer` the weight's norm (`weight_g`) stays fixed at 1 and is not trained.
 
-use candle_core::{Module, Result, Tensor, D};
+use candle_core::{DType, Module, Result, Tensor, Var, D};
 use candle_nn::{Init, VarBuilder};
 
 use super::linear::{linear, Linear};
@@ -110,12 +110,41 @@ impl DinoHead {
     pub fn last_layer_weight(&self) -> Result<Tensor> {
         crate::ops::weight_norm(&self.weight_v, &self.weight_g)
     }
+
+    /// The last layer's weight, as `dtype` (the matmul's: bf16 under autocast), as a leaf of its
+    /// own for a training step: the step's graph ends there, and [`DinoHead::last_layer_grads`]
+    /// turns its gradient into v's and g's once the graph is freed. Inside the graph, the weight
+    /// norm's backward ran first in the backward pass, with every activation still alive, and
+    /// candle's autograd added two weight-sized f32 buffers to its output there (a zero-filled
+    /// gradient and the sum into it): the step's peak memory at the official out_dim of 65,536.
+    pub fn last_layer_leaf(&self, dtype: DType) -> Result<Var> {
+        let w = crate::ops::weight_norm_to(&self.weight_v, &self.weight_g, Some(dtype))?;
+        Var::from_tensor(&w.detach())
+    }
+
+    /// The gradients of `weight_v` and `weight_g` from that of [`DinoHead::last_layer_leaf`]'s weight.
+    pub fn last_layer_grads(&self, dw: &Tensor) -> Result<(Tensor, Tensor)> {
+        crate::ops::weight_norm_backward(dw, &self.weight_v, &self.weight_g)
+    }
+
+    pub fn weight_v(&self) -> &Tensor {
+        &self.weight_v
+    }
+
+    pub fn weight_g(&self) -> &Tensor {
+        &self.weight_g
+    }
+
+    /// The head with `weight` as its last layer's weight (see [`DinoHead::last_layer_leaf`]).
+    pub fn forward_with(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+        crate::ops::linear(&self.bottleneck(x)?, weight, None)
+    }
 }
 
 impl Module for DinoHead {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         // Under autocast the weight is made in bf16, what the matmul casts it to.
         let weight = crate::ops::weight_norm_to(&self.weight_v, &self.weight_g, crate::ops::autocast::active())?;
-        crate::ops::linear(&self.bottleneck(x)?, &weight, None)
+        self.forward_with(x, &weight)
     }
 }

@@ -25,14 +25,27 @@ impl MultiCropWrapper {
 
     /// `groups` are (n·B, 3, S, S) batches of crops sharing a resolution; returns head outputs
     /// for all of them in order. With `rng`, the backbone applies stochastic depth.
-    pub fn forward_t<R: Rng + ?Sized>(&self, groups: &[&Tensor], mut rng: Option<&mut R>) -> Result<Tensor> {
+    pub fn forward_t<R: Rng + ?Sized>(&self, groups: &[&Tensor], rng: Option<&mut R>) -> Result<Tensor> {
+        self.forward_with(groups, rng, None)
+    }
+
+    /// [`MultiCropWrapper::forward_t`] with `last_layer` as the head's last weight where given
+    /// ([`DinoHead::last_layer_leaf`]).
+    pub fn forward_with<R: Rng + ?Sized>(
+        &self,
+        groups: &[&Tensor],
+        mut rng: Option<&mut R>,
+        last_layer: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let feats = groups
             .iter()
             .map(|g| self.backbone.forward_t(g, rng.as_deref_mut()))
             .collect::<Result<Vec<_>>>()?;
-        match &self.head {
-            Some(head) => head.forward(&Tensor::cat(&feats, 0)?),
-            None => {
+        let feats = Tensor::cat(&feats, 0)?;
+        match (&self.head, last_layer) {
+            (Some(head), Some(w)) => head.forward_with(&feats, w),
+            (Some(head), None) => head.forward(&feats),
+            (None, _) => {
                 candle_core::bail!("this model has no DINO head (a backbone loaded on its own): it cannot be trained")
             }
         }

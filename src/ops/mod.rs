@@ -69,7 +69,7 @@ pub use pixels::normalize_u8;
 pub use residual::{residual, residual_with_mask};
 pub use softmax::{attention_probabilities, softmax_last_dim};
 pub use update::{adamw_update, ema_update, AdamWStep};
-pub use weight_norm::{weight_norm, weight_norm_to};
+pub use weight_norm::{weight_norm, weight_norm_backward, weight_norm_to};
 
 use candle_core::{backend::BackendStorage, bail, CpuStorage, Layout, Result, Tensor};
 use rayon::prelude::*;

@@ -133,33 +133,51 @@ impl CustomOp2 for WeightNorm {
         Ok((composed_forward(v, lv, g, lg, self.out)?, lv.shape().clone()))
     }
 
-    /// With n = ‖v‖ per row and dw the output gradient: dg = Σ dw·v / n, and
-    /// dv = (g/n) · (dw − v · Σ(dw·v) / n²).
     fn bwd(&self, v: &Tensor, g: &Tensor, _w: &Tensor, dw: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (rows, d) = v.dims2()?;
-        let takes = match v.dtype() {
-            DType::F32 => matches!(dw.dtype(), DType::F32 | DType::BF16),
-            DType::F64 => dw.dtype() == DType::F64,
-            _ => false,
-        };
-        if takes && one_pass(v.dtype(), v.device().is_cpu()) {
-            // dv and dg from one op, packed one after the other.
-            let packed = dw.contiguous()?.apply_op3_no_bwd(v, g, &WeightNormBackward)?;
-            let n = rows * d;
-            return Ok((
-                Some(packed.narrow(0, 0, n)?.reshape((rows, d))?),
-                Some(packed.narrow(0, n, rows)?.reshape((rows, 1))?),
-            ));
-        }
-        let dw = dw.to_dtype(v.dtype())?;
-        let n = v.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?;
-        let dot = (&dw * v)?.sum_keepdim(D::Minus1)?;
-        let dg = dot.broadcast_div(&n)?;
-        let dv = dw
-            .broadcast_sub(&v.broadcast_mul(&dot.broadcast_div(&n.sqr()?)?)?)?
-            .broadcast_mul(&g.broadcast_div(&n)?)?;
+        let (dv, dg) = weight_norm_backward(dw, v, g)?;
         Ok((Some(dv), Some(dg)))
     }
+}
+
+/// The gradients of v and g from the weight's, `dw` (v's dtype, or bf16 under autocast). With
+/// n = ‖v‖ per row: dg = Σ dw·v / n, and dv = (g/n) · (dw − v · Σ(dw·v) / n²). For the graph node
+/// and for a weight made a leaf of the step's graph ([`crate::model::head::DinoHead::last_layer_leaf`]).
+pub fn weight_norm_backward(dw: &Tensor, v: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (rows, d) = v.dims2()?;
+    if dw.dims() != v.dims() || g.dims() != [rows, 1] || g.dtype() != v.dtype() {
+        candle_core::bail!(
+            "weight norm backward: gradient {:?} for v {:?} {:?} and g {:?} {:?}",
+            dw.dims(),
+            v.dims(),
+            v.dtype(),
+            g.dims(),
+            g.dtype()
+        );
+    }
+    let takes = match v.dtype() {
+        DType::F32 => matches!(dw.dtype(), DType::F32 | DType::BF16),
+        DType::F64 => dw.dtype() == DType::F64,
+        _ => false,
+    };
+    if takes && one_pass(v.dtype(), v.device().is_cpu()) {
+        // dv and dg from one op, packed one after the other.
+        let packed = dw
+            .contiguous()?
+            .apply_op3_no_bwd(&v.contiguous()?, &g.contiguous()?, &WeightNormBackward)?;
+        let n = rows * d;
+        return Ok((
+            packed.narrow(0, 0, n)?.reshape((rows, d))?,
+            packed.narrow(0, n, rows)?.reshape((rows, 1))?,
+        ));
+    }
+    let dw = dw.to_dtype(v.dtype())?;
+    let n = v.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?;
+    let dot = (&dw * v)?.sum_keepdim(D::Minus1)?;
+    let dg = dot.broadcast_div(&n)?;
+    let dv = dw
+        .broadcast_sub(&v.broadcast_mul(&dot.broadcast_div(&n.sqr()?)?)?)?
+        .broadcast_mul(&g.broadcast_div(&n)?)?;
+    Ok((dv, dg))
 }
 
 /// The weight norm's backward pass for the output gradient `dw` (the parameters' dtype, or bf16
