@@ -463,38 +463,21 @@ fn weight_norm_forward_and_backward_match_the_cpu() {
             let inputs = [tensor(&v, &[rows, d]), tensor(&g, &[rows, 1])];
             let gs = tensor(&grad, &[rows, d]).to_dtype(dtype).unwrap();
             let (w_cpu, grads) = cpu_with_grads(&inputs, &gs, |t| ops::weight_norm_to(&t[0], &t[1], Some(dtype)));
+            // The kernels' buffers for both dtypes; each launch uses those of its own.
+            let grad_bf = to_bf16(&grad);
+            let (mut w32, mut w16) = (vec![f32::NAN; rows * d], vec![bf16::NAN; rows * d]);
             let mut packed = vec![f32::NAN; rows * d + rows];
             let (pv, pg, pp) = (addr(&v), addr(&g), addr_mut(&mut packed));
-            let w = if bf {
-                let gb = to_bf16(&grad);
-                let mut w = vec![bf16::NAN; rows * d];
-                let (pw, pgrad) = (addr_mut(&mut w), addr(&gb));
-                emu.launch(
-                    "dino_weight_norm_fwd_bf16",
-                    launch::row_blocks(rows),
-                    &args![pv, pg, pw, r, dd],
-                );
-                emu.launch(
-                    "dino_weight_norm_bwd_bf16",
-                    launch::row_blocks(rows),
-                    &args![pgrad, pv, pg, pp, r, dd],
-                );
-                from_bf16(&w)
+            let (pw, pgrad, [fwd, bwd]) = if bf {
+                let names = ["dino_weight_norm_fwd_bf16", "dino_weight_norm_bwd_bf16"];
+                (addr_mut(&mut w16), addr(&grad_bf), names)
             } else {
-                let mut w = vec![f32::NAN; rows * d];
-                let (pw, pgrad) = (addr_mut(&mut w), addr(&grad));
-                emu.launch(
-                    "dino_weight_norm_fwd_f32",
-                    launch::row_blocks(rows),
-                    &args![pv, pg, pw, r, dd],
-                );
-                emu.launch(
-                    "dino_weight_norm_bwd_f32",
-                    launch::row_blocks(rows),
-                    &args![pgrad, pv, pg, pp, r, dd],
-                );
-                w
+                let names = ["dino_weight_norm_fwd_f32", "dino_weight_norm_bwd_f32"];
+                (addr_mut(&mut w32), addr(&grad), names)
             };
+            emu.launch(fwd, launch::row_blocks(rows), &args![pv, pg, pw, r, dd]);
+            emu.launch(bwd, launch::row_blocks(rows), &args![pgrad, pv, pg, pp, r, dd]);
+            let w = if bf { from_bf16(&w16) } else { w32 };
             let what = format!("weight norm {rows}x{d} {dtype:?}");
             // bf16 output: at most one rounding apart (2^-8 relative).
             let tol_w = if bf { 4e-3 } else { 1e-6 };

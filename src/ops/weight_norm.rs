@@ -271,7 +271,7 @@ impl CustomOp3 for WeightNormBackward {
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+    use candle_core::cuda_backend::cudarc::driver::{CudaView, PushKernelArg};
     use candle_core::cuda_backend::WrapErr;
     use candle_core::{CudaStorage, DType, Layout, Result, Shape};
 
@@ -280,6 +280,17 @@ mod cuda {
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/weight_norm.ptx"));
     const MODULE: &str = "dino_rs_weight_norm";
+
+    /// Views of the f32 parameters v (rows, d) and g (rows, 1), and rows and d.
+    fn parameters<'a>(
+        v: &'a CudaStorage,
+        lv: &Layout,
+        g: &'a CudaStorage,
+        lg: &Layout,
+    ) -> Result<(CudaView<'a, f32>, CudaView<'a, f32>, usize, usize)> {
+        let (rows, d) = lv.shape().dims2()?;
+        Ok((view(v, lv, "weight norm v")?, view(g, lg, "weight norm g")?, rows, d))
+    }
 
     /// `w` as `out` (f32 or bf16) from f32 `v` and `g`.
     pub(super) fn forward(
@@ -290,11 +301,7 @@ mod cuda {
         out: DType,
     ) -> Result<(CudaStorage, Shape)> {
         let dev = v.device();
-        let (rows, d) = lv.shape().dims2()?;
-        let (vs, gs) = (
-            view::<f32>(v, lv, "weight norm v")?,
-            view::<f32>(g, lg, "weight norm g")?,
-        );
+        let (vs, gs, rows, d) = parameters(v, lv, g, lg)?;
         let (r, dd) = (rows as u32, d as u32);
         macro_rules! launch {
             ($t:ty, $name:literal) => {{
@@ -326,11 +333,7 @@ mod cuda {
         lg: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         let dev = v.device();
-        let (rows, d) = lv.shape().dims2()?;
-        let (vs, gs) = (
-            view::<f32>(v, lv, "weight norm v")?,
-            view::<f32>(g, lg, "weight norm g")?,
-        );
+        let (vs, gs, rows, d) = parameters(v, lv, g, lg)?;
         let (r, dd) = (rows as u32, d as u32);
         // SAFETY: the kernel writes every element: dv by each row's lanes, dg by its first lane.
         let out = unsafe { dev.alloc::<f32>(rows * d + rows)? };
