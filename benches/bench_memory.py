@@ -12,7 +12,8 @@ dino_rs's attention is composed (it keeps the (B, heads, N, N) logits and probab
 the flash kernels keep neither. Each framework runs in its own process: build the model, one warm-up step, two measured.
 
 The configuration has ViT-S/16's widths (384, 6 heads of 64) at depth 4, batch 8, 2 x 224 + 4 x 96
-crops, out_dim 4096, so that it runs in minutes on 2 cores.
+crops, out_dim 4096, so that it runs in minutes on 2 cores; --depth, --batch-size and --out-dim
+change it (ViT-S's full depth: --depth 12).
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ def rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def child(framework: str, threads: int, steps: int, out_dim: int) -> dict:
-    c = {**RECIPE, **CONFIG, "out_dim": out_dim}
+def child(framework: str, threads: int, steps: int, out_dim: int, depth: int, batch_size: int) -> dict:
+    c = {**RECIPE, **CONFIG, "out_dim": out_dim, "depth": depth, "batch_size": batch_size}
     epochs = 100
     if framework.startswith("torch"):
         import torch
@@ -100,20 +101,24 @@ def main() -> None:
     ap.add_argument("--frameworks", default=",".join(FRAMEWORKS))
     ap.add_argument("--out-dim", type=int, default=CONFIG["out_dim"],
                     help="the DINO head's output size (65536 in the official recipe: the loss's tensors grow with it)")
+    ap.add_argument("--depth", type=int, default=CONFIG["depth"], help="blocks (ViT-S has 12)")
+    ap.add_argument("--batch-size", type=int, default=CONFIG["batch_size"], help="images per step")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(child(args.child, args.threads, args.steps, args.out_dim)), flush=True)
+        res = child(args.child, args.threads, args.steps, args.out_dim, args.depth, args.batch_size)
+        print("RESULT " + json.dumps(res), flush=True)
         return
-    c = CONFIG
-    print(f"config {c['name']}: batch {c['batch_size']}, {c['n_global']}x{c['global_size']} + {c['n_local']}x"
+    c = {**CONFIG, "depth": args.depth, "batch_size": args.batch_size}
+    print(f"config: batch {c['batch_size']}, {c['n_global']}x{c['global_size']} + {c['n_local']}x"
           f"{c['local_size']} px, dim {c['embed_dim']}, {c['num_heads']} heads, depth {c['depth']}, out_dim "
           f"{args.out_dim}; bf16 autocast on the CPU, {args.threads} threads, 1 warm-up + {args.steps} steps",
           flush=True)
     results = []
     for fw in args.frameworks.split(","):
         out = subprocess.run([sys.executable, __file__, "--child", fw, "--threads", str(args.threads),
-                              "--steps", str(args.steps), "--out-dim", str(args.out_dim)],
+                              "--steps", str(args.steps), "--out-dim", str(args.out_dim),
+                               "--depth", str(args.depth), "--batch-size", str(args.batch_size)],
                              capture_output=True, text=True, env=ENV)
         line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
