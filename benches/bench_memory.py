@@ -31,7 +31,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_gpu import RECIPE, VITS16, inputs  # noqa: E402
+from bench_gpu import RECIPE, VITS16, inputs, trainer_for  # noqa: E402
 
 CONFIG = dict(VITS16, name="vits16-depth4-b8", depth=4, batch_size=8, n_local=4, out_dim=4096, hidden_dim=1024,
               bottleneck_dim=256)
@@ -70,14 +70,7 @@ def child(framework: str, threads: int, steps: int, out_dim: int, depth: int, ba
         pixels = np.zeros((c["batch_size"], c["global_size"], c["global_size"], 3), dtype=np.uint8)
         aug = dr.MultiCropAugmenter(global_size=c["global_size"], local_size=c["local_size"], n_local=c["n_local"])
         loader = dr.MultiCropLoader(dr.ArrayDataset(pixels), aug, batch_size=c["batch_size"], drop_last=True)
-        trainer = dr.Trainer(
-            model, loader, epochs=epochs, lr=c["lr"], min_lr=c["min_lr"], warmup_epochs=c["warmup_epochs"],
-            weight_decay=c["weight_decay"], weight_decay_end=c["weight_decay_end"],
-            momentum_teacher=c["momentum_teacher"], teacher_temp=c["teacher_temp"],
-            warmup_teacher_temp=c["warmup_teacher_temp"], warmup_teacher_temp_epochs=c["warmup_teacher_temp_epochs"],
-            student_temp=c["student_temp"], center_momentum=c["center_momentum"], clip_grad=c["clip_grad"],
-            freeze_last_layer=c["freeze_last_layer"], progress=False,
-        )
+        trainer = trainer_for(dr, model, loader, c, epochs)
         g, lo = inputs(c)
 
         def step():
