@@ -52,7 +52,7 @@ pub(super) fn forward<S: BackendStorage>(
 }
 
 /// dx = g · W (where x needs a gradient), dW = gᵀ · x, and db = Σ_rows g summed in f32.
-fn backward(x: &Tensor, w: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Tensor)> {
+pub(super) fn backward(x: &Tensor, w: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Tensor)> {
     let g = g.to_dtype(x.dtype())?;
     let dx = if x.track_op() { Some(g.matmul(w)?) } else { None };
     Ok((dx, g.t()?.matmul(x)?))

@@ -138,14 +138,9 @@ impl CustomOp3 for LinearResidual {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (rows, inp) = x.dims2()?;
         let out = self.out;
-        let g = match &self.mask {
-            Some(m) => grad.broadcast_mul(&super::per_sample(m, grad.rank())?)?,
-            None => grad.clone(),
-        };
-        let g = g.to_dtype(x.dtype())?.reshape((rows, out))?;
+        let g = super::residual_portable::branch_grad(grad, x.dtype(), self.mask.as_ref())?.reshape((rows, out))?;
         let w = packed.narrow(0, 0, out * inp)?.reshape((out, inp))?;
-        let dx = if x.track_op() { Some(g.matmul(&w)?) } else { None };
-        let dw = g.t()?.matmul(x)?;
+        let (dx, dw) = super::linear_portable::backward(x, &w, &g)?;
         let db = super::at_least_f32(&g)?.sum(0)?.to_dtype(packed.dtype())?;
         let dp = Tensor::cat(&[&dw.flatten_all()?, &db], 0)?;
         Ok((Some(grad.clone()), dx, Some(dp)))

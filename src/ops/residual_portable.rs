@@ -78,12 +78,12 @@ pub(super) fn cpu(
 }
 
 /// The branch's gradient: the stream's, times the mask, in the branch's dtype.
-fn branch_grad(grad: &Tensor, branch: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+pub(super) fn branch_grad(grad: &Tensor, branch: DType, mask: Option<&Tensor>) -> Result<Tensor> {
     let g = match mask {
         Some(m) => grad.broadcast_mul(&super::per_sample(m, grad.rank())?)?,
         None => grad.clone(),
     };
-    g.to_dtype(branch.dtype())
+    g.to_dtype(branch)
 }
 
 struct Residual;
@@ -115,7 +115,7 @@ impl CustomOp2 for Residual {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(grad.clone()), Some(branch_grad(grad, branch, None)?)))
+        Ok((Some(grad.clone()), Some(branch_grad(grad, branch.dtype(), None)?)))
     }
 }
 
@@ -159,7 +159,11 @@ impl CustomOp3 for ResidualMasked {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(grad.clone()), Some(branch_grad(grad, branch, Some(mask))?), None))
+        Ok((
+            Some(grad.clone()),
+            Some(branch_grad(grad, branch.dtype(), Some(mask))?),
+            None,
+        ))
     }
 }
 
