@@ -521,3 +521,115 @@ fn linear_residual_equals_linear_then_residual_bit_for_bit() -> Result<()> {
     assert!(ops::linear_residual(&inputs[0], &inputs[1], &inputs[2], &inputs[3], None)?.is_none());
     Ok(())
 }
+
+/// A model block whose parameters are `t[1..]` (the tensors themselves, so that gradients reach
+/// them), and the per-sample masks `keep` as the model passes them off the fused CPU path.
+fn model_block(
+    t: &[Tensor],
+    heads: usize,
+    keep: Option<&[Vec<f32>; 2]>,
+) -> Result<(
+    _dino_rs::model::block::Block,
+    Option<_dino_rs::model::block::DropPathMasks>,
+)> {
+    let map = ops::BLOCK_PARAMS
+        .iter()
+        .zip(&t[1..])
+        .map(|(name, p)| (name.to_string(), p.clone()))
+        .collect();
+    let vb = candle_nn::VarBuilder::from_tensors(map, DType::F32, &Device::Cpu);
+    let c = t[0].dim(2)?;
+    let ratio = t[10].elem_count() as f64 / c as f64;
+    let block = _dino_rs::model::block::Block::new(c, heads, ratio, vb)?;
+    let masks = keep
+        .map(|[a, m]| -> Result<_> {
+            Ok(_dino_rs::model::block::DropPathMasks {
+                attn: a.clone(),
+                mlp: m.clone(),
+                on_device: Some([
+                    Tensor::new(a.as_slice(), &Device::Cpu)?,
+                    Tensor::new(m.as_slice(), &Device::Cpu)?,
+                ]),
+            })
+        })
+        .transpose()?;
+    Ok((block, masks))
+}
+
+#[test]
+fn portable_transformer_block_equals_its_layers_bit_for_bit() -> Result<()> {
+    // Off the fused CPU path (under bf16 autocast here; CUDA's path) the block node runs the
+    // per-layer ops in the same order on the same data, forward and backward, so every value and
+    // gradient is the layer-by-layer path's bit for bit. (The composed f32 path: the unit tests of
+    // src/ops/block_portable.rs, and the golden tests through tests/composed.rs.)
+    let mut rng = ChaCha8Rng::seed_from_u64(17);
+    let (b, n, heads, c) = (3usize, 7usize, 2usize, 16usize);
+    let inputs = block_inputs(&mut rng, b, n, c, 4 * c + 3)?;
+    let r = randn(&mut rng, &[b, n, c], 1.0)?;
+    let keep = keep_masks(b);
+    {
+        let dtype = DType::BF16;
+        for masks in [None, Some(&keep)] {
+            let node = |t: &[Tensor]| {
+                let (_, m) = model_block(t, heads, masks)?;
+                let dev = m.as_ref().and_then(|m| m.on_device.as_ref()).map(|[a, b]| [a, b]);
+                ops::autocast::autocast(dtype, || {
+                    let y = ops::transformer_block_portable(&t[0], params(t), heads, 1e-6, dev)?;
+                    Ok(y.expect("the node applies off the fused path"))
+                })
+            };
+            let layers = |t: &[Tensor]| {
+                let (block, m) = model_block(t, heads, masks)?;
+                ops::autocast::autocast(dtype, || block.forward_layers(&t[0], m.as_ref()))
+            };
+            let (y1, g1) = value_and_grads(&inputs, node, &r)?;
+            let (y2, g2) = value_and_grads(&inputs, layers, &r)?;
+            let what = format!("{dtype:?}, masks {}", masks.is_some());
+            assert_eq!(max_abs_diff(&y1, &y2)?, 0.0, "value, {what}");
+            for (i, (a, b)) in g1.iter().zip(&g2).enumerate() {
+                assert!(max_abs(b)? > 0.0, "input {i} has a gradient, {what}");
+                assert_eq!(max_abs_diff(a, b)?, 0.0, "gradient of input {i}, {what}");
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn portable_transformer_block_applies_only_where_it_should() -> Result<()> {
+    let mut rng = ChaCha8Rng::seed_from_u64(18);
+    let inputs = block_inputs(&mut rng, 2, 5, 8, 32)?;
+    let vars: Vec<Var> = inputs.iter().map(Var::from_tensor).collect::<Result<_>>()?;
+    let t: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let node = |t: &[Tensor]| ops::transformer_block_portable(&t[0], params(t), 2, 1e-6, None);
+    // The fused CPU path has its own block; nothing to differentiate, or no_grad, needs no node.
+    assert!(node(&t)?.is_none());
+    assert!(ops::autocast::autocast(DType::BF16, || node(&inputs))?.is_none());
+    assert!(ops::autocast::autocast(DType::BF16, || ops::no_grad(|| node(&t)))?.is_none());
+    assert!(ops::autocast::autocast(DType::BF16, || node(&t))?.is_some());
+    Ok(())
+}
+
+#[test]
+fn portable_transformer_block_backward_recomputes_what_it_did_not_keep() -> Result<()> {
+    let mut rng = ChaCha8Rng::seed_from_u64(19);
+    let inputs = block_inputs(&mut rng, 3, 9, 12, 48)?;
+    let vars: Vec<Var> = inputs.iter().map(Var::from_tensor).collect::<Result<_>>()?;
+    let t: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let r = randn(&mut rng, &[3, 9, 12], 1.0)?;
+    let loss = ops::autocast::autocast(DType::BF16, || -> Result<Tensor> {
+        let y = ops::transformer_block_portable(&t[0], params(&t), 2, 1e-6, None)?.expect("applies");
+        (y * &r)?.sum_all()
+    })?;
+    let grads = |loss: &Tensor| -> Result<Vec<Tensor>> {
+        let g = loss.backward()?;
+        Ok(t.iter().map(|v| g.get(v).expect("gradient").clone()).collect())
+    };
+    // The first backward pass takes what the forward pass kept; the second finds nothing.
+    let (first, second) = (grads(&loss)?, grads(&loss)?);
+    for i in 0..t.len() {
+        assert!(max_abs(&first[i])? > 0.0, "input {i} has a gradient");
+        assert_eq!(max_abs_diff(&first[i], &second[i])?, 0.0, "input {i}, second pass");
+    }
+    Ok(())
+}

@@ -1,6 +1,7 @@
 //! A pre-norm transformer block with stochastic depth:
-//! x + drop_path(attn(norm1(x))), then x + drop_path(mlp(norm2(x))). On the CPU in f32 the whole
-//! block is the one graph node [`crate::ops::transformer_block`]; elsewhere, layer by layer.
+//! x + drop_path(attn(norm1(x))), then x + drop_path(mlp(norm2(x))). The whole block is one graph
+//! node: [`crate::ops::transformer_block`] on the CPU in f32, [`crate::ops::transformer_block_portable`]
+//! elsewhere when something needs a gradient; otherwise (inference, the teacher) layer by layer.
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -75,10 +76,24 @@ impl Block {
     }
 
     pub fn forward_masked(&self, x: &Tensor, masks: Option<&DropPathMasks>) -> Result<Tensor> {
-        if crate::ops::fused(x) {
-            if let Some(params) = self.params() {
+        let (heads, eps) = (self.attn.num_heads(), self.norm1.eps());
+        if let Some(params) = self.params() {
+            if crate::ops::fused(x) {
                 let keep = masks.map_or([None, None], |m| [Some(m.attn.as_slice()), Some(m.mlp.as_slice())]);
-                return crate::ops::transformer_block(x, params, self.attn.num_heads(), self.norm1.eps(), keep);
+                return crate::ops::transformer_block(x, params, heads, eps, keep);
+            }
+            let on_device = match masks {
+                None => Some(None),
+                Some(DropPathMasks {
+                    on_device: Some([attn, mlp]),
+                    ..
+                }) => Some(Some([attn, mlp])),
+                Some(_) => None,
+            };
+            if let Some(masks) = on_device {
+                if let Some(y) = crate::ops::transformer_block_portable(x, params, heads, eps, masks)? {
+                    return Ok(y);
+                }
             }
         }
         self.forward_layers(x, masks)

@@ -67,7 +67,13 @@ impl CustomOp2 for Scores {
 
     /// With dl the gradient of the (unscaled) logits: dq = dl · k, dk = dlᵀ · q.
     fn bwd(&self, q: &Tensor, k: &Tensor, y: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dl = softmax_backward(y, g, self.scale)?;
-        Ok((Some(dl.matmul(k)?), Some(dl.t()?.matmul(q)?)))
+        let (dq, dk) = backward(q, k, y, g, self.scale)?;
+        Ok((Some(dq), Some(dk)))
     }
+}
+
+/// dq and dk of [`attention_scores`] for its output `y` and the output gradient `g`.
+pub(super) fn backward(q: &Tensor, k: &Tensor, y: &Tensor, g: &Tensor, scale: f64) -> Result<(Tensor, Tensor)> {
+    let dl = softmax_backward(y, g, scale)?;
+    Ok((dl.matmul(k)?, dl.t()?.matmul(q)?))
 }

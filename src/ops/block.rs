@@ -85,16 +85,17 @@ pub fn transformer_block(
 
 /// Widths of one block, and its LayerNorm epsilon and attention scale.
 #[derive(Clone, Copy)]
-struct Sizes {
-    c: usize,
-    hidden: usize,
-    heads: usize,
-    eps: f32,
-    scale: f32,
+pub(super) struct Sizes {
+    pub(super) c: usize,
+    pub(super) hidden: usize,
+    pub(super) heads: usize,
+    pub(super) eps: f32,
+    pub(super) scale: f32,
 }
 
 impl Sizes {
-    fn shapes(&self) -> [Vec<usize>; 12] {
+    /// The shapes of the parameters, in [`BLOCK_PARAMS`] order.
+    pub(super) fn shapes(&self) -> [Vec<usize>; 12] {
         let (c, h) = (self.c, self.hidden);
         [
             vec![c],
@@ -112,7 +113,7 @@ impl Sizes {
         ]
     }
 
-    fn param_count(&self) -> usize {
+    pub(super) fn param_count(&self) -> usize {
         self.shapes().iter().map(|s| s.iter().product::<usize>()).sum()
     }
 }

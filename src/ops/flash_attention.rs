@@ -137,14 +137,47 @@ impl CustomOp1 for FusedAttention {
         let Some(lse) = self.kept.as_ref().and_then(OnceLock::get) else {
             candle_core::bail!("flash attention: backward pass without the forward pass's statistics");
         };
-        let grad = aligned(&grad.to_dtype(DType::BF16)?.contiguous()?)?;
-        let op = FusedAttentionBackward {
-            heads: self.heads,
-            scale: self.scale,
-            lse,
-        };
-        Ok(Some(qkv.apply_op3_no_bwd(&out.contiguous()?, &grad, &op)?))
+        Ok(Some(backward(qkv, out, grad, lse, self.heads, self.scale)?))
     }
+}
+
+/// What a forward pass for a gradient keeps besides its output: each row's log-sum-exp.
+pub(super) struct Stats(Kept);
+
+/// [`flash_attention`] for a backward pass that the caller runs ([`backward_kept`]), outside
+/// candle's graph: the output and the rows' statistics; `None` where the kernels do not apply.
+pub(super) fn forward_keeping(qkv: &Tensor, heads: usize, scale: f64) -> Result<Option<(Tensor, Stats)>> {
+    if !applies(qkv, heads) {
+        return Ok(None);
+    }
+    let op = FusedAttention {
+        heads,
+        scale: scale as f32,
+        kept: Some(OnceLock::new()),
+    };
+    let out = aligned(&qkv.contiguous()?)?.apply_op1_no_bwd(&op)?;
+    match op.kept.and_then(OnceLock::into_inner) {
+        Some(lse) => Ok(Some((out, Stats(lse)))),
+        None => candle_core::bail!("flash attention: the forward pass kept no statistics"),
+    }
+}
+
+/// The gradient of `qkv` from [`forward_keeping`]'s output and statistics.
+pub(super) fn backward_kept(
+    qkv: &Tensor,
+    out: &Tensor,
+    grad: &Tensor,
+    stats: &Stats,
+    heads: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    backward(qkv, out, grad, &stats.0, heads, scale as f32)
+}
+
+fn backward(qkv: &Tensor, out: &Tensor, grad: &Tensor, lse: &Kept, heads: usize, scale: f32) -> Result<Tensor> {
+    let grad = aligned(&grad.to_dtype(DType::BF16)?.contiguous()?)?;
+    let op = FusedAttentionBackward { heads, scale, lse };
+    aligned(&qkv.contiguous()?)?.apply_op3_no_bwd(&out.contiguous()?, &grad, &op)
 }
 
 /// The gradient of `qkv` from (qkv, out, grad of out) and the forward's log-sum-exps.

@@ -85,15 +85,21 @@ impl CustomOp2 for BiasGeluAny {
     }
 
     fn bwd(&self, x: &Tensor, b: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dx = x.apply_op3_no_bwd(b, &grad.contiguous()?, &BiasGeluBackwardAny)?;
-        // The bias gradient sums every row: in f32 at least, as PyTorch accumulates it.
-        let d = b.elem_count();
-        let db = super::at_least_f32(&dx)?
-            .reshape((dx.elem_count() / d, d))?
-            .sum(0)?
-            .to_dtype(b.dtype())?;
+        let (dx, db) = backward_tensors(x, b, grad)?;
         Ok((Some(dx), Some(db)))
     }
+}
+
+/// dx and d bias of [`bias_gelu`] for the output gradient `grad`.
+pub(super) fn backward_tensors(x: &Tensor, b: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
+    let dx = x.apply_op3_no_bwd(b, &grad.contiguous()?, &BiasGeluBackwardAny)?;
+    // The bias gradient sums every row: in f32 at least, as PyTorch accumulates it.
+    let d = b.elem_count();
+    let db = super::at_least_f32(&dx)?
+        .reshape((dx.elem_count() / d, d))?
+        .sum(0)?
+        .to_dtype(b.dtype())?;
+    Ok((dx, db))
 }
 
 /// dx of `gelu_erf(x + bias)` for the gradient (the third input).

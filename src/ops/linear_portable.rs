@@ -53,8 +53,13 @@ pub(super) fn forward<S: BackendStorage>(
 
 /// dx = g · W (where x needs a gradient), dW = gᵀ · x, and db = Σ_rows g summed in f32.
 pub(super) fn backward(x: &Tensor, w: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Tensor)> {
+    grads(x, w, g, x.track_op())
+}
+
+/// [`backward`] with dx computed when `dx` says so, whatever `x`'s place in a graph.
+pub(super) fn grads(x: &Tensor, w: &Tensor, g: &Tensor, dx: bool) -> Result<(Option<Tensor>, Tensor)> {
     let g = g.to_dtype(x.dtype())?;
-    let dx = if x.track_op() { Some(g.matmul(w)?) } else { None };
+    let dx = if dx { Some(g.matmul(w)?) } else { None };
     Ok((dx, g.t()?.matmul(x)?))
 }
 

@@ -50,10 +50,10 @@ pub fn linear_residual(
     Ok(Some(stream.contiguous()?.apply_op3(&x, &packed, op)?))
 }
 
-struct LinearResidual {
-    out: usize,
+pub(super) struct LinearResidual {
+    pub(super) out: usize,
     /// The per-sample drop-path mask (0 or 1/keep), not differentiated.
-    mask: Option<Tensor>,
+    pub(super) mask: Option<Tensor>,
 }
 
 impl LinearResidual {

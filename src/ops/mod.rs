@@ -30,6 +30,7 @@ mod attention_scores;
 pub mod autocast;
 mod bias;
 mod block;
+mod block_portable;
 mod cross_entropy;
 #[cfg(feature = "cuda")]
 mod cuda;
@@ -57,6 +58,7 @@ pub use attention::attention;
 pub use attention_scores::attention_scores;
 pub use bias::add_bias;
 pub use block::{transformer_block, BLOCK_PARAMS};
+pub use block_portable::transformer_block as transformer_block_portable;
 pub use cross_entropy::{dino_cross_entropy, dino_loss_rows};
 pub use flash_attention::{attention_composed, flash_attention};
 pub use foreach::{adamw_foreach, clip_foreach, ema_foreach, AdamWItem};

@@ -130,40 +130,52 @@ impl CustomOp3 for AnyLayerNorm {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let d = x.dim(D::Minus1)?;
-        // An output written in another dtype (`out`) has its gradient in that dtype.
-        let grad = &grad.to_dtype(x.dtype())?;
-        let same = [w.dtype(), b.dtype()].iter().all(|&t| t == x.dtype());
-        // CUDA's kernels take f32 (LayerNorm runs in f32 under autocast); other dtypes compose.
-        if same && (x.device().is_cpu() || x.dtype() == candle_core::DType::F32) {
-            // dx, dw and db from one op (three kernels on CUDA), packed one after the other.
-            let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &LayerNormBackward { eps: self.eps })?;
-            let n = x.elem_count();
-            return Ok((
-                Some(packed.narrow(0, 0, n)?.reshape(x.shape())?),
-                Some(packed.narrow(0, n, d)?),
-                Some(packed.narrow(0, n + d, d)?),
-            ));
-        }
-        let (x32, w32, g) = (at_least_f32(x)?, at_least_f32(w)?, at_least_f32(grad)?);
-        let xc = x32.broadcast_sub(&x32.mean_keepdim(D::Minus1)?)?;
-        let rstd = (xc.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?.recip()?;
-        let xhat = xc.broadcast_mul(&rstd)?;
-        // dx = rstd · (gw − mean(gw) − x̂ · mean(gw · x̂)), with gw = g · weight.
-        let gw = g.broadcast_mul(&w32)?;
-        let dx = gw
-            .broadcast_sub(&gw.mean_keepdim(D::Minus1)?)?
-            .sub(&xhat.broadcast_mul(&(&gw * &xhat)?.mean_keepdim(D::Minus1)?)?)?
-            .broadcast_mul(&rstd)?;
-        let rows = x.elem_count() / d;
-        let dw = (&g * &xhat)?.reshape((rows, d))?.sum(0)?;
-        let db = g.reshape((rows, d))?.sum(0)?;
-        Ok((
-            Some(dx.to_dtype(x.dtype())?),
-            Some(dw.to_dtype(w.dtype())?),
-            Some(db.to_dtype(b.dtype())?),
-        ))
+        let (dx, dw, db) = layer_norm_backward(x, w, b, grad, self.eps)?;
+        Ok((Some(dx), Some(dw), Some(db)))
     }
+}
+
+/// dx, d weight and d bias of [`layer_norm_to`] for input `x` and the output gradient `grad` (in
+/// the output's dtype, which may differ from `x`'s).
+pub(super) fn layer_norm_backward(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    grad: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let d = x.dim(D::Minus1)?;
+    let grad = &grad.to_dtype(x.dtype())?;
+    let same = [w.dtype(), b.dtype()].iter().all(|&t| t == x.dtype());
+    // CUDA's kernels take f32 (LayerNorm runs in f32 under autocast); other dtypes compose.
+    if same && (x.device().is_cpu() || x.dtype() == candle_core::DType::F32) {
+        // dx, dw and db from one op (three kernels on CUDA), packed one after the other.
+        let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &LayerNormBackward { eps })?;
+        let n = x.elem_count();
+        return Ok((
+            packed.narrow(0, 0, n)?.reshape(x.shape())?,
+            packed.narrow(0, n, d)?,
+            packed.narrow(0, n + d, d)?,
+        ));
+    }
+    let (x32, w32, g) = (at_least_f32(x)?, at_least_f32(w)?, at_least_f32(grad)?);
+    let xc = x32.broadcast_sub(&x32.mean_keepdim(D::Minus1)?)?;
+    let rstd = (xc.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    let xhat = xc.broadcast_mul(&rstd)?;
+    // dx = rstd · (gw − mean(gw) − x̂ · mean(gw · x̂)), with gw = g · weight.
+    let gw = g.broadcast_mul(&w32)?;
+    let dx = gw
+        .broadcast_sub(&gw.mean_keepdim(D::Minus1)?)?
+        .sub(&xhat.broadcast_mul(&(&gw * &xhat)?.mean_keepdim(D::Minus1)?)?)?
+        .broadcast_mul(&rstd)?;
+    let rows = x.elem_count() / d;
+    let dw = (&g * &xhat)?.reshape((rows, d))?.sum(0)?;
+    let db = g.reshape((rows, d))?.sum(0)?;
+    Ok((
+        dx.to_dtype(x.dtype())?,
+        dw.to_dtype(w.dtype())?,
+        db.to_dtype(b.dtype())?,
+    ))
 }
 
 /// LayerNorm's backward pass for input `x`, weight `w` and output gradient `g` of one dtype:
