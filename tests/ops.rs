@@ -633,3 +633,31 @@ fn portable_transformer_block_backward_recomputes_what_it_did_not_keep() -> Resu
     }
     Ok(())
 }
+
+#[test]
+fn portable_transformer_blocks_of_two_resolutions_share_their_parameters() -> Result<()> {
+    // The student runs each block on the global and the local crops inside one autocast context,
+    // where the block's packed parameters are made once and shared: the gradients must be those
+    // of two separate contexts (each packing its own), bit for bit.
+    let mut rng = ChaCha8Rng::seed_from_u64(21);
+    let inputs = block_inputs(&mut rng, 2, 9, 12, 48)?;
+    let local = randn(&mut rng, &[4, 5, 12], 1.0)?;
+    let (r1, r2) = (randn(&mut rng, &[2, 9, 12], 1.0)?, randn(&mut rng, &[4, 5, 12], 1.0)?);
+    let vars: Vec<Var> = inputs.iter().map(Var::from_tensor).collect::<Result<_>>()?;
+    let t: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let local = Var::from_tensor(&local)?;
+    let block = |x: &Tensor, r: &Tensor| -> Result<Tensor> {
+        let y = ops::transformer_block_portable(x, params(&t), 2, 1e-6, None)?.expect("applies");
+        (y * r)?.sum_all()
+    };
+    let shared = ops::autocast::autocast(DType::BF16, || block(&t[0], &r1)? + block(local.as_tensor(), &r2)?)?;
+    let apart = (ops::autocast::autocast(DType::BF16, || block(&t[0], &r1))?
+        + ops::autocast::autocast(DType::BF16, || block(local.as_tensor(), &r2))?)?;
+    let (g1, g2) = (shared.backward()?, apart.backward()?);
+    for (i, v) in t.iter().chain([local.as_tensor()]).enumerate() {
+        let (a, b) = (g1.get(v).expect("gradient"), g2.get(v).expect("gradient"));
+        assert!(max_abs(a)? > 0.0, "input {i} has a gradient");
+        assert_eq!(max_abs_diff(a, b)?, 0.0, "gradient of input {i}");
+    }
+    Ok(())
+}

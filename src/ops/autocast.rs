@@ -18,6 +18,8 @@ thread_local! {
     /// Each parameter's low-precision copy, made once per context: the student's backbone runs
     /// once per crop resolution, and PyTorch's autocast keeps the same cache for leaf weights.
     static CASTS: RefCell<HashMap<TensorId, Tensor>> = RefCell::new(HashMap::new());
+    /// Each transformer block's packed parameters ([`packed`]), made once per context likewise.
+    static PACKS: RefCell<HashMap<Vec<TensorId>, (Tensor, Tensor)>> = RefCell::new(HashMap::new());
 }
 
 /// Runs `f` with matmuls in `dtype` (bf16 or f16). `DType::F32` (or any non-half dtype) runs `f`
@@ -26,16 +28,19 @@ pub fn autocast<R>(dtype: DType, f: impl FnOnce() -> R) -> R {
     if !matches!(dtype, DType::BF16 | DType::F16) {
         return f();
     }
-    struct Restore(Option<DType>, HashMap<TensorId, Tensor>);
+    type Packs = HashMap<Vec<TensorId>, (Tensor, Tensor)>;
+    struct Restore(Option<DType>, HashMap<TensorId, Tensor>, Packs);
     impl Drop for Restore {
         fn drop(&mut self) {
             LOW.with(|l| l.set(self.0));
             CASTS.with(|c| *c.borrow_mut() = std::mem::take(&mut self.1));
+            PACKS.with(|c| *c.borrow_mut() = std::mem::take(&mut self.2));
         }
     }
     let _restore = Restore(
         LOW.with(|l| l.replace(Some(dtype))),
         CASTS.with(|c| std::mem::take(&mut *c.borrow_mut())),
+        PACKS.with(|c| std::mem::take(&mut *c.borrow_mut())),
     );
     f()
 }
@@ -66,6 +71,32 @@ pub fn lower(t: &Tensor) -> Result<Tensor> {
         }
         _ => Ok(t.clone()),
     }
+}
+
+/// `params` flattened into one tensor (a graph node over them), and that tensor detached and in
+/// the low dtype: under [`autocast`] made once per context, like [`lower`]'s casts, so that the
+/// student's crop resolutions share one (one gradient edge per parameter a step, not one per
+/// resolution, and one cast); outside it, made anew (and not cast).
+pub(crate) fn packed(params: &[&Tensor]) -> Result<(Tensor, Tensor)> {
+    let make = |low: Option<DType>| -> Result<(Tensor, Tensor)> {
+        let flat: Vec<Tensor> = params.iter().map(|p| p.flatten_all()).collect::<Result<_>>()?;
+        let packed = Tensor::cat(&flat, 0)?;
+        let detached = match low {
+            Some(low) => packed.detach().to_dtype(low)?,
+            None => packed.detach(),
+        };
+        Ok((packed, detached))
+    };
+    let Some(low) = active() else {
+        return make(None);
+    };
+    let key: Vec<TensorId> = params.iter().map(|p| p.id()).collect();
+    if let Some(p) = PACKS.with(|c| c.borrow().get(&key).cloned()) {
+        return Ok(p);
+    }
+    let p = make(Some(low))?;
+    PACKS.with(|c| c.borrow_mut().insert(key, p.clone()));
+    Ok(p)
 }
 
 /// `t` in f32 for the ops autocast runs in f32 (normalisations, softmax); unchanged outside.
@@ -107,5 +138,33 @@ pub fn dtype_name(d: DType) -> &'static str {
         DType::F16 => "float16",
         DType::F64 => "float64",
         _ => "float32",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Result, Tensor, Var};
+
+    #[test]
+    fn a_context_packs_parameters_once() -> Result<()> {
+        let a = Var::new(&[1f32, 2.0], &Device::Cpu)?;
+        let b = Var::new(&[[3f32, 4.0], [5.0, 6.0]], &Device::Cpu)?;
+        let params = [a.as_tensor(), b.as_tensor()];
+        let ids = |(p, l): (Tensor, Tensor)| (p.id(), l.id(), l.dtype(), l.to_vec1::<half::bf16>().ok());
+        super::autocast(DType::BF16, || -> Result<()> {
+            let (first, again) = (ids(super::packed(&params)?), ids(super::packed(&params)?));
+            assert_eq!(first, again);
+            assert_eq!(first.2, DType::BF16);
+            let want: Vec<half::bf16> = [1f32, 2.0, 3.0, 4.0, 5.0, 6.0].map(half::bf16::from_f32).to_vec();
+            assert_eq!(first.3, Some(want));
+            // Another parameter list is another pack.
+            assert_ne!(ids(super::packed(&params[..1])?).0, first.0);
+            Ok(())
+        })?;
+        // Outside autocast: made anew each time, in f32.
+        let (p1, l1) = super::packed(&params)?;
+        assert_ne!(p1.id(), super::packed(&params)?.0.id());
+        assert_eq!(l1.dtype(), DType::F32);
+        Ok(())
     }
 }

@@ -8,7 +8,8 @@
 //! the GELU's four each, the stream two per residual, ...), and candle's backprop zero-fills a
 //! gradient buffer for each and adds into it: on a GPU a memset and an add per edge, about 70
 //! activation widths of memory traffic a block. Here candle sees two edges per block, its input
-//! and its packed parameters (the parameters' own edges stay: they are parameter-sized).
+//! and its packed parameters; under autocast the student's crop resolutions share one packed
+//! tensor ([`super::autocast::packed`]), so each parameter's own edges come once a step.
 //!
 //! Kept for the backward pass, and dropped as soon as the block's backward has run: qkv, the
 //! attention output with the rows' log-sum-exps (flash attention) or the probabilities (composed
@@ -20,7 +21,7 @@
 //! The values are the per-layer path's bit for bit: the same kernels on the same data. One
 //! difference under autocast: the per-layer path casts each weight to bf16 once per forward pass
 //! and sums the two crop resolutions' gradients of that cast in bf16; here each resolution's
-//! block casts its own, so they add up in f32, in the master weights' gradient.
+//! gradient is taken to f32 first, so they add up in f32.
 
 use std::sync::Mutex;
 
@@ -73,8 +74,7 @@ pub fn transformer_block(
     if !shapes_ok || !masks_ok {
         return Ok(None);
     }
-    let flat: Vec<Tensor> = params.iter().map(|p| p.flatten_all()).collect::<Result<_>>()?;
-    let packed = Tensor::cat(&flat, 0)?;
+    let (packed, low_packed) = super::autocast::packed(&params)?;
     let x = x.contiguous()?;
     let node = BlockNode {
         sizes,
@@ -85,7 +85,7 @@ pub fn transformer_block(
         saved: Mutex::new(None),
         hidden: Mutex::new(None),
     };
-    let (saved, hidden) = node.forward(&x.detach(), &packed.detach())?;
+    let (saved, hidden) = node.forward(&x.detach(), &packed.detach(), low_packed)?;
     *lock(&node.saved) = Some(saved);
     *lock(&node.hidden) = Some(hidden);
     Ok(Some(x.apply_op2(&packed, node)?))
@@ -163,13 +163,12 @@ impl Params {
 }
 
 impl BlockNode {
-    /// The forward pass up to fc2, outside any graph: what the backward pass keeps, and the GELU's
-    /// output.
-    fn forward(&self, x: &Tensor, packed: &Tensor) -> Result<(Saved, Tensor)> {
+    /// The forward pass up to fc2, outside any graph, with the parameters `packed` and, in the
+    /// matmuls' dtype, `low`: what the backward pass keeps, and the GELU's output.
+    fn forward(&self, x: &Tensor, packed: &Tensor, low: Tensor) -> Result<(Saved, Tensor)> {
         let (b, n, c) = x.dims3()?;
         let rows = b * n;
         let p32 = Params::new(packed, &self.sizes)?;
-        let low = packed.to_dtype(self.low)?;
         let pl = Params::new(&low, &self.sizes)?;
         let z1 = rows::layer_norm_to(x, &p32.p[0], &p32.p[1], self.eps, Some(self.low))?;
         let qkv = linear_portable::linear_rows(&z1.reshape((rows, c))?, &pl.p[2], Some(&pl.p[3]))?;
@@ -345,7 +344,7 @@ impl CustomOp2 for BlockNode {
         let taken = lock(&self.saved).take();
         let saved = match taken {
             Some(s) => s,
-            None => self.forward(&x, &packed)?.0,
+            None => self.forward(&x, &packed, packed.to_dtype(self.low)?)?.0,
         };
         let (dx, dp) = self.backward(&x, &packed, &grad.detach().contiguous()?, &saved)?;
         Ok((Some(dx), Some(dp)))
