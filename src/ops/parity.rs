@@ -1,6 +1,6 @@
 //! Each of dino_rs's own device kernels against the CPU, one by one: the forward value and every
 //! input gradient of LayerNorm, softmax, bias + GELU, the residual update (alone and with the
-//! linear layer before it), the DINO loss, the weight-normalised last layer and attention from the
+//! linear layer before it), a whole transformer block, the DINO loss, the weight-normalised last layer and attention from the
 //! qkv projection (f32, and bf16 under autocast where a model uses it), the multi-tensor AdamW, EMA
 //! and clipping over tensors that span several chunks, the page-locked upload and the
 //! normalisation of u8 crops. The model-level tests (tests/python/test_gpu.py) say whether training
@@ -152,6 +152,52 @@ pub fn kernel_parity(device: &Device) -> Result<Vec<(String, f64)>> {
         &lr_inputs,
         rng,
         &linear_residual,
+    )?;
+
+    // A whole transformer block at ViT-S's widths (6 heads of 64), as the student trains it: one
+    // graph node on both sides (the fused CPU block; elsewhere the portable one, which on CUDA in
+    // bf16 runs the flash attention kernels), with drop-path masks.
+    let mut block_inputs = vec![randn(rng, &[4, 50, 384], 0.0, 1.0)?];
+    let vit_s = super::block::Sizes {
+        c: 384,
+        hidden: 1536,
+        heads: 6,
+        eps: 1e-6,
+        scale: 0.125,
+    };
+    for (i, shape) in vit_s.shapes().iter().enumerate() {
+        let (mean, std) = match (i, shape.len()) {
+            (0 | 6, _) => (1.0, 0.2),
+            (_, 2) => (0.0, 0.03),
+            _ => (0.0, 0.2),
+        };
+        block_inputs.push(randn(rng, shape, mean, std)?);
+    }
+    let keep2 = [0.0f32, 1.0 / 0.9, 1.0 / 0.9, 1.0 / 0.9];
+    let block = |t: &[Tensor]| -> Result<Tensor> {
+        let p: [&Tensor; 12] = std::array::from_fn(|i| &t[i + 1]);
+        if super::fused(&t[0]) {
+            return super::transformer_block(&t[0], p, 6, 1e-6, [Some(&keep), Some(&keep2)]);
+        }
+        let masks = [
+            Tensor::from_slice(&keep, 4, t[0].device())?,
+            Tensor::from_slice(&keep2, 4, t[0].device())?,
+        ];
+        match super::transformer_block_portable(&t[0], p, 6, 1e-6, Some([&masks[0], &masks[1]]))? {
+            Some(y) => Ok(y),
+            None => candle_core::bail!("parity: the transformer block node did not apply"),
+        }
+    };
+    let block_refs: Vec<&Tensor> = block_inputs.iter().collect();
+    compare(&mut out, "transformer_block", device, None, &block_refs, rng, &block)?;
+    compare(
+        &mut out,
+        "transformer_block.bf16",
+        device,
+        Some(DType::BF16),
+        &block_refs,
+        rng,
+        &block,
     )?;
 
     // ncrops 4 of B 3 against the two globals' teacher probabilities.
@@ -362,6 +408,9 @@ mod tests {
             "normalize_u8",
             "attention.grad0",
             "attention.bf16.grad0",
+            "transformer_block.grad0",
+            "transformer_block.grad12",
+            "transformer_block.bf16.grad12",
         ] {
             assert!(names.contains(&want), "{want} missing from {names:?}");
         }
