@@ -392,14 +392,30 @@ fn transformer_block_matches_composed() -> Result<()> {
     Ok(())
 }
 
+/// `inputs` as variables, and their tensors.
+fn variables(inputs: &[Tensor]) -> Result<(Vec<Var>, Vec<Tensor>)> {
+    let vars: Vec<Var> = inputs.iter().map(Var::from_tensor).collect::<Result<_>>()?;
+    let t = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    Ok((vars, t))
+}
+
+/// Asserts two (value, gradients) results are identical bit for bit, every gradient non-zero.
+fn assert_same_bits(a: &(Tensor, Vec<Tensor>), b: &(Tensor, Vec<Tensor>), what: &str) -> Result<()> {
+    assert_eq!(max_abs_diff(&a.0, &b.0)?, 0.0, "value, {what}");
+    for (i, (x, y)) in a.1.iter().zip(&b.1).enumerate() {
+        assert!(max_abs(y)? > 0.0, "input {i} has a gradient, {what}");
+        assert_eq!(max_abs_diff(x, y)?, 0.0, "gradient of input {i}, {what}");
+    }
+    Ok(())
+}
+
 /// The output and the gradients of Σ y·r for every input.
 fn value_and_grads(
     inputs: &[Tensor],
     f: impl Fn(&[Tensor]) -> Result<Tensor>,
     r: &Tensor,
 ) -> Result<(Tensor, Vec<Tensor>)> {
-    let vars: Vec<Var> = inputs.iter().map(Var::from_tensor).collect::<Result<_>>()?;
-    let t: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let (vars, t) = variables(inputs)?;
     let y = f(&t)?;
     let grads = (&y * r)?.sum_all()?.backward()?;
     let g = vars
@@ -419,12 +435,12 @@ fn transformer_block_equals_its_layers_bit_for_bit() -> Result<()> {
     let r = randn(&mut rng, &[b, n, c], 1.0)?;
     let masks = keep_masks(b);
     for keep in [[None, None], [Some(&masks[0][..]), Some(&masks[1][..])]] {
-        let (y1, g1) = value_and_grads(
+        let fused = value_and_grads(
             &inputs,
             |t| ops::transformer_block(&t[0], params(t), heads, 1e-6, keep),
             &r,
         )?;
-        let (y2, g2) = value_and_grads(
+        let layers = value_and_grads(
             &inputs,
             |t| {
                 block_by_layers(t, keep, |qkv| {
@@ -433,11 +449,7 @@ fn transformer_block_equals_its_layers_bit_for_bit() -> Result<()> {
             },
             &r,
         )?;
-        assert_eq!(max_abs_diff(&y1, &y2)?, 0.0);
-        for (i, (a, b)) in g1.iter().zip(&g2).enumerate() {
-            assert!(max_abs(a)? > 0.0, "gradient of input {i} is zero");
-            assert_eq!(max_abs_diff(a, b)?, 0.0, "gradient of input {i}");
-        }
+        assert_same_bits(&fused, &layers, &format!("masks {}", keep[0].is_some()))?;
     }
     Ok(())
 }
@@ -446,8 +458,7 @@ fn transformer_block_equals_its_layers_bit_for_bit() -> Result<()> {
 fn transformer_block_backward_recomputes_what_it_did_not_keep() -> Result<()> {
     let mut rng = ChaCha8Rng::seed_from_u64(14);
     let inputs = block_inputs(&mut rng, 3, 9, 12, 48)?;
-    let vars: Vec<Var> = inputs.iter().map(Var::from_tensor).collect::<Result<_>>()?;
-    let t: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let (_, t) = variables(&inputs)?;
     let r = randn(&mut rng, &[3, 9, 12], 1.0)?;
     let run = || (ops::transformer_block(&t[0], params(&t), 2, 1e-6, [None, None])? * &r)?.sum_all();
     let grads = |loss: &Tensor| -> Result<Vec<Tensor>> {
@@ -508,14 +519,13 @@ fn linear_residual_equals_linear_then_residual_bit_for_bit() -> Result<()> {
                 ops::residual_with_mask(&t[0], &ops::linear(&t[1], &t[2], Some(&t[3]))?, m)
             })
         };
-        let (y1, g1) = value_and_grads(&inputs, node, &r)?;
-        let (y2, g2) = value_and_grads(&inputs, layers, &r)?;
-        assert_eq!(y1.dtype(), DType::F32);
-        assert_eq!(max_abs_diff(&y1, &y2)?, 0.0, "value, mask {}", m.is_some());
-        for (i, (a, b)) in g1.iter().zip(&g2).enumerate() {
-            assert!(max_abs(b)? > 0.0, "input {i} has a gradient");
-            assert_eq!(max_abs_diff(a, b)?, 0.0, "gradient of input {i}, mask {}", m.is_some());
-        }
+        let node = value_and_grads(&inputs, node, &r)?;
+        assert_eq!(node.0.dtype(), DType::F32);
+        assert_same_bits(
+            &node,
+            &value_and_grads(&inputs, layers, &r)?,
+            &format!("mask {}", m.is_some()),
+        )?;
     }
     // On the fused CPU path (f32, no autocast) it leaves the work to the fused layers.
     assert!(ops::linear_residual(&inputs[0], &inputs[1], &inputs[2], &inputs[3], None)?.is_none());
@@ -582,14 +592,12 @@ fn portable_transformer_block_equals_its_layers_bit_for_bit() -> Result<()> {
                 let (block, m) = model_block(t, heads, masks)?;
                 ops::autocast::autocast(dtype, || block.forward_layers(&t[0], m.as_ref()))
             };
-            let (y1, g1) = value_and_grads(&inputs, node, &r)?;
-            let (y2, g2) = value_and_grads(&inputs, layers, &r)?;
             let what = format!("{dtype:?}, masks {}", masks.is_some());
-            assert_eq!(max_abs_diff(&y1, &y2)?, 0.0, "value, {what}");
-            for (i, (a, b)) in g1.iter().zip(&g2).enumerate() {
-                assert!(max_abs(b)? > 0.0, "input {i} has a gradient, {what}");
-                assert_eq!(max_abs_diff(a, b)?, 0.0, "gradient of input {i}, {what}");
-            }
+            assert_same_bits(
+                &value_and_grads(&inputs, node, &r)?,
+                &value_and_grads(&inputs, layers, &r)?,
+                &what,
+            )?;
         }
     }
     Ok(())
@@ -599,8 +607,7 @@ fn portable_transformer_block_equals_its_layers_bit_for_bit() -> Result<()> {
 fn portable_transformer_block_applies_only_where_it_should() -> Result<()> {
     let mut rng = ChaCha8Rng::seed_from_u64(18);
     let inputs = block_inputs(&mut rng, 2, 5, 8, 32)?;
-    let vars: Vec<Var> = inputs.iter().map(Var::from_tensor).collect::<Result<_>>()?;
-    let t: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let (_, t) = variables(&inputs)?;
     let node = |t: &[Tensor]| ops::transformer_block_portable(&t[0], params(t), 2, 1e-6, None);
     // The fused CPU path has its own block; nothing to differentiate, or no_grad, needs no node.
     assert!(node(&t)?.is_none());
@@ -614,8 +621,7 @@ fn portable_transformer_block_applies_only_where_it_should() -> Result<()> {
 fn portable_transformer_block_backward_recomputes_what_it_did_not_keep() -> Result<()> {
     let mut rng = ChaCha8Rng::seed_from_u64(19);
     let inputs = block_inputs(&mut rng, 3, 9, 12, 48)?;
-    let vars: Vec<Var> = inputs.iter().map(Var::from_tensor).collect::<Result<_>>()?;
-    let t: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let (_, t) = variables(&inputs)?;
     let r = randn(&mut rng, &[3, 9, 12], 1.0)?;
     let loss = ops::autocast::autocast(DType::BF16, || -> Result<Tensor> {
         let y = ops::transformer_block_portable(&t[0], params(&t), 2, 1e-6, None)?.expect("applies");
@@ -643,8 +649,7 @@ fn portable_transformer_blocks_of_two_resolutions_share_their_parameters() -> Re
     let inputs = block_inputs(&mut rng, 2, 9, 12, 48)?;
     let local = randn(&mut rng, &[4, 5, 12], 1.0)?;
     let (r1, r2) = (randn(&mut rng, &[2, 9, 12], 1.0)?, randn(&mut rng, &[4, 5, 12], 1.0)?);
-    let vars: Vec<Var> = inputs.iter().map(Var::from_tensor).collect::<Result<_>>()?;
-    let t: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let (_, t) = variables(&inputs)?;
     let local = Var::from_tensor(&local)?;
     let block = |x: &Tensor, r: &Tensor| -> Result<Tensor> {
         let y = ops::transformer_block_portable(x, params(&t), 2, 1e-6, None)?.expect("applies");

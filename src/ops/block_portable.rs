@@ -95,7 +95,7 @@ pub fn transformer_block(
 /// on a GPU, or to step around it).
 fn enabled() -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ENABLED.get_or_init(|| std::env::var("DINO_RS_BLOCK_NODE").map_or(true, |v| v != "0"))
+    super::switched_on(&ENABLED, "DINO_RS_BLOCK_NODE")
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

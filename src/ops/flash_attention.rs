@@ -67,7 +67,7 @@ fn aligned(t: &Tensor) -> Result<Tensor> {
 /// tell, on a GPU, what the attention kernels do from what the rest does).
 fn enabled() -> bool {
     static ENABLED: OnceLock<bool> = OnceLock::new();
-    *ENABLED.get_or_init(|| std::env::var("DINO_RS_FLASH_ATTENTION").map_or(true, |v| v != "0"))
+    super::switched_on(&ENABLED, "DINO_RS_FLASH_ATTENTION")
 }
 
 fn applies(qkv: &Tensor, heads: usize) -> bool {

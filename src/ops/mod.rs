@@ -138,8 +138,14 @@ pub fn fused(x: &Tensor) -> bool {
 /// give way to the path other devices take, and the CUDA multi-tensor updates to candle ops (to test
 /// that path on the CPU, or to measure what the kernels are worth).
 fn kernels_enabled() -> bool {
-    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ENABLED.get_or_init(|| std::env::var("DINO_RS_COMPOSED_OPS").map_or(true, |v| v.is_empty() || v == "0"))
+    static COMPOSED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    !*COMPOSED.get_or_init(|| std::env::var("DINO_RS_COMPOSED_OPS").is_ok_and(|v| !v.is_empty() && v != "0"))
+}
+
+/// False when the environment variable `name` is "0" (a switch that turns one of dino_rs's
+/// kernels or nodes off), read once per process into `cell`.
+fn switched_on(cell: &'static std::sync::OnceLock<bool>, name: &str) -> bool {
+    *cell.get_or_init(|| std::env::var(name).map_or(true, |v| v != "0"))
 }
 
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
