@@ -304,11 +304,7 @@ fn composed_attention_backward(
 ) -> Result<Tensor> {
     let (b, n, c3) = qkv.dims3()?;
     let c = c3 / 3;
-    let qkv_h = qkv
-        .reshape((b, n, 3, heads, c / heads))?
-        .permute((2, 0, 3, 1, 4))?
-        .contiguous()?;
-    let (q, k, v) = (qkv_h.get(0)?, qkv_h.get(1)?, qkv_h.get(2)?);
+    let (q, k, v) = flash::head_major(qkv, heads)?;
     let d_out = grad.reshape((b, n, heads, c / heads))?.transpose(1, 2)?.contiguous()?;
     let d_probs = d_out.matmul(&v.t()?)?;
     let dv = probs.t()?.matmul(&d_out)?;

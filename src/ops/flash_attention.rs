@@ -92,18 +92,24 @@ fn applies(qkv: &Tensor, heads: usize) -> bool {
 pub fn attention_composed(qkv: &Tensor, heads: usize, scale: f64) -> Result<(Tensor, Tensor)> {
     let (b, n, c3) = qkv.dims3()?;
     let c = c3 / 3;
-    let qkv = qkv
-        .reshape((b, n, 3, heads, c / heads))?
-        .permute((2, 0, 3, 1, 4))?
-        // One copy into (3, B, heads, N, head dim): q, k and v are then contiguous slices.
-        .contiguous()?;
-    let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
+    let (q, k, v) = head_major(qkv, heads)?;
     let attn = match super::attention_scores(&q, &k, scale)? {
         Some(attn) => attn,
         None => super::attention_probabilities(&q.matmul(&k.t()?)?, scale)?,
     };
     let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?;
     Ok((out, attn))
+}
+
+/// q, k and v, each (B, heads, N, head dim), from `qkv` (B, N, 3·C): one copy into
+/// (3, B, heads, N, head dim), of which they are contiguous slices.
+pub(super) fn head_major(qkv: &Tensor, heads: usize) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, n, c3) = qkv.dims3()?;
+    let qkv = qkv
+        .reshape((b, n, 3, heads, c3 / 3 / heads))?
+        .permute((2, 0, 3, 1, 4))?
+        .contiguous()?;
+    Ok((qkv.get(0)?, qkv.get(1)?, qkv.get(2)?))
 }
 
 struct FusedAttention {
