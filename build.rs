@@ -14,6 +14,7 @@ const KERNELS: &[&str] = &[
     "attention",
     "pixels",
     "weight_norm",
+    "bias",
 ];
 
 fn main() {

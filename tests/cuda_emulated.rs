@@ -315,6 +315,42 @@ fn layer_norm_backward_matches_the_cpu_across_tiles() {
     }
 }
 
+#[test]
+fn column_sums_match_the_cpu_in_f32_and_bf16() {
+    // A linear layer's bias gradient (bias.cu): 600 rows are three tiles of 256, the last partial;
+    // widths under, over and at several blocks of 32 columns.
+    let emu = Emu::get();
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    for (rows, d) in [(600usize, 65usize), (300, 1152), (3, 8)] {
+        let g = randn(&mut rng, rows * d, 0.5, 1.0);
+        let (tiles, [cols, total]) = launch::column_sums(rows, d);
+        let (r, dd, tr, t) = (rows as u32, d as u32, launch::TILE_ROWS as u32, tiles as u32);
+        for bf in [false, true] {
+            let gb = to_bf16(&g);
+            let (mut partial, mut out) = (vec![f32::NAN; tiles * d], vec![f32::NAN; d]);
+            let (pg, pp, po) = (
+                if bf { addr(&gb) } else { addr(&g) },
+                addr_mut(&mut partial),
+                addr_mut(&mut out),
+            );
+            let name = if bf {
+                "dino_column_sums_bf16"
+            } else {
+                "dino_column_sums_f32"
+            };
+            emu.launch(name, cols, &args![pg, pp, r, dd, tr]);
+            emu.launch("dino_column_sums_total", total, &args![pp, po, t, dd]);
+            let input = if bf {
+                tensor(&from_bf16(&gb), &[rows, d])
+            } else {
+                tensor(&g, &[rows, d])
+            };
+            let want = values(&input.sum(0).unwrap());
+            assert_close(&format!("column sums {rows}x{d}, bf16 {bf}"), &out, &want, 1e-5);
+        }
+    }
+}
+
 /// Runs row kernel `names.0` (f32) or `names.1` (bf16) with (inputs…, output, rows, d, scale).
 fn row_kernel(names: (&str, &str), bf: bool, inputs: &[&[f32]], rows: usize, d: usize, scale: f32) -> Vec<f32> {
     let (r, dd) = (rows as u32, d as u32);

@@ -101,3 +101,85 @@ impl CustomOp1 for SumRows {
         Ok((CpuStorage::F32(out), Shape::from(d)))
     }
 }
+
+/// The bias gradient of a linear layer from its output gradient `g` (…, d): the sums over every
+/// row, taken in f32 (as PyTorch accumulates them), as `dtype`. On CUDA, for f32 and bf16, one
+/// pass over `g` in two kernels (src/ops/cuda/bias.cu); elsewhere `g` in f32 summed by candle.
+pub(super) fn bias_grad(g: &Tensor, dtype: candle_core::DType) -> Result<Tensor> {
+    let d = g.dims().last().copied().unwrap_or(1);
+    let rows = g.elem_count() / d.max(1);
+    #[cfg(feature = "cuda")]
+    if g.device().is_cuda()
+        && super::kernels_enabled()
+        && matches!(g.dtype(), candle_core::DType::F32 | candle_core::DType::BF16)
+        && rows * d > 0
+    {
+        let g = g.contiguous()?.reshape((rows, d))?;
+        return g.apply_op1_no_bwd(&cuda::ColumnSums)?.to_dtype(dtype);
+    }
+    super::at_least_f32(g)?.reshape((rows, d))?.sum(0)?.to_dtype(dtype)
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+    use candle_core::cuda_backend::WrapErr;
+    use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Layout, Result, Shape};
+
+    use super::super::cuda::view;
+    use super::super::launch;
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/bias.ptx"));
+    const MODULE: &str = "dino_rs_bias";
+
+    /// f32 column sums of a contiguous (rows, d) f32 or bf16 tensor.
+    pub(super) struct ColumnSums;
+
+    impl CustomOp1 for ColumnSums {
+        fn name(&self) -> &'static str {
+            "dino-column-sums"
+        }
+
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+            candle_core::bail!("column sums: a CUDA kernel (the CPU sums with candle)")
+        }
+
+        fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+            let dev = s.device();
+            let (rows, d) = l.shape().dims2()?;
+            let (tiles, [cols, total]) = launch::column_sums(rows, d);
+            // SAFETY: the tile kernel writes every partial (each tile's row of d), the total
+            // kernel every output.
+            let partial = unsafe { dev.alloc::<f32>(tiles * d)? };
+            let out = unsafe { dev.alloc::<f32>(d)? };
+            let (r, dd, tr, t) = (rows as u32, d as u32, launch::TILE_ROWS as u32, tiles as u32);
+            let (name, g_f32, g_bf16) = match s.dtype() {
+                DType::F32 => ("dino_column_sums_f32", Some(view::<f32>(s, l, "column sums")?), None),
+                DType::BF16 => (
+                    "dino_column_sums_bf16",
+                    None,
+                    Some(view::<half::bf16>(s, l, "column sums")?),
+                ),
+                other => candle_core::bail!("column sums: no CUDA kernel for {other:?}"),
+            };
+            let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
+            let mut builder = func.builder();
+            match (&g_f32, &g_bf16) {
+                (Some(g), _) => builder.arg(g),
+                (_, Some(g)) => builder.arg(g),
+                _ => unreachable!("one of the two views is set above"),
+            };
+            builder.arg(&partial).arg(&r).arg(&dd).arg(&tr);
+            // SAFETY: the arguments follow dino_column_sums_<dtype>'s signature; g holds rows × d
+            // values, partial tiles × d.
+            unsafe { builder.launch(cols.into()) }.w()?;
+            let func = dev.get_or_load_custom_func("dino_column_sums_total", MODULE, PTX)?;
+            let mut builder = func.builder();
+            builder.arg(&partial).arg(&out).arg(&t).arg(&dd);
+            // SAFETY: the arguments follow dino_column_sums_total's signature.
+            unsafe { builder.launch(total.into()) }.w()?;
+            Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from(d)))
+        }
+    }
+}

@@ -30,7 +30,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape
 use super::block::Sizes;
 use super::flash_attention::{self as flash, Stats};
 use super::linear_residual::LinearResidual;
-use super::{at_least_f32, attention_scores, gelu_portable, linear_portable, residual_portable, rows};
+use super::{attention_scores, gelu_portable, linear_portable, residual_portable, rows};
 
 /// One transformer block on `x` (B, N, C) f32 with the parameters of
 /// [`super::BLOCK_PARAMS`] (f32, in that order) and the drop-path masks of its two branches ((B,)
@@ -240,7 +240,7 @@ impl BlockNode {
         let (rows, heads, eps, low) = (b * n, self.sizes.heads, self.eps, self.low);
         let p32 = Params::new(packed, &self.sizes)?;
         let pl = Params::new(&s.low, &self.sizes)?;
-        let bias_grad = |g: &Tensor| at_least_f32(g)?.sum(0)?.to_dtype(low);
+        let bias_grad = |g: &Tensor| super::bias::bias_grad(g, low);
 
         // MLP branch: y = x1 + mask₂ · fc2(gelu(fc1(norm2(x1)))).
         let g2 = residual_portable::branch_grad(g, low, self.mask(1).as_ref())?.reshape((rows, c))?;

@@ -93,12 +93,7 @@ impl CustomOp2 for BiasGeluAny {
 /// dx and d bias of [`bias_gelu`] for the output gradient `grad`.
 pub(super) fn backward_tensors(x: &Tensor, b: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
     let dx = x.apply_op3_no_bwd(b, &grad.contiguous()?, &BiasGeluBackwardAny)?;
-    // The bias gradient sums every row: in f32 at least, as PyTorch accumulates it.
-    let d = b.elem_count();
-    let db = super::at_least_f32(&dx)?
-        .reshape((dx.elem_count() / d, d))?
-        .sum(0)?
-        .to_dtype(b.dtype())?;
+    let db = super::bias::bias_grad(&dx, b.dtype())?;
     Ok((dx, db))
 }
 

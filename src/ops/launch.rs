@@ -44,16 +44,24 @@ pub const TILE_ROWS: usize = 256;
 /// LayerNorm backward over `rows` rows of `d`: the number of tiles and the launches of its three
 /// kernels (rows: dx and row statistics; cols: per-tile partial sums of dw, db; sum: the tiles).
 pub fn layer_norm_backward(rows: usize, d: usize) -> (usize, [Launch; 3]) {
+    let (tiles, [cols, sum]) = column_sums(rows, d);
+    (tiles, [row_blocks(rows), cols, sum])
+}
+
+/// Column sums over `rows` rows of `d` in tiles of [`TILE_ROWS`] (bias.cu, and LayerNorm's dw and
+/// db): the number of tiles and the launches of the per-tile kernel (32 columns a block) and of
+/// the one adding the tiles.
+pub fn column_sums(rows: usize, d: usize) -> (usize, [Launch; 2]) {
     let tiles = rows.div_ceil(TILE_ROWS).max(1);
     let cols = Launch {
-        grid: [d.div_ceil(32) as u32, tiles as u32, 1],
+        grid: [d.div_ceil(32).max(1) as u32, tiles as u32, 1],
         block: [32, ROWS_PER_BLOCK as u32, 1],
     };
     let sum = Launch {
-        grid: [d.div_ceil(256) as u32, 1, 1],
+        grid: [d.div_ceil(256).max(1) as u32, 1, 1],
         block: [256, 1, 1],
     };
-    (tiles, [row_blocks(rows), cols, sum])
+    (tiles, [cols, sum])
 }
 
 /// Head dimension of the fused attention kernel (attention.cu's HEAD_DIM): ViT-S and ViT-B's.

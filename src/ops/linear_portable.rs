@@ -128,7 +128,7 @@ impl CustomOp3 for LinearNode {
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (dx, dw) = backward(x, w, g)?;
-        let db = super::at_least_f32(g)?.sum(0)?.to_dtype(b.dtype())?;
+        let db = super::bias::bias_grad(g, b.dtype())?;
         Ok((dx, Some(dw), Some(db.reshape(b.shape())?)))
     }
 }

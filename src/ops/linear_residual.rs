@@ -141,7 +141,7 @@ impl CustomOp3 for LinearResidual {
         let g = super::residual_portable::branch_grad(grad, x.dtype(), self.mask.as_ref())?.reshape((rows, out))?;
         let w = packed.narrow(0, 0, out * inp)?.reshape((out, inp))?;
         let (dx, dw) = super::linear_portable::backward(x, &w, &g)?;
-        let db = super::at_least_f32(&g)?.sum(0)?.to_dtype(packed.dtype())?;
+        let db = super::bias::bias_grad(&g, packed.dtype())?;
         let dp = Tensor::cat(&[&dw.flatten_all()?, &db], 0)?;
         Ok((Some(grad.clone()), dx, Some(dp)))
     }
