@@ -25,6 +25,8 @@ What it measures (each configuration in its own child process, so that GPU memor
   the native multi-crop loader on every core, crops sent to the GPU as uint8 and normalised there)
   against the same trainer's ``step`` on synthetic crops already in memory, in the same process:
   the loader must keep the GPU fed (issue 5: >= 90% of the synthetic rate).
+* ``peak``: the card's bf16 matmul rate (PyTorch, ten 8192 x 8192 x 8192 products per timed call),
+  against which every achieved TFLOP/s figure is also given as a percentage.
 * images/s from the median of the timed iterations (each call ends in a host sync: ``loss.item()``,
   or the features copied to NumPy), achieved TFLOP/s from the FLOP count (~112 GFLOP per image for
   the iteration, DESIGN.md / ../shared/GPU.md; 3 x the forward for the embedding is not used, only
@@ -61,6 +63,7 @@ RECIPE = dict(
 )
 CONFIGS = {"vits16": VITS16, "tiny": TINY}
 RUNS = [
+    ("peak", "torch-bf16-matmul"),
     ("iteration", "torch-bf16"),
     ("iteration", "torch-bf16-sdpa"),
     ("iteration", "dino_rs-bf16"),
@@ -113,9 +116,30 @@ def timed(step, warmup: int, steps: int) -> list[float]:
     return times
 
 
+def matmul_peak(device: str, warmup: int, steps: int) -> dict:
+    """bf16 matmul TFLOP/s on `device` (PyTorch): the card's practical peak for this workload's FLOPs."""
+    import torch
+
+    cuda = device.startswith("cuda")
+    n, calls = (8192, 10) if cuda else (512, 2)
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+
+    def step():
+        for _ in range(calls):
+            torch.matmul(a, b)
+        if cuda:
+            torch.cuda.synchronize()
+
+    med = statistics.median(timed(step, warmup, steps))
+    return {"kind": "peak", "framework": "torch-bf16-matmul", "median_s": med, "n": n,
+            "tflops": calls * 2 * n**3 / med / 1e12}
+
+
 def child(kind: str, framework: str, c: dict, device: str, warmup: int, steps: int) -> dict:
     import numpy as np
 
+    if kind == "peak":
+        return matmul_peak(device, warmup, steps)
     c = {**RECIPE, **c}
     epochs = max(100, warmup + steps)
     if framework.startswith("torch"):
@@ -275,6 +299,7 @@ def run_child(kind: str, framework: str, args, timeout: float) -> dict:
 
 
 def table(results: list[dict]) -> str:
+    peak = next((r["tflops"] for r in results if r["kind"] == "peak" and "tflops" in r), None)
     rows = ["| what | framework | median s | images/s | vs PyTorch best | TFLOP/s | peak GPU MiB |",
             "|---|---|---:|---:|---:|---:|---:|"]
     for kind in ("iteration", "embed", "e2e"):
@@ -287,9 +312,15 @@ def table(results: list[dict]) -> str:
             ratio = f"{r['images_s'] / best:.2f}x" if best and r["framework"].startswith("dino_rs") else "-"
             if kind == "e2e":
                 ratio = f"{r['of_synthetic']:.2f}x of synthetic ({r['synthetic_images_s']:.1f}/s)"
-            peak = f"{r['peak_mib']:.0f}" if "peak_mib" in r else "-"
+            mib = f"{r['peak_mib']:.0f}" if "peak_mib" in r else "-"
+            share = f" ({100 * r['tflops'] / peak:.0f}%)" if peak else ""
             rows.append(f"| {kind} | {r['framework']} | {r['median_s']:.4f} | {r['images_s']:.1f} | {ratio} | "
-                        f"{r['tflops']:.2f} | {peak} |")
+                        f"{r['tflops']:.2f}{share} | {mib} |")
+    for r in results:
+        if r["kind"] == "peak":
+            rows.append(f"| peak | {r['framework']} | " + (f"failed: {r['error'].splitlines()[-1][:120]} | | | | |"
+                        if "error" in r else f"{r['median_s']:.4f} | | bf16 {r['n']}^3 matmuls | "
+                        f"{r['tflops']:.1f} (100%) | |"))
     profiled = [r for r in results if "phases_s" in r]
     if profiled:
         phases = list(profiled[0]["phases_s"])
