@@ -51,7 +51,7 @@ pub(super) fn forward<S: BackendStorage>(
     Ok((y, shape))
 }
 
-/// dx = g · W (where x needs a gradient), dW = gᵀ · x, and db = Σ_rows g summed in f32.
+/// dx = g · W (where x needs a gradient) and dW = gᵀ · x; the bias gradient is [`super::bias::bias_grad`].
 pub(super) fn backward(x: &Tensor, w: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Tensor)> {
     grads(x, w, g, x.track_op())
 }
