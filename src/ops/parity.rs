@@ -47,24 +47,7 @@ pub fn kernel_parity(device: &Device) -> Result<Vec<(String, f64)>> {
     })?;
     // ViT-S's head dim: scale 64^-1/2, applied inside the softmax off the fused CPU path.
     let attention = |t: &[Tensor]| super::attention_probabilities(&super::autocast::lower(&t[0])?, 0.125);
-    compare(
-        &mut out,
-        "attention_probabilities",
-        device,
-        None,
-        &[&logits],
-        rng,
-        &attention,
-    )?;
-    compare(
-        &mut out,
-        "attention_probabilities.bf16",
-        device,
-        Some(DType::BF16),
-        &[&logits],
-        rng,
-        &attention,
-    )?;
+    compare_both(&mut out, "attention_probabilities", device, &[&logits], rng, &attention)?;
 
     // Attention from the qkv projection: 197 tokens, 3 heads of 64. In bf16 on CUDA these are the
     // flash attention kernels, forward and backward.
@@ -79,30 +62,12 @@ pub fn kernel_parity(device: &Device) -> Result<Vec<(String, f64)>> {
             None => Ok(super::attention_composed(&qkv, 3, 0.125)?.0),
         }
     };
-    compare(&mut out, "attention", device, None, &[&qkv], rng, &attend)?;
-    compare(
-        &mut out,
-        "attention.bf16",
-        device,
-        Some(DType::BF16),
-        &[&qkv],
-        rng,
-        &attend,
-    )?;
+    compare_both(&mut out, "attention", device, &[&qkv], rng, &attend)?;
 
     let h = randn(rng, &[2, 50, 1536], 0.0, 1.0)?;
     let hb = randn(rng, &[1536], 0.0, 0.5)?;
     let gelu = |t: &[Tensor]| super::bias_gelu(&super::autocast::lower(&t[0])?, &t[1]);
-    compare(&mut out, "bias_gelu", device, None, &[&h, &hb], rng, &gelu)?;
-    compare(
-        &mut out,
-        "bias_gelu.bf16",
-        device,
-        Some(DType::BF16),
-        &[&h, &hb],
-        rng,
-        &gelu,
-    )?;
+    compare_both(&mut out, "bias_gelu", device, &[&h, &hb], rng, &gelu)?;
 
     let stream = randn(rng, &[4, 50, 384], 0.0, 1.0)?;
     let branch = randn(rng, &[4, 50, 384], 0.0, 1.0)?;
@@ -111,16 +76,7 @@ pub fn kernel_parity(device: &Device) -> Result<Vec<(String, f64)>> {
         let mask = Tensor::from_slice(&keep, 4, t[0].device())?;
         super::residual_with_mask(&t[0], &super::autocast::lower(&t[1])?, Some(&mask))
     };
-    compare(&mut out, "residual", device, None, &[&stream, &branch], rng, &residual)?;
-    compare(
-        &mut out,
-        "residual.bf16",
-        device,
-        Some(DType::BF16),
-        &[&stream, &branch],
-        rng,
-        &residual,
-    )?;
+    compare_both(&mut out, "residual", device, &[&stream, &branch], rng, &residual)?;
 
     // A block's last linear layer (fc2: 1536 -> 384) with its residual update, as one node off
     // the fused CPU path.
@@ -135,24 +91,7 @@ pub fn kernel_parity(device: &Device) -> Result<Vec<(String, f64)>> {
         }
     };
     let lr_inputs = [&stream, &hidden, &w2, &b2];
-    compare(
-        &mut out,
-        "linear_residual",
-        device,
-        None,
-        &lr_inputs,
-        rng,
-        &linear_residual,
-    )?;
-    compare(
-        &mut out,
-        "linear_residual.bf16",
-        device,
-        Some(DType::BF16),
-        &lr_inputs,
-        rng,
-        &linear_residual,
-    )?;
+    compare_both(&mut out, "linear_residual", device, &lr_inputs, rng, &linear_residual)?;
 
     // A whole transformer block at ViT-S's widths (6 heads of 64), as the student trains it: one
     // graph node on both sides (the fused CPU block; elsewhere the portable one, which on CUDA in
@@ -189,16 +128,7 @@ pub fn kernel_parity(device: &Device) -> Result<Vec<(String, f64)>> {
         }
     };
     let block_refs: Vec<&Tensor> = block_inputs.iter().collect();
-    compare(&mut out, "transformer_block", device, None, &block_refs, rng, &block)?;
-    compare(
-        &mut out,
-        "transformer_block.bf16",
-        device,
-        Some(DType::BF16),
-        &block_refs,
-        rng,
-        &block,
-    )?;
+    compare_both(&mut out, "transformer_block", device, &block_refs, rng, &block)?;
 
     // ncrops 4 of B 3 against the two globals' teacher probabilities.
     let student = randn(rng, &[12, 1000], 0.0, 1.0)?;
@@ -211,16 +141,7 @@ pub fn kernel_parity(device: &Device) -> Result<Vec<(String, f64)>> {
     let v = randn(rng, &[1000, 256], 0.0, 0.05)?;
     let g = randn(rng, &[1000, 1], 1.0, 0.3)?;
     let wn = |t: &[Tensor]| super::weight_norm_to(&t[0], &t[1], super::autocast::active());
-    compare(&mut out, "weight_norm", device, None, &[&v, &g], rng, &wn)?;
-    compare(
-        &mut out,
-        "weight_norm.bf16",
-        device,
-        Some(DType::BF16),
-        &[&v, &g],
-        rng,
-        &wn,
-    )?;
+    compare_both(&mut out, "weight_norm", device, &[&v, &g], rng, &wn)?;
 
     updates(&mut out, device, rng)?;
 
@@ -262,6 +183,19 @@ fn rel(a: &Tensor, b: &Tensor) -> Result<f64> {
     let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
     let scale = b.iter().map(|y| y.abs()).fold(0.0, f64::max).max(1e-30);
     Ok(diff / scale)
+}
+
+/// [`compare`] in f32, then in bf16 (autocast) on `device` as `{name}.bf16`.
+fn compare_both(
+    out: &mut Vec<(String, f64)>,
+    name: &str,
+    device: &Device,
+    inputs: &[&Tensor],
+    rng: &mut ChaCha8Rng,
+    f: &dyn Fn(&[Tensor]) -> Result<Tensor>,
+) -> Result<()> {
+    compare(out, name, device, None, inputs, rng, f)?;
+    compare(out, &format!("{name}.bf16"), device, Some(DType::BF16), inputs, rng, f)
 }
 
 /// `f` on `inputs` on the CPU in f32 and on `device` (under autocast to `low` when given): the
