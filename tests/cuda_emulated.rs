@@ -568,6 +568,58 @@ fn residual_updates_match_the_cpu_bit_for_bit() {
     }
 }
 
+#[test]
+fn residual_updates_with_a_bias_match_the_cpu_bit_for_bit() {
+    // proj and fc2 on CUDA: the matmul alone, then one kernel adding the layer's bias (rounded in
+    // the branch's dtype, as the layer's own add) and the residual update. Against the CPU's
+    // bias add followed by the residual update.
+    let emu = Emu::get();
+    let mut rng = ChaCha8Rng::seed_from_u64(10);
+    let (batch, tokens, d) = (5usize, 37usize, 24usize);
+    let n = batch * tokens * d;
+    let x = randn(&mut rng, n, 0.0, 1.0);
+    let branch = randn(&mut rng, n, 0.0, 1.0);
+    let bias = randn(&mut rng, d, 0.0, 0.5);
+    let mask = vec![0.0f32, 1.25, 1.25, 0.0, 1.25];
+    let (count, per_sample, width) = (n as u32, (tokens * d) as u32, d as u32);
+    let null = 0u64;
+    for bf in [false, true] {
+        let dtype = if bf { DType::BF16 } else { DType::F32 };
+        let branch_t = tensor(&branch, &[batch, tokens, d]).to_dtype(dtype).unwrap();
+        let biased = branch_t
+            .broadcast_add(&tensor(&bias, &[d]).to_dtype(dtype).unwrap())
+            .unwrap();
+        let (x_t, mask_t) = (tensor(&x, &[batch, tokens, d]), tensor(&mask, &[batch]));
+        let (branch_bf, bias_bf) = (to_bf16(&branch), to_bf16(&bias));
+        let (pb, pbias) = if bf {
+            (addr(&branch_bf), addr(&bias_bf))
+        } else {
+            (addr(&branch), addr(&bias))
+        };
+        let name = if bf {
+            "dino_residual_bias_bf16"
+        } else {
+            "dino_residual_bias_f32"
+        };
+        for masked in [false, true] {
+            let want = values(&ops::residual_with_mask(&x_t, &biased, masked.then_some(&mask_t)).unwrap());
+            let mut out = vec![f32::NAN; n];
+            let (px, po) = (addr(&x), addr_mut(&mut out));
+            let pm = if masked { addr(&mask) } else { null };
+            emu.launch(
+                name,
+                launch::grid_stride(n),
+                &args![px, pb, pbias, pm, po, count, per_sample, width],
+            );
+            assert!(
+                out.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{name}, masked {masked}: differs from the CPU (max rel {:.3e})",
+                rel_err(&out, &want)
+            );
+        }
+    }
+}
+
 /// Host buffers standing in for device memory, each with a CPU tensor of its initial values: the
 /// records are built from the tensors, with each tensor's address that of its buffer.
 struct Buffers {

@@ -2,7 +2,8 @@
 //! `proj`, the MLP's `fc2`): `stream + mask[sample] · (x · Wᵀ + b)` as one graph node off the fused
 //! CPU path (CUDA, autocast). The forward is the linear layer's ([`super::linear_portable`]) and the
 //! residual update's ([`super::residual_portable`]) storage ops one after the other, so the values
-//! are theirs bit for bit; the backward is theirs too.
+//! are theirs bit for bit; the backward is theirs too. On CUDA the layer's bias add moves into the
+//! residual kernel (the same rounding: tests/cuda_emulated.rs), one pass over the branch less.
 //!
 //! As two nodes, the residual node kept the branch (the layer's output) alive until the backward
 //! pass although its backward reads only the mask: an activation-sized tensor per residual, two
@@ -110,17 +111,19 @@ impl CustomOp3 for LinearResidual {
         p: &candle_core::CudaStorage,
         lp: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::residual_portable::cuda::run_with_bias;
         let (lw, lb) = self.params(lp)?;
-        let (branch, shape) = super::linear_portable::forward(x, lx, p, &lw, Some((p, &lb)))?;
+        // The matmul alone: the residual kernel adds the bias as it reads the branch.
+        let (branch, shape) = super::linear_portable::forward(x, lx, p, &lw, None)?;
         let branch_layout = Layout::contiguous(shape);
         let out = match &self.mask {
-            None => super::residual_portable::cuda::run((s, ls), (&branch, &branch_layout), None)?,
+            None => run_with_bias((s, ls), (&branch, &branch_layout), (p, &lb), None)?,
             Some(m) => {
                 let (ms, ml) = m.storage_and_layout();
                 let Storage::Cuda(ms) = &*ms else {
                     candle_core::bail!("linear residual: the mask is not on the GPU");
                 };
-                super::residual_portable::cuda::run((s, ls), (&branch, &branch_layout), Some((ms, ml)))?
+                run_with_bias((s, ls), (&branch, &branch_layout), (p, &lb), Some((ms, ml)))?
             }
         };
         Ok((out, ls.shape().clone()))

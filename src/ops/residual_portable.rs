@@ -228,4 +228,66 @@ pub(super) mod cuda {
         unsafe { builder.launch(grid_stride(n)) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(out, dev))
     }
+
+    /// [`run`] with a linear layer's `bias` (d, in the branch's dtype) added to the branch first,
+    /// rounded in that dtype as the layer's own bias add would: one pass instead of two.
+    pub(in crate::ops) fn run_with_bias(
+        (x, lx): (&CudaStorage, &Layout),
+        (b, lb): (&CudaStorage, &Layout),
+        (bias, lbias): (&CudaStorage, &Layout),
+        mask: Option<(&CudaStorage, &Layout)>,
+    ) -> Result<CudaStorage> {
+        let dev = x.device().clone();
+        let n = lx.shape().elem_count();
+        let d = lbias.shape().elem_count();
+        if bias.dtype() != b.dtype() || d == 0 || lb.shape().elem_count() != n || !n.is_multiple_of(d) {
+            candle_core::bail!(
+                "residual: a {:?} bias of {d} for a {:?} branch of {n}",
+                bias.dtype(),
+                b.dtype()
+            );
+        }
+        let name = match b.dtype() {
+            DType::F32 => "dino_residual_bias_f32",
+            DType::BF16 => "dino_residual_bias_bf16",
+            other => candle_core::bail!("residual: no CUDA kernel for a {other:?} branch"),
+        };
+        let func = dev.get_or_load_custom_func(name, "dino_rs_residual", PTX)?;
+        let xs = view::<f32>(x, lx, OP)?;
+        // SAFETY: the kernel writes every element.
+        let out = unsafe { dev.alloc::<f32>(n)? };
+        let (count, width) = (n as u32, d as u32);
+        let per_sample = (n / lx.dims().first().copied().unwrap_or(1).max(1)) as u32;
+        let null = 0u64;
+        let mut builder = func.builder();
+        builder.arg(&xs);
+        let (bf, bh, biasf, biash);
+        match b.dtype() {
+            DType::F32 => {
+                bf = view::<f32>(b, lb, OP)?;
+                biasf = view::<f32>(bias, lbias, OP)?;
+                builder.arg(&bf).arg(&biasf);
+            }
+            _ => {
+                bh = view::<half::bf16>(b, lb, OP)?;
+                biash = view::<half::bf16>(bias, lbias, OP)?;
+                builder.arg(&bh).arg(&biash);
+            }
+        }
+        let ms;
+        match mask {
+            Some((m, lm)) => {
+                ms = view::<f32>(m, lm, OP)?;
+                builder.arg(&ms);
+            }
+            None => {
+                builder.arg(&null);
+            }
+        }
+        builder.arg(&out).arg(&count).arg(&per_sample).arg(&width);
+        // SAFETY: the arguments follow dino_residual_bias_<dtype>'s signature (x, branch, bias,
+        // mask or null, out, n, per_sample, d); bias holds d values, the others n (mask one per sample).
+        unsafe { builder.launch(grid_stride(n)) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(out, dev))
+    }
 }
