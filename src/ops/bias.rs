@@ -154,22 +154,21 @@ mod cuda {
             let partial = unsafe { dev.alloc::<f32>(tiles * d)? };
             let out = unsafe { dev.alloc::<f32>(d)? };
             let (r, dd, tr, t) = (rows as u32, d as u32, launch::TILE_ROWS as u32, tiles as u32);
-            let (name, g_f32, g_bf16) = match s.dtype() {
-                DType::F32 => ("dino_column_sums_f32", Some(view::<f32>(s, l, "column sums")?), None),
-                DType::BF16 => (
-                    "dino_column_sums_bf16",
-                    None,
-                    Some(view::<half::bf16>(s, l, "column sums")?),
-                ),
+            let name = match s.dtype() {
+                DType::F32 => "dino_column_sums_f32",
+                DType::BF16 => "dino_column_sums_bf16",
                 other => candle_core::bail!("column sums: no CUDA kernel for {other:?}"),
             };
             let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
             let mut builder = func.builder();
-            match (&g_f32, &g_bf16) {
-                (Some(g), _) => builder.arg(g),
-                (_, Some(g)) => builder.arg(g),
-                _ => unreachable!("one of the two views is set above"),
-            };
+            let (gf, gh);
+            if s.dtype() == DType::F32 {
+                gf = view::<f32>(s, l, "column sums")?;
+                builder.arg(&gf);
+            } else {
+                gh = view::<half::bf16>(s, l, "column sums")?;
+                builder.arg(&gh);
+            }
             builder.arg(&partial).arg(&r).arg(&dd).arg(&tr);
             // SAFETY: the arguments follow dino_column_sums_<dtype>'s signature; g holds rows × d
             // values, partial tiles × d.
