@@ -205,9 +205,12 @@ impl DinoTrainer {
             candle_core::bail!("this model has no DINO head (a backbone loaded on its own): it cannot be trained");
         };
         let last_layer = head.last_layer_leaf(self.dtype)?;
-        let student_out =
-            autocast(&mut || student.forward_with(&groups, Some(&mut *rng), Some(last_layer.as_tensor())))?
-                .to_dtype(DType::F32)?;
+        // Each block's parameters packed once as a leaf of the graph (crate::ops::pack): their
+        // gradients are cut from the packs' after the backward pass, like the last layer's.
+        let (student_out, packs) = crate::ops::pack::leaves(|| {
+            autocast(&mut || student.forward_with(&groups, Some(&mut *rng), Some(last_layer.as_tensor())))
+        })?;
+        let student_out = student_out.to_dtype(DType::F32)?;
         mark(&mut clock, "student_forward")?;
         let loss = self.loss.loss(&student_out, &teacher_out, epoch)?;
         let value = loss.to_scalar::<f32>()? as f64;
@@ -224,9 +227,18 @@ impl DinoTrainer {
             .iter()
             .filter_map(|(n, v)| grad_store.get(v.as_tensor()).map(|g| (n.clone(), g.clone())))
             .collect();
+        let names: HashMap<_, _> = trainable.iter().map(|(n, v)| (v.as_tensor().id(), n)).collect();
+        for (id, g) in packs.grads(&grad_store)? {
+            let Some(&name) = names.get(&id) else { continue };
+            let sum = match grads.get(name) {
+                Some(other) => (other + g)?,
+                None => g,
+            };
+            grads.insert(name.clone(), sum);
+        }
         let dw = grad_store.get(last_layer.as_tensor()).cloned();
         // The graph (every activation) goes before the weight norm's backward runs.
-        drop((grad_store, loss, student_out, last_layer));
+        drop((grad_store, loss, student_out, last_layer, packs));
         if let Some(dw) = dw {
             let (dv, dg) = head.last_layer_grads(&dw)?;
             for (n, v) in &trainable {
@@ -409,10 +421,11 @@ mod tests {
     use crate::model::vit::VitConfig;
     use candle_core::Device;
 
-    /// `compute` takes the last layer's weight as a leaf and derives v's and g's gradients after
-    /// the backward pass: they must be those of the graph through the weight norm, bit for bit.
+    /// `compute` takes the last layer's weight and each block's packed parameters as leaves and
+    /// derives the parameters' gradients after the backward pass: they must be those of the graph
+    /// through the weight norm and the packing, bit for bit.
     #[test]
-    fn last_layer_gradients_are_those_through_the_weight_norm_node() -> Result<()> {
+    fn leaf_gradients_are_those_through_the_graph() -> Result<()> {
         for (norm_last_layer, dtype) in [(false, DType::F32), (true, DType::F32), (false, DType::BF16)] {
             let mut vit = VitConfig::custom(32, 2, 2, 4, 16);
             vit.drop_path_rate = 0.1;

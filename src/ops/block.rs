@@ -72,8 +72,7 @@ pub fn transformer_block(
             );
         }
     }
-    let flat: Vec<Tensor> = params.iter().map(|p| p.flatten_all()).collect::<Result<_>>()?;
-    let packed = Tensor::cat(&flat, 0)?;
+    let (packed, _) = super::pack::packed(&params)?;
     let track = (x.track_op() || packed.track_op()) && super::grad_enabled();
     let op = BlockOp {
         sizes,

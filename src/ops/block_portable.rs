@@ -8,8 +8,9 @@
 //! the GELU's four each, the stream two per residual, ...), and candle's backprop zero-fills a
 //! gradient buffer for each and adds into it: on a GPU a memset and an add per edge, about 70
 //! activation widths of memory traffic a block. Here candle sees two edges per block, its input
-//! and its packed parameters; under autocast the student's crop resolutions share one packed
-//! tensor ([`super::autocast::packed`]), so each parameter's own edges come once a step.
+//! and its packed parameters; in a training step the student's crop resolutions share one packed
+//! tensor, a leaf of the graph ([`super::pack`]), and under autocast otherwise, so each
+//! parameter's own edges come once a step, or not at all.
 //!
 //! Kept for the backward pass, and dropped as soon as the block's backward has run: qkv, the
 //! attention output with the rows' log-sum-exps (flash attention) or the probabilities (composed
@@ -74,7 +75,7 @@ pub fn transformer_block(
     if !shapes_ok || !masks_ok {
         return Ok(None);
     }
-    let (packed, low_packed) = super::autocast::packed(&params)?;
+    let (packed, low_packed) = super::pack::packed(&params)?;
     let x = x.contiguous()?;
     let node = BlockNode {
         sizes,

@@ -45,6 +45,7 @@ mod linear;
 mod linear_portable;
 mod linear_residual;
 pub mod math;
+pub mod pack;
 mod parity;
 mod pixels;
 mod residual;
