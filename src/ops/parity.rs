@@ -150,6 +150,18 @@ pub fn kernel_parity(device: &Device) -> Result<Vec<(String, f64)>> {
     let back = up.flatten_all()?.to_device(&cpu)?.to_vec1::<u8>()?;
     let wrong = back.iter().zip(&bytes).filter(|(a, b)| a != b).count();
     out.push(("upload_u8".into(), wrong as f64 / bytes.len() as f64));
+    // Float crops through the same staging, seen as their bytes: bit for bit as well.
+    let floats: Vec<f32> = (0..3 * 40 * 40).map(|_| rng.random::<f32>() - 0.5).collect();
+    let back = crate::device::upload_f32(&floats, &[3, 40, 40], device)?
+        .flatten_all()?
+        .to_device(&cpu)?
+        .to_vec1::<f32>()?;
+    let wrong = back
+        .iter()
+        .zip(&floats)
+        .filter(|(a, b)| a.to_bits() != b.to_bits())
+        .count();
+    out.push(("upload_f32".into(), wrong as f64 / floats.len() as f64));
     // Crops normalised where they are (one kernel on CUDA) against the CPU's lookup.
     let normalize = crate::augment::normalize::Normalize::new([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]);
     let on_cpu = Tensor::from_vec(bytes, (2, 3, 96, 96), &cpu)?;
@@ -339,6 +351,7 @@ mod tests {
             "adamw.moments",
             "ema",
             "upload_u8",
+            "upload_f32",
             "normalize_u8",
             "attention.grad0",
             "attention.bf16.grad0",

@@ -165,14 +165,28 @@ pub fn f32_tensor(obj: &Bound<'_, PyAny>, what: &str, device: &candle_core::Devi
         ))
     })?;
     let ro = typed.readonly();
-    let data: Vec<f32> = match ro.as_slice() {
-        Ok(s) if arr.is_c_contiguous() => s.to_vec(),
-        _ => ro.as_array().iter().copied().collect(),
+    let gathered: Vec<f32>;
+    // Read in place where the array is C-contiguous: no copy of its own before the upload.
+    let data: &[f32] = match ro.as_slice() {
+        Ok(s) if arr.is_c_contiguous() => s,
+        _ => {
+            gathered = ro.as_array().iter().copied().collect();
+            &gathered
+        }
     };
-    if data.iter().any(|v| !v.is_finite()) {
+    if any_non_finite(data) {
         return Err(PyValueError::new_err(format!("{what} contains NaN or infinite values")));
     }
-    candle_core::Tensor::from_vec(data, shape, device).map_err(|e| PyErr::from(Error::from(e)))
+    crate::device::upload_f32(data, &shape, device).map_err(|e| PyErr::from(Error::from(e)))
+}
+
+/// Whether any value is NaN or infinite, on the dino_rs pool (a batch of crops is ~10^8 values).
+fn any_non_finite(data: &[f32]) -> bool {
+    use rayon::prelude::*;
+    crate::parallel::install(|| {
+        data.par_chunks(1 << 16)
+            .any(|c| c.iter().fold(false, |bad, v| bad | !v.is_finite()))
+    })
 }
 
 /// A candle tensor as a float32 NumPy array.
