@@ -29,10 +29,14 @@ What it measures (each configuration in its own child process, so that GPU memor
 * ``peak``: the card's bf16 matmul rate (PyTorch, ten 8192 x 8192 x 8192 products per timed call),
   against which every achieved TFLOP/s figure is also given as a percentage.
 * images/s from the median of the timed iterations (each call ends in a host sync: ``loss.item()``,
-  or the features copied to NumPy), achieved TFLOP/s from the FLOP count (~112 GFLOP per image for
-  the iteration, DESIGN.md / ../shared/GPU.md; 3 x the forward for the embedding is not used, only
-  its forward FLOPs), and the peak GPU memory this process used (``nvidia-smi`` polled every 50 ms by
-  the parent; the same method for both frameworks, CUDA context included).
+  or the features copied to NumPy). dino_rs takes its crops as NumPy arrays and uploads them on
+  every call (through page-locked staging buffers); PyTorch's crops stay on the device, and each
+  PyTorch run is timed again with its crops copied from the same arrays every call (``from host
+  arrays``: ``torch.from_numpy(a).to(device)``, what a caller holding arrays writes). Achieved
+  TFLOP/s from the FLOP count (~112 GFLOP per image for the iteration, DESIGN.md /
+  ../shared/GPU.md; the embedding's forward FLOPs only), and the peak GPU memory this process used
+  (``nvidia-smi`` polled every 50 ms by the parent; the same method for both frameworks, CUDA
+  context included).
 """
 
 from __future__ import annotations
@@ -154,16 +158,26 @@ def child(kind: str, framework: str, c: dict, device: str, warmup: int, steps: i
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32, as in dino_rs
         if kind == "iteration":
             step, _ = dino_torch.build_iteration(c, epochs, 1, inputs(c), device=device, autocast_dtype=dtype)
+
+            def host_step():
+                return step(upload=True)
         else:
             step_model, student = dino_torch.build_iteration(c, epochs, 1, inputs(c), device=device)
             backbone = student.backbone.eval()
-            x = torch.from_numpy(np.random.default_rng(1).standard_normal(
-                (c["embed_batch"], 3, c["global_size"], c["global_size"]), dtype=np.float32)).to(device)
+            host_x = np.random.default_rng(1).standard_normal(
+                (c["embed_batch"], 3, c["global_size"], c["global_size"]), dtype=np.float32)
+            device_x = torch.from_numpy(host_x).to(device)
 
-            def step():
+            def embed(x):
                 with torch.no_grad(), torch.autocast(torch.device(device).type, dtype=dtype or torch.float32,
                                                      enabled=dtype is not None):
                     return backbone(x).float().cpu().numpy()
+
+            def step():
+                return embed(device_x)
+
+            def host_step():
+                return embed(torch.from_numpy(host_x).to(device))
     else:
         if "-composed" in framework:  # the update and attention kernels off: what they are worth
             os.environ["DINO_RS_COMPOSED_OPS"] = "1"
@@ -207,6 +221,10 @@ def child(kind: str, framework: str, c: dict, device: str, warmup: int, steps: i
     med = statistics.median(times)
     out = {"kind": kind, "framework": framework, "median_s": med, "min_s": min(times), "images_s": images / med,
            "tflops": images * gflop / med / 1e3, "gflop_per_image": gflop}
+    if framework.startswith("torch"):
+        # PyTorch's inputs above stay on the device; dino_rs takes NumPy arrays and uploads them on
+        # every call. The same PyTorch call with its inputs copied from the arrays each time:
+        out["host_images_s"] = images / statistics.median(timed(host_step, 1, steps))
     if kind == "iteration" and framework.startswith("dino_rs"):
         # After the timed steps: where a step's time goes (Trainer.profile synchronises the device
         # at each phase boundary), the median of 3 profiled steps.
@@ -303,26 +321,35 @@ def run_child(kind: str, framework: str, args, timeout: float) -> dict:
 
 def table(results: list[dict]) -> str:
     peak = next((r["tflops"] for r in results if r["kind"] == "peak" and "tflops" in r), None)
-    rows = ["| what | framework | median s | images/s | vs PyTorch best | TFLOP/s | peak GPU MiB |",
-            "|---|---|---:|---:|---:|---:|---:|"]
+    # "from host arrays": each call's inputs copied from NumPy arrays, as dino_rs's API always takes
+    # them; PyTorch's main figure keeps its inputs on the device.
+    rows = ["| what | framework | median s | images/s | from host arrays, images/s | vs PyTorch best "
+            "(both from host arrays) | TFLOP/s | peak GPU MiB |",
+            "|---|---|---:|---:|---:|---:|---:|---:|"]
     for kind in ("iteration", "embed", "e2e"):
-        best = max((r["images_s"] for r in results if r["kind"] == kind and r["framework"].startswith("torch")
-                    and "images_s" in r), default=None)
+        torch_rows = [r for r in results if r["kind"] == kind and r["framework"].startswith("torch") and "images_s" in r]
+        best = max((r["images_s"] for r in torch_rows), default=None)
+        best_host = max((r["host_images_s"] for r in torch_rows if "host_images_s" in r), default=None)
         for r in (r for r in results if r["kind"] == kind):
             if "error" in r:
-                rows.append(f"| {kind} | {r['framework']} | failed: {r['error'].splitlines()[-1][:120]} | | | | |")
+                rows.append(f"| {kind} | {r['framework']} | failed: {r['error'].splitlines()[-1][:120]} | | | | | |")
                 continue
-            ratio = f"{r['images_s'] / best:.2f}x" if best and r["framework"].startswith("dino_rs") else "-"
+            ours = r["framework"].startswith("dino_rs")
+            host = r["images_s"] if ours else r.get("host_images_s")
+            host = f"{host:.1f}" if host and kind != "e2e" else "-"
+            ratio = "-"
+            if best and ours:
+                ratio = f"{r['images_s'] / best:.2f}x" + (f" ({r['images_s'] / best_host:.2f}x)" if best_host else "")
             if kind == "e2e":
                 ratio = f"{r['of_synthetic']:.2f}x of synthetic ({r['synthetic_images_s']:.1f}/s)"
             mib = f"{r['peak_mib']:.0f}" if "peak_mib" in r else "-"
             share = f" ({100 * r['tflops'] / peak:.0f}%)" if peak else ""
-            rows.append(f"| {kind} | {r['framework']} | {r['median_s']:.4f} | {r['images_s']:.1f} | {ratio} | "
+            rows.append(f"| {kind} | {r['framework']} | {r['median_s']:.4f} | {r['images_s']:.1f} | {host} | {ratio} | "
                         f"{r['tflops']:.2f}{share} | {mib} |")
     for r in results:
         if r["kind"] == "peak":
-            rows.append(f"| peak | {r['framework']} | " + (f"failed: {r['error'].splitlines()[-1][:120]} | | | | |"
-                        if "error" in r else f"{r['median_s']:.4f} | | bf16 {r['n']}^3 matmuls | "
+            rows.append(f"| peak | {r['framework']} | " + (f"failed: {r['error'].splitlines()[-1][:120]} | | | | | |"
+                        if "error" in r else f"{r['median_s']:.4f} | | | bf16 {r['n']}^3 matmuls | "
                         f"{r['tflops']:.1f} (100%) | |"))
     profiled = [r for r in results if "phases_s" in r]
     if profiled:

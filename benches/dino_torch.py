@@ -305,7 +305,9 @@ def cancel_gradients_last_layer(epoch, model, freeze_last_layer):
 def build_iteration(c: dict, epochs: int, niter_per_ep: int, crops, device: str = "cpu", autocast_dtype=None):
     """One official DINO iteration for config ``c`` (see bench_train.CONFIG) on ``crops`` =
     (globals (n_global, B, 3, S, S), locals (n_local, B, 3, s, s)) NumPy arrays. Returns
-    ``(step, student)``: ``step()`` runs the next iteration and returns its loss. With
+    ``(step, student)``: ``step()`` runs the next iteration on the crops as copied to ``device``
+    once, ``step(upload=True)`` copies them from the arrays first (as a caller holding host
+    arrays, or dino_rs's ``Trainer.step``, does each time), and each returns its loss. With
     ``autocast_dtype`` the forward passes and the loss run under ``torch.autocast`` (main_dino.py's
     mixed precision; bf16 needs no gradient scaler)."""
     torch.manual_seed(c["model_seed"])
@@ -333,11 +335,18 @@ def build_iteration(c: dict, epochs: int, niter_per_ep: int, crops, device: str 
     momentum_schedule = cosine_scheduler(c["momentum_teacher"], 1, epochs, niter_per_ep)
 
     g, lo = crops
-    images = [torch.from_numpy(v).to(device) for v in g] + [torch.from_numpy(v).to(device) for v in lo]
+
+    def uploaded():
+        return [torch.from_numpy(v).to(device) for v in g] + [torch.from_numpy(v).to(device) for v in lo]
+
+    images = uploaded()
     state = {"it": 0}
     device_type = torch.device(device).type
 
-    def step():
+    def step(upload: bool = False):
+        nonlocal images
+        if upload:
+            images = uploaded()
         it = state["it"]
         epoch = it // niter_per_ep
         for i, param_group in enumerate(optimizer.param_groups):
