@@ -15,6 +15,7 @@ const KERNELS: &[&str] = &[
     "pixels",
     "weight_norm",
     "bias",
+    "pack",
 ];
 
 fn main() {

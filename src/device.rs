@@ -81,8 +81,9 @@ pub fn upload_f32(data: &[f32], shape: &[usize], device: &Device) -> candle_core
     Tensor::from_slice(data, shape, device)
 }
 
+/// A device buffer as a tensor of `shape` (no graph).
 #[cfg(feature = "cuda")]
-fn on_device<T: candle_core::cuda_backend::CudaDType, S: Into<candle_core::Shape>>(
+pub(crate) fn on_device<T: candle_core::cuda_backend::CudaDType, S: Into<candle_core::Shape>>(
     slice: candle_core::cuda_backend::cudarc::driver::CudaSlice<T>,
     cuda: &candle_core::CudaDevice,
     shape: S,

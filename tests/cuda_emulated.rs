@@ -569,6 +569,47 @@ fn residual_updates_match_the_cpu_bit_for_bit() {
 }
 
 #[test]
+fn packing_a_blocks_gradients_matches_the_cpu_bit_for_bit() {
+    let emu = Emu::get();
+    let mut rng = ChaCha8Rng::seed_from_u64(13);
+    // A block of width 24 (hidden 96): LayerNorm and bias gradients in f32, weight gradients in
+    // bf16 (block_portable.rs's backward under autocast), in BLOCK_PARAMS order.
+    let lens = [24, 24, 72 * 24, 72, 24 * 24, 24, 24, 24, 96 * 24, 96, 24 * 96, 24];
+    let is_bf16 = |i: usize| matches!(i, 2 | 4 | 8 | 10);
+    let values_f32: Vec<Vec<f32>> = lens.iter().map(|&n| randn(&mut rng, n, 0.0, 1.0)).collect();
+    let values_bf16: Vec<Vec<bf16>> = values_f32.iter().map(|v| to_bf16(v)).collect();
+    let parts: Vec<Tensor> = (0..lens.len())
+        .map(|i| match is_bf16(i) {
+            true => Tensor::from_vec(values_bf16[i].clone(), lens[i], &Device::Cpu).unwrap(),
+            false => tensor(&values_f32[i], &[lens[i]]),
+        })
+        .collect();
+    let want = values(&ops::pack::flat_f32(&parts).unwrap());
+    let records: Vec<(u64, usize, bool)> = (0..lens.len())
+        .map(|i| match is_bf16(i) {
+            true => (addr(&values_bf16[i]), lens[i], true),
+            false => (addr(&values_f32[i]), lens[i], false),
+        })
+        .collect();
+    let (table, total, grid) = launch::pack_parts(&records).unwrap();
+    assert_eq!(total, want.len());
+    // The build's launch, and one block a part (every part's grid-stride loop goes round).
+    let one_block = Launch {
+        grid: [1, grid.grid[1], 1],
+        ..grid
+    };
+    for l in [grid, one_block] {
+        let mut out = vec![f32::NAN; total];
+        let po = addr_mut(&mut out);
+        emu.launch("dino_pack_f32", l, &args![table, po]);
+        assert!(
+            out.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{l:?}: differs from the CPU's casts and concatenation"
+        );
+    }
+}
+
+#[test]
 fn residual_updates_with_a_bias_match_the_cpu_bit_for_bit() {
     // proj and fc2 on CUDA: the matmul alone, then one kernel adding the layer's bias (rounded in
     // the branch's dtype, as the layer's own add) and the residual update. Against the CPU's

@@ -281,11 +281,7 @@ impl BlockNode {
         let grads = [
             dn1_w, dn1_b, dqkv_w, dqkv_b, dproj_w, dproj_b, dn2_w, dn2_b, dfc1_w, dfc1_b, dfc2_w, dfc2_b,
         ];
-        let flat: Vec<Tensor> = grads
-            .iter()
-            .map(|t| t.flatten_all()?.to_dtype(DType::F32))
-            .collect::<Result<_>>()?;
-        Ok((dx, Tensor::cat(&flat, 0)?))
+        Ok((dx, super::pack::flat_f32(&grads)?))
     }
 }
 

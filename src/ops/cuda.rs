@@ -1,9 +1,10 @@
 //! What dino_rs's CUDA kernels (src/ops/cuda/*.cu, compiled to PTX by build.rs) share: views of
 //! contiguous storage, and their launch shapes (src/ops/launch.rs) as cudarc takes them.
 
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig};
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DevicePtr, LaunchConfig};
 use candle_core::cuda_backend::CudaDType;
-use candle_core::{CudaStorage, Layout, Result};
+use candle_core::{CudaStorage, DType, Layout, Result, Storage, Tensor};
 
 use super::launch::Launch;
 
@@ -34,4 +35,24 @@ pub(super) fn slice_view<'a, T>(s: &'a CudaSlice<T>, l: &Layout, op: &str) -> Re
 /// [`slice_view`] of a storage holding `T`.
 pub(super) fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, op: &str) -> Result<CudaView<'a, T>> {
     slice_view(s.as_cuda_slice::<T>()?, l, op)
+}
+
+/// The device address of the first element of `t` (contiguous, f32 or bf16), for the kernels that
+/// take tables of tensors. The tensor must stay alive until the kernel that reads the address has
+/// run: its storage is freed in stream order after that.
+pub(super) fn device_ptr(t: &Tensor) -> Result<u64> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cuda(s) = &*storage else {
+        candle_core::bail!("expected a CUDA tensor");
+    };
+    let Some((start, _)) = layout.contiguous_offsets() else {
+        candle_core::bail!("expected a contiguous tensor");
+    };
+    let stream = s.device.cuda_stream();
+    let ptr = match s.dtype() {
+        DType::F32 => s.as_cuda_slice::<f32>()?.device_ptr(&stream).0,
+        DType::BF16 => s.as_cuda_slice::<half::bf16>()?.device_ptr(&stream).0,
+        other => candle_core::bail!("expected an f32 or bf16 tensor, got {other:?}"),
+    };
+    Ok(ptr + (start * s.dtype().size_in_bytes()) as u64)
 }

@@ -96,29 +96,16 @@ fn same_len(t: &Tensor, others: &[&Tensor], op: &str) -> Result<()> {
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, PushKernelArg};
     use candle_core::cuda_backend::WrapErr;
-    use candle_core::{CudaDevice, Result, Storage, Tensor};
+    use candle_core::{CudaDevice, Result, Tensor};
+
+    use super::super::cuda::device_ptr;
 
     use super::super::launch::{self, chunk_table, foreach_blocks};
     use super::{AdamWItem, AdamWStep};
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/update.ptx"));
-
-    /// The address of `t`'s first element. The tensor must stay alive until the kernel that reads
-    /// the address has run: its storage is freed in stream order after that.
-    fn device_ptr(t: &Tensor) -> Result<u64> {
-        let (storage, layout) = t.storage_and_layout();
-        let Storage::Cuda(s) = &*storage else {
-            candle_core::bail!("expected a CUDA tensor");
-        };
-        let Some((start, _)) = layout.contiguous_offsets() else {
-            candle_core::bail!("expected a contiguous tensor");
-        };
-        let stream = s.device.cuda_stream();
-        let (ptr, _sync) = s.as_cuda_slice::<f32>()?.device_ptr(&stream);
-        Ok(ptr + (start * std::mem::size_of::<f32>()) as u64)
-    }
 
     fn cuda_device(t: &Tensor) -> Result<CudaDevice> {
         Ok(t.device().as_cuda_device()?.clone())

@@ -182,6 +182,57 @@ pub fn grad_records(grads: &[&Tensor], first: &[u32], ptr: impl Fn(&Tensor) -> R
     rec.finish(grads.len(), 24, "clip")
 }
 
+/// Parts per launch of pack.cu's `dino_pack_f32` (its PACK_PARTS): a transformer block's
+/// parameters.
+pub const PACK_PARTS: usize = 12;
+
+/// pack.cu's `PackPart`: one tensor to copy into the packed buffer, from the device address `src`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PackPart {
+    pub src: u64,
+    pub n: u32,
+    pub offset: u32,
+    pub bf16: u32,
+    pub pad: u32,
+}
+
+/// pack.cu's `PackParts`, passed to the kernel by value: [`PACK_PARTS`] parts, the unused ones empty.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PackParts {
+    pub part: [PackPart; PACK_PARTS],
+}
+
+/// The parts `(address, elements, bf16)` one after another, the number of elements in all, and
+/// the launch: a row of blocks per part, each a grid-stride loop over at most 1,024 blocks.
+pub fn pack_parts(parts: &[(u64, usize, bool)]) -> Result<(PackParts, usize, Launch)> {
+    if parts.is_empty() || parts.len() > PACK_PARTS {
+        candle_core::bail!("pack: {} parts, expected 1 to {PACK_PARTS}", parts.len());
+    }
+    let mut packed = PackParts::default();
+    let mut total = 0usize;
+    for (p, &(src, n, bf16)) in packed.part.iter_mut().zip(parts) {
+        if total + n > u32::MAX as usize {
+            candle_core::bail!("pack: more than {} elements", u32::MAX);
+        }
+        *p = PackPart {
+            src,
+            n: n as u32,
+            offset: total as u32,
+            bf16: u32::from(bf16),
+            pad: 0,
+        };
+        total += n;
+    }
+    let longest = parts.iter().map(|p| p.1).max().unwrap_or(0);
+    let launch = Launch {
+        grid: [longest.div_ceil(256).clamp(1, 1024) as u32, parts.len() as u32, 1],
+        block: [256, 1, 1],
+    };
+    Ok((packed, total, launch))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

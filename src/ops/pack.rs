@@ -97,6 +97,73 @@ pub(super) fn packed(params: &[&Tensor]) -> Result<(Tensor, Tensor)> {
     }
 }
 
+/// `parts` flattened, in f32, one after another: a block's parameter gradients packed as its
+/// parameters are. On CUDA one launch (src/ops/cuda/pack.cu) where candle takes a cast for each
+/// bf16 part and a copy for each part.
+pub fn flat_f32(parts: &[Tensor]) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if let Some(t) = cuda::flat_f32(parts)? {
+        return Ok(t);
+    }
+    let flat: Vec<Tensor> = parts
+        .iter()
+        .map(|t| t.flatten_all()?.to_dtype(DType::F32))
+        .collect::<Result<_>>()?;
+    Tensor::cat(&flat, 0)
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
+    use candle_core::cuda_backend::WrapErr;
+    use candle_core::{DType, Result, Tensor};
+
+    use super::super::cuda::device_ptr;
+    use super::super::launch::{self, PackParts, PACK_PARTS};
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/pack.ptx"));
+
+    // SAFETY: `#[repr(C)]` plain data laid out as pack.cu's PackParts (launch.rs).
+    unsafe impl DeviceRepr for PackParts {}
+
+    /// [`super::flat_f32`] in one launch, where it applies (contiguous f32 or bf16 parts on one
+    /// CUDA device, at most [`PACK_PARTS`]).
+    pub(super) fn flat_f32(parts: &[Tensor]) -> Result<Option<Tensor>> {
+        let Some(first) = parts.first() else {
+            return Ok(None);
+        };
+        let applies = super::super::kernels_enabled()
+            && parts.len() <= PACK_PARTS
+            && parts.iter().all(|t| {
+                t.device().same_device(first.device())
+                    && t.device().is_cuda()
+                    && matches!(t.dtype(), DType::F32 | DType::BF16)
+                    && t.is_contiguous()
+            });
+        if !applies {
+            return Ok(None);
+        }
+        let dev = first.device().as_cuda_device()?;
+        let records = parts
+            .iter()
+            .map(|t| Ok((device_ptr(t)?, t.elem_count(), t.dtype() == DType::BF16)))
+            .collect::<Result<Vec<_>>>()?;
+        let (args, total, grid) = launch::pack_parts(&records)?;
+        if total == 0 {
+            return Ok(None);
+        }
+        // SAFETY: the kernel writes every element: the parts' lengths add up to `total`.
+        let out = unsafe { dev.alloc::<f32>(total) }?;
+        let func = dev.get_or_load_custom_func("dino_pack_f32", "dino_rs_pack", PTX)?;
+        let mut builder = func.builder();
+        builder.arg(&args).arg(&out);
+        // SAFETY: the arguments follow dino_pack_f32's signature; each part's address holds its n
+        // values (the parts stay alive past the launch: their storage is freed in stream order).
+        unsafe { builder.launch(grid.into()) }.w()?;
+        Ok(Some(crate::device::on_device(out, dev, total)))
+    }
+}
+
 fn leaf(params: &[&Tensor], low: Option<DType>) -> Result<Leaf> {
     let len = params.iter().map(|p| p.elem_count()).sum::<usize>();
     let device = params.first().map_or(candle_core::Device::Cpu, |p| p.device().clone());
