@@ -24,6 +24,13 @@ _os.environ.setdefault("CANDLE_NUM_THREADS", "1")
 # parking; on a machine whose cores are all busy with the step itself, that spinning took ~15% of a
 # training step (small32, 2 threads: 3.3 -> 2.6-2.9 s with a limit of 100).
 _os.environ.setdefault("CANDLE_BARRIER_POOL_SPIN_LIMIT", "100")
+# candle sizes each CPU matmul's split by RAYON_NUM_THREADS, and without it counts the physical
+# cores on Linux by reading /proc/cpuinfo, anew for every matmul: 18 of the 46 ms of a small
+# bfloat16 training step on 2 cores, and a file that grows with the cores. Set to rayon's own
+# default (the CPUs this process may run on), which other rayon pools in the process would take
+# anyway; the matmuls run on dino_rs's pool whatever the split.
+if hasattr(_os, "sched_getaffinity"):
+    _os.environ.setdefault("RAYON_NUM_THREADS", str(len(_os.sched_getaffinity(0)) or 1))
 
 from ._dino_rs import (  # noqa: E402
     DEFAULT_MAX_PIXELS,

@@ -85,6 +85,34 @@ def test_num_threads_env_variable():
     assert out.stdout.strip() == "3"
 
 
+STEP_READS = """
+import numpy as np, dino_rs as dr
+def reads():
+    return next(int(line.split()[1]) for line in open("/proc/self/io") if line.startswith("syscr"))
+m = dr.DINO(patch_size=8, img_size=16, embed_dim=32, depth=2, num_heads=2, out_dim=64, hidden_dim=32,
+            bottleneck_dim=16, dtype="bfloat16", seed=0)
+aug = dr.MultiCropAugmenter(global_size=16, local_size=8, n_local=2)
+loader = dr.MultiCropLoader(dr.ArrayDataset(np.zeros((2, 16, 16, 3), np.uint8)), aug, batch_size=2)
+tr = dr.Trainer(m, loader, epochs=10, progress=False)
+rng = np.random.default_rng(0)
+g, lo = rng.standard_normal((2, 2, 3, 16, 16), np.float32), rng.standard_normal((2, 2, 3, 8, 8), np.float32)
+tr.step(g, lo)
+before = reads()
+tr.step(g, lo)
+print(reads() - before)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/io"), reason="needs Linux's per-process I/O counters")
+def test_a_cpu_bf16_step_reads_no_files():
+    # The bfloat16 CPU path multiplies with candle, which re-read /proc/cpuinfo for every matmul
+    # (~220 read calls in this step) unless RAYON_NUM_THREADS is set: dino_rs sets it on import.
+    env = {k: v for k, v in os.environ.items() if k != "RAYON_NUM_THREADS"}
+    out = subprocess.run([sys.executable, "-c", STEP_READS], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout) < 20, f"{out.stdout.strip()} read calls in one step"
+
+
 def test_bundled_photos():
     photos = dino_rs.bundled_photos()
     assert len(photos) == 4
