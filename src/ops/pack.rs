@@ -97,6 +97,28 @@ pub(super) fn packed(params: &[&Tensor]) -> Result<(Tensor, Tensor)> {
     }
 }
 
+fn leaf(params: &[&Tensor], low: Option<DType>) -> Result<Leaf> {
+    let len = params.iter().map(|p| p.elem_count()).sum::<usize>();
+    let device = params.first().map_or(candle_core::Device::Cpu, |p| p.device().clone());
+    let var = Var::zeros(len, DType::F32, &device)?;
+    let mut at = 0;
+    for p in params {
+        let flat = p.detach().to_dtype(DType::F32)?.flatten_all()?.contiguous()?;
+        var.as_tensor().slice_set(&flat, 0, at)?;
+        at += flat.elem_count();
+    }
+    let low_copy = match low {
+        Some(low) => var.as_tensor().detach().to_dtype(low)?,
+        None => var.as_tensor().detach(),
+    };
+    Ok(Leaf {
+        params: params.iter().map(|p| (p.id(), p.shape().clone())).collect(),
+        low,
+        var,
+        low_copy,
+    })
+}
+
 /// `parts` flattened, in f32, one after another: a block's parameter gradients packed as its
 /// parameters are. On CUDA one launch (src/ops/cuda/pack.cu) where candle takes a cast for each
 /// bf16 part and a copy for each part.
@@ -162,28 +184,6 @@ mod cuda {
         unsafe { builder.launch(grid.into()) }.w()?;
         Ok(Some(crate::device::on_device(out, dev, total)))
     }
-}
-
-fn leaf(params: &[&Tensor], low: Option<DType>) -> Result<Leaf> {
-    let len = params.iter().map(|p| p.elem_count()).sum::<usize>();
-    let device = params.first().map_or(candle_core::Device::Cpu, |p| p.device().clone());
-    let var = Var::zeros(len, DType::F32, &device)?;
-    let mut at = 0;
-    for p in params {
-        let flat = p.detach().to_dtype(DType::F32)?.flatten_all()?.contiguous()?;
-        var.as_tensor().slice_set(&flat, 0, at)?;
-        at += flat.elem_count();
-    }
-    let low_copy = match low {
-        Some(low) => var.as_tensor().detach().to_dtype(low)?,
-        None => var.as_tensor().detach(),
-    };
-    Ok(Leaf {
-        params: params.iter().map(|p| (p.id(), p.shape().clone())).collect(),
-        low,
-        var,
-        low_copy,
-    })
 }
 
 #[cfg(test)]
