@@ -50,7 +50,7 @@ pub fn upload_u8(data: Vec<u8>, shape: (usize, usize, usize, usize), device: &De
         }
         // SAFETY: the copy below fills it before anything reads it (both on the device's stream).
         let mut slice = unsafe { cuda.alloc::<u8>(data.len()) }?;
-        staging::copy(cuda, &data, &mut slice)?;
+        staging::copy(cuda, &data, &mut slice.as_view_mut())?;
         return Ok(on_device(slice, cuda, shape));
     }
     Tensor::from_vec(data, shape, device)
@@ -97,7 +97,7 @@ mod staging {
     use std::collections::HashMap;
     use std::sync::Mutex;
 
-    use candle_core::cuda_backend::cudarc::driver::{DevicePtrMut, PinnedHostSlice};
+    use candle_core::cuda_backend::cudarc::driver::{CudaViewMut, PinnedHostSlice};
     use candle_core::cuda_backend::WrapErr;
     use candle_core::{CudaDevice, Result};
     use rayon::prelude::*;
@@ -108,6 +108,11 @@ mod staging {
     /// Sizes kept per device (a training run uploads two: its globals and its locals, plus a last
     /// short batch without drop_last); the least recently used size goes beyond that.
     const SIZES: usize = 4;
+    /// The largest staging buffer: a larger upload goes in pieces of this size (float crops given
+    /// to `Trainer.step` are 134 MB at ViT-S's batch of 64), so that page-locked memory stays below
+    /// RING × SIZES × PIECE whatever a caller passes, and a piece's copy overlaps the next one's
+    /// memcpy into the other buffer.
+    const PIECE: usize = 32 << 20;
 
     struct Ring {
         len: usize,
@@ -119,7 +124,15 @@ mod staging {
     type Pool = HashMap<candle_core::cuda_backend::DeviceId, (u64, Vec<Ring>)>;
 
     /// `data` copied into `dst` (on `dev`'s stream) through the pool's staging buffers.
-    pub(super) fn copy(dev: &CudaDevice, data: &[u8], dst: &mut impl DevicePtrMut<u8>) -> Result<()> {
+    pub(super) fn copy(dev: &CudaDevice, data: &[u8], dst: &mut CudaViewMut<'_, u8>) -> Result<()> {
+        for (k, piece) in data.chunks(PIECE).enumerate() {
+            let at = k * PIECE;
+            copy_piece(dev, piece, &mut dst.slice_mut(at..at + piece.len()))?;
+        }
+        Ok(())
+    }
+
+    fn copy_piece(dev: &CudaDevice, data: &[u8], dst: &mut CudaViewMut<'_, u8>) -> Result<()> {
         static POOL: Mutex<Option<Pool>> = Mutex::new(None);
         let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
         let (clock, rings) = pool.get_or_insert_with(HashMap::new).entry(dev.id()).or_default();
