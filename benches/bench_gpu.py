@@ -196,15 +196,7 @@ def child(kind: str, framework: str, c: dict, device: str, warmup: int, steps: i
             aug = dr.MultiCropAugmenter(global_size=c["global_size"], local_size=c["local_size"], n_local=c["n_local"])
             pixels = np.zeros((c["batch_size"], c["global_size"], c["global_size"], 3), dtype=np.uint8)
             loader = dr.MultiCropLoader(dr.ArrayDataset(pixels), aug, batch_size=c["batch_size"], drop_last=True)
-            trainer = dr.Trainer(
-                model, loader, epochs=epochs, lr=c["lr"], min_lr=c["min_lr"], warmup_epochs=c["warmup_epochs"],
-                weight_decay=c["weight_decay"], weight_decay_end=c["weight_decay_end"],
-                momentum_teacher=c["momentum_teacher"], teacher_temp=c["teacher_temp"],
-                warmup_teacher_temp=c["warmup_teacher_temp"],
-                warmup_teacher_temp_epochs=c["warmup_teacher_temp_epochs"], student_temp=c["student_temp"],
-                center_momentum=c["center_momentum"], clip_grad=c["clip_grad"],
-                freeze_last_layer=c["freeze_last_layer"], progress=False,
-            )
+            trainer = trainer_for(dr, model, loader, c, epochs)
             g, lo = inputs(c)
 
             def step():
