@@ -399,6 +399,12 @@ fn variables(inputs: &[Tensor]) -> Result<(Vec<Var>, Vec<Tensor>)> {
     Ok((vars, t))
 }
 
+/// A backward pass from `loss`: the gradient of each of `inputs`.
+fn grads_of(loss: &Tensor, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
+    let g = loss.backward()?;
+    Ok(inputs.iter().map(|v| g.get(v).expect("gradient").clone()).collect())
+}
+
 /// Asserts two (value, gradients) results are identical bit for bit, every gradient non-zero.
 fn assert_same_bits(a: &(Tensor, Vec<Tensor>), b: &(Tensor, Vec<Tensor>), what: &str) -> Result<()> {
     assert_eq!(max_abs_diff(&a.0, &b.0)?, 0.0, "value, {what}");
@@ -461,10 +467,7 @@ fn transformer_block_backward_recomputes_what_it_did_not_keep() -> Result<()> {
     let (_, t) = variables(&inputs)?;
     let r = randn(&mut rng, &[3, 9, 12], 1.0)?;
     let run = || (ops::transformer_block(&t[0], params(&t), 2, 1e-6, [None, None])? * &r)?.sum_all();
-    let grads = |loss: &Tensor| -> Result<Vec<Tensor>> {
-        let g = loss.backward()?;
-        Ok(t.iter().map(|v| g.get(v).expect("gradient").clone()).collect())
-    };
+    let grads = |loss: &Tensor| grads_of(loss, &t);
     let loss = run()?;
     // The first backward pass takes what the forward pass kept; the second finds nothing.
     let (first, second) = (grads(&loss)?, grads(&loss)?);
@@ -627,12 +630,8 @@ fn portable_transformer_block_backward_recomputes_what_it_did_not_keep() -> Resu
         let y = ops::transformer_block_portable(&t[0], params(&t), 2, 1e-6, None)?.expect("applies");
         (y * &r)?.sum_all()
     })?;
-    let grads = |loss: &Tensor| -> Result<Vec<Tensor>> {
-        let g = loss.backward()?;
-        Ok(t.iter().map(|v| g.get(v).expect("gradient").clone()).collect())
-    };
     // The first backward pass takes what the forward pass kept; the second finds nothing.
-    let (first, second) = (grads(&loss)?, grads(&loss)?);
+    let (first, second) = (grads_of(&loss, &t)?, grads_of(&loss, &t)?);
     for i in 0..t.len() {
         assert!(max_abs(&first[i])? > 0.0, "input {i} has a gradient");
         assert_eq!(max_abs_diff(&first[i], &second[i])?, 0.0, "input {i}, second pass");
