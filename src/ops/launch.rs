@@ -205,7 +205,7 @@ pub struct PackParts {
 }
 
 /// The parts `(address, elements, bf16)` one after another, the number of elements in all, and
-/// the launch: a row of blocks per part, each a grid-stride loop over at most 1,024 blocks.
+/// the launch: a row of blocks per part, each row [`grid_stride`] over the longest part.
 pub fn pack_parts(parts: &[(u64, usize, bool)]) -> Result<(PackParts, usize, Launch)> {
     if parts.is_empty() || parts.len() > PACK_PARTS {
         candle_core::bail!("pack: {} parts, expected 1 to {PACK_PARTS}", parts.len());
@@ -225,10 +225,10 @@ pub fn pack_parts(parts: &[(u64, usize, bool)]) -> Result<(PackParts, usize, Lau
         };
         total += n;
     }
-    let longest = parts.iter().map(|p| p.1).max().unwrap_or(0);
+    let row = grid_stride(parts.iter().map(|p| p.1).max().unwrap_or(0));
     let launch = Launch {
-        grid: [longest.div_ceil(256).clamp(1, 1024) as u32, parts.len() as u32, 1],
-        block: [256, 1, 1],
+        grid: [row.grid[0], parts.len() as u32, 1],
+        ..row
     };
     Ok((packed, total, launch))
 }
