@@ -148,8 +148,7 @@ pub fn kernel_parity(device: &Device) -> Result<Vec<(String, f64)>> {
     let bytes: Vec<u8> = (0..2 * 3 * 96 * 96).map(|_| rng.random()).collect();
     let up = crate::device::upload_u8(bytes.clone(), (2, 3, 96, 96), device)?;
     let back = up.flatten_all()?.to_device(&cpu)?.to_vec1::<u8>()?;
-    let wrong = back.iter().zip(&bytes).filter(|(a, b)| a != b).count();
-    out.push(("upload_u8".into(), wrong as f64 / bytes.len() as f64));
+    out.push(("upload_u8".into(), share_differing(&back, &bytes)));
     // Float crops through the same staging, seen as their bytes, 36 MiB: in two pieces (PIECE in
     // src/device.rs is 32 MiB). Bit for bit as well.
     let floats: Vec<f32> = (0..9 * 1024 * 1024).map(|_| rng.random::<f32>() - 0.5).collect();
@@ -157,12 +156,8 @@ pub fn kernel_parity(device: &Device) -> Result<Vec<(String, f64)>> {
         .flatten_all()?
         .to_device(&cpu)?
         .to_vec1::<f32>()?;
-    let wrong = back
-        .iter()
-        .zip(&floats)
-        .filter(|(a, b)| a.to_bits() != b.to_bits())
-        .count();
-    out.push(("upload_f32".into(), wrong as f64 / floats.len() as f64));
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    out.push(("upload_f32".into(), share_differing(&bits(&back), &bits(&floats))));
     // Crops normalised where they are (one kernel on CUDA) against the CPU's lookup.
     let normalize = crate::augment::normalize::Normalize::new([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]);
     let on_cpu = Tensor::from_vec(bytes, (2, 3, 96, 96), &cpu)?;
@@ -182,6 +177,11 @@ fn randn(rng: &mut ChaCha8Rng, shape: &[usize], mean: f32, std: f32) -> Result<T
 }
 
 /// max |a − b| / max |b|, both read back as f64.
+/// The share of elements where `got` and `want` differ (uploads must be exact).
+fn share_differing<T: PartialEq>(got: &[T], want: &[T]) -> f64 {
+    got.iter().zip(want).filter(|(a, b)| a != b).count() as f64 / want.len().max(1) as f64
+}
+
 fn rel(a: &Tensor, b: &Tensor) -> Result<f64> {
     let read = |t: &Tensor| -> Result<Vec<f64>> {
         t.to_device(&Device::Cpu)?
