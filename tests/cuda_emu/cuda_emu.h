@@ -168,6 +168,9 @@ inline void __syncwarp(unsigned int = 0xffffffffu) { emu::block->warps[emu::warp
 inline float __shfl_xor_sync(unsigned int, float v, int mask) {
     return emu::exchange(v, [mask](unsigned int l) { return l ^ static_cast<unsigned int>(mask); });
 }
+inline float __shfl_sync(unsigned int, float v, int src) {
+    return emu::exchange(v, [src](unsigned int) { return static_cast<unsigned int>(src); });
+}
 inline float __shfl_down_sync(unsigned int, float v, unsigned int delta) {
     return emu::exchange(v, [delta](unsigned int l) { return l + delta; });
 }

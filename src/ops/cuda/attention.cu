@@ -142,8 +142,16 @@ extern "C" __global__ void dino_attention_fwd_bf16(const __nv_bfloat16 *qkv, __n
         sum += __shfl_xor_sync(0xffffffffu, sum, 1);
         l = l * alpha + sum;
         m = m_new;
-        float *orow = os[warp] + row * HEAD_DIM + side * (HEAD_DIM / 2);
-        for (unsigned int c = 0; c < HEAD_DIM / 2; ++c) orow[c] *= alpha;
+        // The output rows rescaled by their alpha, a row at a time: lane c takes columns c and
+        // c + 32, so the warp reads 32 consecutive floats (all 32 banks), and each row's alpha comes
+        // from one of the row's two lanes. A lane per half row walked 32 columns whose addresses
+        // all fell in one bank across the warp: a 32-way conflict per column.
+        for (unsigned int r = 0; r < 16; ++r) {
+            const float a = __shfl_sync(0xffffffffu, alpha, 2 * r);
+            float *orow = os[warp] + r * HEAD_DIM;
+            orow[lane] *= a;
+            orow[lane + 32] *= a;
+        }
         __syncwarp();
 
         // os += p · v (os in shared memory: its rows were rescaled above)
@@ -156,14 +164,22 @@ extern "C" __global__ void dino_attention_fwd_bf16(const __nv_bfloat16 *qkv, __n
         __syncwarp();
     }
 
-    const unsigned int token = q0 + warp * 16 + row;
-    if (token < n) {
-        const float inv = 1.0f / l;
-        const float *orow = os[warp] + row * HEAD_DIM + side * (HEAD_DIM / 2);
-        __nv_bfloat16 *dst = out + ((size_t)b * n + token) * heads * HEAD_DIM + (size_t)h * HEAD_DIM + side * (HEAD_DIM / 2);
-        for (unsigned int c = 0; c < HEAD_DIM / 2; ++c) dst[c] = __float2bfloat16(orow[c] * inv);
-        if (lse != nullptr && side == 0) lse[((size_t)b * n + token) * heads + h] = m + logf(l);
+    // The output written a row at a time by the whole warp, two columns a lane: each store covers
+    // the row's 128 contiguous bytes (a lane per half row made every store touch 32 rows, a token
+    // apart in memory), and the float2 reads from shared memory are conflict-free.
+    const float inv = 1.0f / l;
+    for (unsigned int r = 0; r < 16; ++r) {
+        const float inv_r = __shfl_sync(0xffffffffu, inv, 2 * r);
+        const unsigned int token = q0 + warp * 16 + r;
+        if (token < n) {  // the same for the whole warp
+            const float2 v = *reinterpret_cast<const float2 *>(os[warp] + r * HEAD_DIM + 2 * lane);
+            __nv_bfloat16 *dst = out + ((size_t)b * n + token) * heads * HEAD_DIM + (size_t)h * HEAD_DIM + 2 * lane;
+            dst[0] = __float2bfloat16(v.x * inv_r);
+            dst[1] = __float2bfloat16(v.y * inv_r);
+        }
     }
+    const unsigned int token = q0 + warp * 16 + row;
+    if (lse != nullptr && side == 0 && token < n) lse[((size_t)b * n + token) * heads + h] = m + logf(l);
 }
 
 // One warp per row of (B, N, heads) rows of HEAD_DIM: dot[row] = Σ dout·out, in f32.
