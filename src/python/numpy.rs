@@ -174,19 +174,13 @@ pub fn f32_tensor(obj: &Bound<'_, PyAny>, what: &str, device: &candle_core::Devi
             &gathered
         }
     };
-    if any_non_finite(data) {
-        return Err(PyValueError::new_err(format!("{what} contains NaN or infinite values")));
-    }
-    crate::device::upload_f32(data, &shape, device).map_err(|e| PyErr::from(Error::from(e)))
-}
-
-/// Whether any value is NaN or infinite, on the dino_rs pool (a batch of crops is ~10^8 values).
-fn any_non_finite(data: &[f32]) -> bool {
-    use rayon::prelude::*;
-    crate::parallel::install(|| {
-        data.par_chunks(1 << 16)
-            .any(|c| c.iter().fold(false, |bad, v| bad | !v.is_finite()))
-    })
+    // The NaN/inf check and the upload (on CUDA the staging copy) run without the GIL, so other
+    // Python threads (a loader feeding the next batch) go on meanwhile. The array stays referenced
+    // (`ro`), so it cannot be freed or resized; a Python thread that writes into it meanwhile races
+    // with the read as it would with NumPy's own GIL-free copies.
+    let py = obj.py();
+    py.detach(|| crate::device::upload_f32(data, &shape, device, what))
+        .map_err(PyErr::from)
 }
 
 /// A candle tensor as a float32 NumPy array.
