@@ -22,6 +22,7 @@ __all__ = [
     "set_num_threads",
     "get_num_threads",
     "cuda_is_available",
+    "cuda_error",
     "_write_png",
     "_kernel_parity",
 ]
@@ -43,8 +44,12 @@ def get_num_threads() -> int:
 def cuda_is_available() -> bool:
     """Whether this build has CUDA support and a CUDA device can be opened."""
 
+def cuda_error() -> Optional[str]:
+    """Why no CUDA device can be used, or None when one opens: a CPU-only build, no driver library,
+    no device, a driver too old for the build, ... (what ``cuda_is_available()`` answers False for)."""
+
 def _write_png(path: _Path, image: npt.NDArray[np.uint8]) -> None: ...
-def _kernel_parity(device: str) -> list[tuple[str, float]]: ...
+def _kernel_parity(device: str) -> list[tuple[str, Optional[float], Optional[str]]]: ...
 
 @final
 class MultiCropAugmenter:

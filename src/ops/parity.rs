@@ -17,9 +17,16 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 
-/// `(check, max |device − cpu| / max |cpu|)` for every check, in a fixed order. Checks named
-/// `….bf16` ran in bf16 on `device` (mixed precision) against f32 on the CPU.
-pub fn kernel_parity(device: &Device) -> Result<Vec<(String, f64)>> {
+/// One row of [`kernel_parity`]: the check's name and its max |device − cpu| / max |cpu|, or the
+/// error (or panic) that stopped it.
+pub type Check = (String, std::result::Result<f64, String>);
+
+/// Every check in a fixed order. Checks named `….bf16` ran in bf16 on `device` (mixed precision)
+/// against f32 on the CPU. A check that fails is recorded as its error and the next one runs, so
+/// that one bad kernel does not hide the others (after a CUDA fault the context is lost, and every
+/// later check records that too: run with `CUDA_LAUNCH_BLOCKING=1` so that the first error is
+/// raised by the kernel at fault). Only making the CPU inputs can fail the whole call.
+pub fn kernel_parity(device: &Device) -> Result<Vec<Check>> {
     let rng = &mut ChaCha8Rng::seed_from_u64(0x5EED);
     let mut out = Vec::new();
     let cpu = Device::Cpu;
@@ -28,7 +35,7 @@ pub fn kernel_parity(device: &Device) -> Result<Vec<(String, f64)>> {
     let w = randn(rng, &[384], 1.0, 0.2)?;
     let b = randn(rng, &[384], 0.0, 0.2)?;
     let ln = |t: &[Tensor]| super::layer_norm(&t[0], &t[1], &t[2], 1e-6);
-    compare(&mut out, "layer_norm", device, None, &[&x, &w, &b], rng, &ln)?;
+    compare(&mut out, "layer_norm", device, None, &[&x, &w, &b], rng, &ln);
     // Under autocast the norms before qkv and fc1 write bf16 themselves.
     let ln_low = |t: &[Tensor]| super::layer_norm_lowered(&t[0], &t[1], &t[2], 1e-6);
     compare(
@@ -39,15 +46,15 @@ pub fn kernel_parity(device: &Device) -> Result<Vec<(String, f64)>> {
         &[&x, &w, &b],
         rng,
         &ln_low,
-    )?;
+    );
 
     let logits = randn(rng, &[2, 6, 37, 37], 0.0, 2.0)?;
     compare(&mut out, "softmax", device, None, &[&logits], rng, &|t| {
         super::softmax_last_dim(&t[0])
-    })?;
+    });
     // ViT-S's head dim: scale 64^-1/2, applied inside the softmax off the fused CPU path.
     let attention = |t: &[Tensor]| super::attention_probabilities(&super::autocast::lower(&t[0])?, 0.125);
-    compare_both(&mut out, "attention_probabilities", device, &[&logits], rng, &attention)?;
+    compare_both(&mut out, "attention_probabilities", device, &[&logits], rng, &attention);
 
     // Attention from the qkv projection: 197 tokens, 3 heads of 64. In bf16 on CUDA these are the
     // flash attention kernels, forward and backward.
@@ -62,12 +69,12 @@ pub fn kernel_parity(device: &Device) -> Result<Vec<(String, f64)>> {
             None => Ok(super::attention_composed(&qkv, 3, 0.125)?.0),
         }
     };
-    compare_both(&mut out, "attention", device, &[&qkv], rng, &attend)?;
+    compare_both(&mut out, "attention", device, &[&qkv], rng, &attend);
 
     let h = randn(rng, &[2, 50, 1536], 0.0, 1.0)?;
     let hb = randn(rng, &[1536], 0.0, 0.5)?;
     let gelu = |t: &[Tensor]| super::bias_gelu(&super::autocast::lower(&t[0])?, &t[1]);
-    compare_both(&mut out, "bias_gelu", device, &[&h, &hb], rng, &gelu)?;
+    compare_both(&mut out, "bias_gelu", device, &[&h, &hb], rng, &gelu);
 
     let stream = randn(rng, &[4, 50, 384], 0.0, 1.0)?;
     let branch = randn(rng, &[4, 50, 384], 0.0, 1.0)?;
@@ -76,7 +83,7 @@ pub fn kernel_parity(device: &Device) -> Result<Vec<(String, f64)>> {
         let mask = Tensor::from_slice(&keep, 4, t[0].device())?;
         super::residual_with_mask(&t[0], &super::autocast::lower(&t[1])?, Some(&mask))
     };
-    compare_both(&mut out, "residual", device, &[&stream, &branch], rng, &residual)?;
+    compare_both(&mut out, "residual", device, &[&stream, &branch], rng, &residual);
 
     // A block's last linear layer (fc2: 1536 -> 384) with its residual update, as one node off
     // the fused CPU path.
@@ -91,7 +98,7 @@ pub fn kernel_parity(device: &Device) -> Result<Vec<(String, f64)>> {
         }
     };
     let lr_inputs = [&stream, &hidden, &w2, &b2];
-    compare_both(&mut out, "linear_residual", device, &lr_inputs, rng, &linear_residual)?;
+    compare_both(&mut out, "linear_residual", device, &lr_inputs, rng, &linear_residual);
 
     // A whole transformer block at ViT-S's widths (6 heads of 64), as the student trains it: one
     // graph node on both sides (the fused CPU block; elsewhere the portable one, which on CUDA in
@@ -128,44 +135,90 @@ pub fn kernel_parity(device: &Device) -> Result<Vec<(String, f64)>> {
         }
     };
     let block_refs: Vec<&Tensor> = block_inputs.iter().collect();
-    compare_both(&mut out, "transformer_block", device, &block_refs, rng, &block)?;
+    compare_both(&mut out, "transformer_block", device, &block_refs, rng, &block);
 
     // ncrops 4 of B 3 against the two globals' teacher probabilities.
     let student = randn(rng, &[12, 1000], 0.0, 1.0)?;
     let q = super::softmax_last_dim(&randn(rng, &[6, 1000], 0.0, 3.0)?)?;
     compare(&mut out, "dino_loss", device, None, &[&student], rng, &|t| {
         super::dino_cross_entropy(&t[0], &q.to_device(t[0].device())?, 4, 0.1)
-    })?;
+    });
 
     // The head's last layer: 1000 rows of the bottleneck's 256, written bf16 under autocast.
     let v = randn(rng, &[1000, 256], 0.0, 0.05)?;
     let g = randn(rng, &[1000, 1], 1.0, 0.3)?;
     let wn = |t: &[Tensor]| super::weight_norm_to(&t[0], &t[1], super::autocast::active());
-    compare_both(&mut out, "weight_norm", device, &[&v, &g], rng, &wn)?;
+    compare_both(&mut out, "weight_norm", device, &[&v, &g], rng, &wn);
 
-    updates(&mut out, device, rng)?;
+    check(&mut out, "updates", device, |o| updates(o, device, rng));
 
     let bytes: Vec<u8> = (0..2 * 3 * 96 * 96).map(|_| rng.random()).collect();
-    let up = crate::device::upload_u8(bytes.clone(), (2, 3, 96, 96), device)?;
-    let back = up.flatten_all()?.to_device(&cpu)?.to_vec1::<u8>()?;
-    out.push(("upload_u8".into(), share_differing(&back, &bytes)));
+    check(&mut out, "upload_u8", device, |o| {
+        let up = crate::device::upload_u8(bytes.clone(), (2, 3, 96, 96), device)?;
+        let back = up.flatten_all()?.to_device(&cpu)?.to_vec1::<u8>()?;
+        o.push(("upload_u8".into(), share_differing(&back, &bytes)));
+        Ok(())
+    });
     // Float crops through the same staging, seen as their bytes, 36 MiB: in two pieces (PIECE in
     // src/device.rs is 32 MiB). Bit for bit as well.
     let floats: Vec<f32> = (0..9 * 1024 * 1024).map(|_| rng.random::<f32>() - 0.5).collect();
-    let back = crate::device::upload_f32(&floats, &[9, 1024, 1024], device)?
-        .flatten_all()?
-        .to_device(&cpu)?
-        .to_vec1::<f32>()?;
-    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-    out.push(("upload_f32".into(), share_differing(&bits(&back), &bits(&floats))));
+    check(&mut out, "upload_f32", device, |o| {
+        let back = crate::device::upload_f32(&floats, &[9, 1024, 1024], device, "parity floats")
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?
+            .flatten_all()?
+            .to_device(&cpu)?
+            .to_vec1::<f32>()?;
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        o.push(("upload_f32".into(), share_differing(&bits(&back), &bits(&floats))));
+        Ok(())
+    });
+    // One NaN in the second piece: the check that runs while the staging buffers are filled must
+    // catch it (0: refused with the error naming it; 1: taken).
+    check(&mut out, "upload_f32.refuses_nan", device, |o| {
+        let mut bad = floats.clone();
+        bad[(32 << 20) / 4 + 12_345] = f32::NAN;
+        let refused = match crate::device::upload_f32(&bad, &[9, 1024, 1024], device, "parity floats") {
+            Err(crate::Error::InvalidArgument(m)) => m.contains("NaN"),
+            _ => false,
+        };
+        o.push(("upload_f32.refuses_nan".into(), if refused { 0.0 } else { 1.0 }));
+        Ok(())
+    });
     // Crops normalised where they are (one kernel on CUDA) against the CPU's lookup.
-    let normalize = crate::augment::normalize::Normalize::new([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]);
-    let on_cpu = Tensor::from_vec(bytes, (2, 3, 96, 96), &cpu)?;
-    out.push((
-        "normalize_u8".into(),
-        rel(&normalize.on_device(&up)?, &normalize.on_device(&on_cpu)?)?,
-    ));
+    check(&mut out, "normalize_u8", device, |o| {
+        let normalize = crate::augment::normalize::Normalize::new([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]);
+        let up = crate::device::upload_u8(bytes.clone(), (2, 3, 96, 96), device)?;
+        let on_cpu = Tensor::from_vec(bytes.clone(), (2, 3, 96, 96), &cpu)?;
+        o.push((
+            "normalize_u8".into(),
+            rel(&normalize.on_device(&up)?, &normalize.on_device(&on_cpu)?)?,
+        ));
+        Ok(())
+    });
+    // Freed memory stays in CUDA's pool between steps (src/device.rs): 0 when the release threshold
+    // is the maximum (or off CUDA), 1 otherwise.
+    check(&mut out, "memory_pool.release_threshold", device, |o| {
+        let kept = crate::device::memory_pool_release_threshold(device)?.is_none_or(|t| t == u64::MAX);
+        o.push(("memory_pool.release_threshold".into(), if kept { 0.0 } else { 1.0 }));
+        Ok(())
+    });
     Ok(out)
+}
+
+/// Runs one check: its rows, or a row `name` with the error or panic that stopped it. The device is
+/// synchronised before the check counts as passed, so that an asynchronous fault is charged to it.
+fn check(out: &mut Vec<Check>, name: &str, device: &Device, f: impl FnOnce(&mut Vec<(String, f64)>) -> Result<()>) {
+    let mut rows = Vec::new();
+    let result = crate::panic::catch_quietly(name, || f(&mut rows).and_then(|()| device.synchronize()));
+    let error = match result {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(e.to_string()),
+        Err(panic) => Some(panic),
+    };
+    out.extend(rows.into_iter().map(|(n, v)| (n, Ok(v))));
+    if let Some(e) = error {
+        out.push((name.to_string(), Err(e)));
+    }
 }
 
 fn randn(rng: &mut ChaCha8Rng, shape: &[usize], mean: f32, std: f32) -> Result<Tensor> {
@@ -200,20 +253,34 @@ fn rel(a: &Tensor, b: &Tensor) -> Result<f64> {
 
 /// [`compare`] in f32, then in bf16 (autocast) on `device` as `{name}.bf16`.
 fn compare_both(
-    out: &mut Vec<(String, f64)>,
+    out: &mut Vec<Check>,
     name: &str,
     device: &Device,
     inputs: &[&Tensor],
     rng: &mut ChaCha8Rng,
     f: &dyn Fn(&[Tensor]) -> Result<Tensor>,
-) -> Result<()> {
-    compare(out, name, device, None, inputs, rng, f)?;
-    compare(out, &format!("{name}.bf16"), device, Some(DType::BF16), inputs, rng, f)
+) {
+    compare(out, name, device, None, inputs, rng, f);
+    compare(out, &format!("{name}.bf16"), device, Some(DType::BF16), inputs, rng, f);
 }
 
 /// `f` on `inputs` on the CPU in f32 and on `device` (under autocast to `low` when given): the
 /// output and each input's gradient of Σ f(x)·r for a fixed random r.
 fn compare(
+    out: &mut Vec<Check>,
+    name: &str,
+    device: &Device,
+    low: Option<DType>,
+    inputs: &[&Tensor],
+    rng: &mut ChaCha8Rng,
+    f: &dyn Fn(&[Tensor]) -> Result<Tensor>,
+) {
+    check(out, name, device, |o| {
+        compare_rows(o, name, device, low, inputs, rng, f)
+    });
+}
+
+fn compare_rows(
     out: &mut Vec<(String, f64)>,
     name: &str,
     device: &Device,
@@ -334,8 +401,43 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_failing_check_does_not_stop_the_next() {
+        let mut out = Vec::new();
+        let cpu = Device::Cpu;
+        check(&mut out, "errs", &cpu, |o| {
+            o.push(("errs.forward".into(), 0.5));
+            candle_core::bail!("no kernel")
+        });
+        check(&mut out, "panics", &cpu, |_| panic!("out of bounds"));
+        check(&mut out, "passes", &cpu, |o| {
+            o.push(("passes.forward".into(), 0.0));
+            Ok(())
+        });
+        let rows: Vec<(&str, std::result::Result<f64, &str>)> = out
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_ref().map(|x| *x).map_err(|e| e.as_str())))
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                ("errs.forward", Ok(0.5)),
+                ("errs", Err("no kernel")),
+                ("panics", Err("panics: out of bounds")),
+                ("passes.forward", Ok(0.0)),
+            ]
+        );
+    }
+
+    #[test]
     fn every_check_runs_on_the_cpu() -> Result<()> {
-        let checks = kernel_parity(&Device::Cpu)?;
+        let checks: Vec<(String, f64)> = kernel_parity(&Device::Cpu)?
+            .into_iter()
+            .map(|(name, value)| {
+                value
+                    .map(|v| (name.clone(), v))
+                    .map_err(|e| candle_core::Error::Msg(format!("{name}: {e}")))
+            })
+            .collect::<Result<_>>()?;
         let names: Vec<&str> = checks.iter().map(|(n, _)| n.as_str()).collect();
         for want in [
             "layer_norm.grad0",
@@ -353,7 +455,9 @@ mod tests {
             "ema",
             "upload_u8",
             "upload_f32",
+            "upload_f32.refuses_nan",
             "normalize_u8",
+            "memory_pool.release_threshold",
             "attention.grad0",
             "attention.bf16.grad0",
             "transformer_block.grad0",

@@ -25,24 +25,43 @@ fn get_num_threads() -> usize {
 /// Whether this build has CUDA support and a CUDA device can be opened.
 #[pyfunction]
 fn cuda_is_available() -> bool {
+    cuda_error().is_none()
+}
+
+/// Why no CUDA device can be used, or None when one opens: a CPU-only build, no driver library,
+/// no device, a driver too old for the build, ... (what [`cuda_is_available`] answers False for).
+#[pyfunction]
+fn cuda_error() -> Option<String> {
     #[cfg(feature = "cuda")]
     {
-        crate::device::cuda(0).is_ok()
+        crate::device::cuda(0).err()
     }
     #[cfg(not(feature = "cuda"))]
     {
-        false
+        Some("this build of dino_rs has no CUDA support (built without the `cuda` feature)".into())
     }
 }
 
-/// Each of dino_rs's device kernels against the CPU: {check: max |device − cpu| / max |cpu|}
-/// (src/ops/parity.rs). For scripts/gpu_check.sh and tests/python/test_gpu.py; on "cpu" every
-/// value is 0 (and within 1e-2 for the bf16 checks).
+/// A row of `_kernel_parity`: the check, its figure, or the error that stopped it.
+type ParityRow = (String, Option<f64>, Option<String>);
+
+/// Each of dino_rs's device kernels against the CPU (src/ops/parity.rs), in a fixed order:
+/// `(check, max |device − cpu| / max |cpu|, None)`, or `(check, None, error)` for a check that
+/// failed, after which the next ones still run. For scripts/gpu_check.sh and
+/// tests/python/test_gpu.py; on "cpu" every value is 0 (and within 1e-2 for the bf16 checks).
 #[pyfunction]
-fn _kernel_parity(py: Python<'_>, device: &str) -> PyResult<Vec<(String, f64)>> {
+fn _kernel_parity(py: Python<'_>, device: &str) -> PyResult<Vec<ParityRow>> {
     let device = model::parse_device(device)?;
-    py.detach(|| crate::ops::kernel_parity(&device))
-        .map_err(|e| pyo3::exceptions::PyRuntimeError::new_err(e.to_string()))
+    let checks = py
+        .detach(|| crate::ops::kernel_parity(&device))
+        .map_err(|e| pyo3::exceptions::PyRuntimeError::new_err(e.to_string()))?;
+    Ok(checks
+        .into_iter()
+        .map(|(name, value)| match value {
+            Ok(v) => (name, Some(v), None),
+            Err(e) => (name, None, Some(e)),
+        })
+        .collect())
 }
 
 /// Writes a uint8 (H, W, 3) or (H, W) array as a PNG file (used by the demo and plot helpers).
@@ -73,6 +92,7 @@ fn _dino_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_is_available, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_error, m)?)?;
     m.add_function(wrap_pyfunction!(_write_png, m)?)?;
     m.add_function(wrap_pyfunction!(_kernel_parity, m)?)?;
     Ok(())

@@ -51,6 +51,27 @@ def test_version():
 
 def test_cuda_not_available_on_cpu_build():
     assert dino_rs.cuda_is_available() is False
+    # The reason is kept, so that a GPU check can fail with it instead of skipping.
+    assert "no CUDA support" in dino_rs.cuda_error()
+
+
+def test_gpu_tests_fail_rather_than_skip_when_cuda_is_required(tmp_path):
+    # scripts/gpu_check.sh sets DINO_RS_REQUIRE_CUDA=1: there a device that does not open must fail
+    # tests/python/test_gpu.py, with the reason, instead of skipping every test and exiting 0.
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    test_gpu = Path(__file__).with_name("test_gpu.py")
+    run = lambda env: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "pytest", str(test_gpu), "-q", "-p", "no:cacheprovider", "-x"],
+        capture_output=True, text=True, env={**os.environ, **env}, cwd=tmp_path, timeout=300)
+    required = run({"DINO_RS_REQUIRE_CUDA": "1"})
+    assert required.returncode != 0, required.stdout
+    assert "no CUDA support" in required.stdout, required.stdout
+    optional = run({"DINO_RS_REQUIRE_CUDA": "0"})
+    assert optional.returncode == 0 and "skipped" in optional.stdout, optional.stdout
 
 
 def test_kernel_parity_on_the_cpu():
@@ -58,7 +79,9 @@ def test_kernel_parity_on_the_cpu():
     # GPU, tests/python/test_gpu.py runs it against CUDA).
     from dino_rs._dino_rs import _kernel_parity
 
-    checks = dict(_kernel_parity("cpu"))
+    rows = _kernel_parity("cpu")
+    assert all(error is None for _, _, error in rows), rows
+    checks = {name: err for name, err, _ in rows}
     assert {"layer_norm.grad0", "dino_loss.grad0", "adamw.params", "ema", "clip", "upload_u8"} <= set(checks)
     assert all(err <= (2e-2 if ".bf16" in name else 1e-5) for name, err in checks.items()), checks
     with pytest.raises(ValueError, match="device must be"):
