@@ -362,6 +362,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--only", default=None, help="comma-separated kind:framework pairs (default: all)")
+    ap.add_argument("--skip", default=None, help="comma-separated kind:framework pairs not to run")
     ap.add_argument("--child-timeout", type=float, default=240.0)
     ap.add_argument("--budget", type=float, default=None,
                     help="seconds for all runs: each child gets at most its share of what is left, runs past "
@@ -374,7 +375,9 @@ def main() -> None:
         kind, framework = args.child.split(":")
         print("RESULT " + json.dumps(child(kind, framework, c, args.device, args.warmup, args.steps)), flush=True)
         return
-    runs = list(RUNS) if not args.only else [tuple(s.split(":")) for s in args.only.split(",")]
+    pairs = lambda arg: [tuple(s.split(":")) for s in arg.split(",")] if arg else []  # noqa: E731
+    runs = pairs(args.only) or list(RUNS)
+    runs = [r for r in runs if r not in pairs(args.skip)]
     print(f"config {c['name']}: batch {c['batch_size']}, {c['n_global']}x{c['global_size']} + "
           f"{c['n_local']}x{c['local_size']} px, ViT dim {c['embed_dim']} depth {c['depth']} patch {c['patch_size']}, "
           f"out_dim {c['out_dim']}; device {args.device}; {args.warmup} warm-up + {args.steps} timed; "

@@ -5,7 +5,8 @@ These tests need a CUDA build of dino_rs and a GPU: scripts/gpu_check.sh runs th
 machine, with ``DINO_RS_REQUIRE_CUDA=1``, under which a device that does not open fails every test
 with the reason (``dino_rs.cuda_error()``) instead of skipping it. Elsewhere (CI is CPU-only) the
 module is skipped. ``DINO_RS_TEST_DEVICE=cpu`` runs it with the CPU standing in for the GPU: the
-rehearsal of gpu_check.sh on a CPU machine, which checks the plumbing, not the kernels.
+rehearsal of gpu_check.sh on a CPU machine, which checks the plumbing, not the kernels. The module
+stands alone (gpu_check.sh runs it with --noconftest: the device's Python need not have Pillow).
 
 Tolerances, from the dtype and the operation:
 
