@@ -60,6 +60,29 @@ impl Error {
     pub fn invalid(message: impl Into<String>) -> Self {
         Error::InvalidArgument(message.into())
     }
+
+    /// Whether this is a device running out of memory (CUDA's `CUDA_ERROR_OUT_OF_MEMORY`, as
+    /// cudarc reports it, or an allocator's "out of memory"): Python gets MemoryError for it, which
+    /// a caller may catch to retry with a smaller batch, where other device failures are RuntimeError.
+    pub fn is_out_of_memory(&self) -> bool {
+        let Error::Tensor(e) = self else { return false };
+        let text = e.to_string();
+        text.contains("OUT_OF_MEMORY") || text.to_ascii_lowercase().contains("out of memory")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn out_of_memory_is_told_apart_from_other_device_errors() {
+        let tensor = |m: &str| Error::Tensor(candle_core::Error::Msg(m.into()));
+        assert!(tensor("DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")").is_out_of_memory());
+        assert!(tensor("cudaMalloc: out of memory").is_out_of_memory());
+        assert!(!tensor("DriverError(CUDA_ERROR_ILLEGAL_ADDRESS, \"an illegal memory access\")").is_out_of_memory());
+        assert!(!Error::invalid("out of memory budget: max_pixels").is_out_of_memory());
+    }
 }
 
 /// Returns `InvalidArgument` unless `cond` holds; keeps argument validation one line per rule.

@@ -69,26 +69,147 @@ impl Default for TrainConfig {
 /// f64 per iteration, and 2^25 (800 epochs of 40k iterations) is already 256 MiB of them.
 pub const MAX_ITERATIONS: usize = 1 << 25;
 
+/// A recipe option's value as a caller gives it: integer options take only `Int`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Number {
+    Int(i64),
+    Float(f64),
+}
+
 impl TrainConfig {
-    /// The sizes the trainer allocates by: a configuration read from a file must not ask for more
-    /// than a real run (values such as learning rates are checked by the Python constructor).
+    /// The options a user sets (the recipe, with `main_dino.py`'s names), in order, with their
+    /// values; the other fields (`batch_size`, `niter_per_ep`, `n_local`) come from the loader.
+    /// Python's `dino_rs.TrainConfig`, `Trainer`, `DINOEmbedder` and `dino-rs train` take exactly
+    /// these, with these defaults.
+    pub fn recipe(&self) -> [(&'static str, Number); 14] {
+        use Number::{Float, Int};
+        let int = |v: usize| Int(v as i64);
+        [
+            ("epochs", int(self.epochs)),
+            ("lr", Float(self.lr)),
+            ("min_lr", Float(self.min_lr)),
+            ("warmup_epochs", int(self.warmup_epochs)),
+            ("weight_decay", Float(self.weight_decay)),
+            ("weight_decay_end", Float(self.weight_decay_end)),
+            ("momentum_teacher", Float(self.momentum_teacher)),
+            ("teacher_temp", Float(self.teacher_temp)),
+            ("warmup_teacher_temp", Float(self.warmup_teacher_temp)),
+            ("warmup_teacher_temp_epochs", int(self.warmup_teacher_temp_epochs)),
+            ("student_temp", Float(self.student_temp)),
+            ("center_momentum", Float(self.center_momentum)),
+            ("clip_grad", Float(self.clip_grad)),
+            ("freeze_last_layer", int(self.freeze_last_layer)),
+        ]
+    }
+
+    /// Sets recipe option `name`.
+    fn set(&mut self, name: &str, value: Number) -> crate::Result<()> {
+        use crate::error::Error;
+        let count = |v: Number| match v {
+            Number::Int(i) => usize::try_from(i).map_err(|_| Error::invalid(format!("{name} must be >= 0, got {i}"))),
+            Number::Float(f) => Err(Error::invalid(format!("{name} must be a whole number, got {f}"))),
+        };
+        let real = |v: Number| match v {
+            Number::Int(i) => i as f64,
+            Number::Float(f) => f,
+        };
+        match name {
+            "epochs" => self.epochs = count(value)?,
+            "lr" => self.lr = real(value),
+            "min_lr" => self.min_lr = real(value),
+            "warmup_epochs" => self.warmup_epochs = count(value)?,
+            "weight_decay" => self.weight_decay = real(value),
+            "weight_decay_end" => self.weight_decay_end = real(value),
+            "momentum_teacher" => self.momentum_teacher = real(value),
+            "teacher_temp" => self.teacher_temp = real(value),
+            "warmup_teacher_temp" => self.warmup_teacher_temp = real(value),
+            "warmup_teacher_temp_epochs" => self.warmup_teacher_temp_epochs = count(value)?,
+            "student_temp" => self.student_temp = real(value),
+            "center_momentum" => self.center_momentum = real(value),
+            "clip_grad" => self.clip_grad = real(value),
+            "freeze_last_layer" => self.freeze_last_layer = count(value)?,
+            _ => {
+                let names: Vec<&str> = self.recipe().iter().map(|(n, _)| *n).collect();
+                return Err(Error::invalid(format!(
+                    "unknown training option {name:?}; the options are {}",
+                    names.join(", ")
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The official recipe with `overrides` put over it, checked. A warm-up the caller did not set
+    /// is the default's 10 epochs or all of `epochs` if fewer, so that a short run works with the
+    /// defaults; one set longer than `epochs` is an error.
+    pub fn from_overrides<'a>(overrides: impl IntoIterator<Item = (&'a str, Number)>) -> crate::Result<Self> {
+        let mut config = Self::default();
+        let mut warmup_set = false;
+        for (name, value) in overrides {
+            config.set(name, value)?;
+            warmup_set |= name == "warmup_epochs";
+        }
+        if !warmup_set {
+            config.warmup_epochs = config.warmup_epochs.min(config.epochs);
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Every rule a configuration must meet, whether it comes from a user or from a file: values in
+    /// their ranges, and the sizes the trainer allocates by within a real run's.
     pub fn validate(&self) -> crate::Result<()> {
+        let finite_positive = |t: f64| t > 0.0 && t.is_finite();
         let total = self.epochs.checked_mul(self.niter_per_ep);
-        crate::error::ensure(
-            self.epochs > 0
-                && self.niter_per_ep > 0
-                && self.batch_size > 0
-                && total.is_some_and(|t| t <= MAX_ITERATIONS)
-                && self.warmup_epochs <= self.epochs
-                && self.n_local <= 1024,
-            || {
-                format!(
-                    "epochs ({}) and niter_per_ep ({}) must be positive with at most {MAX_ITERATIONS} iterations in all, \
-                     batch_size ({}) positive, warmup_epochs ({}) at most epochs and n_local ({}) at most 1024",
-                    self.epochs, self.niter_per_ep, self.batch_size, self.warmup_epochs, self.n_local
-                )
-            },
-        )
+        let warmup = format!(
+            "warmup_epochs ({}) must not exceed epochs ({})",
+            self.warmup_epochs, self.epochs
+        );
+        let rules: [(bool, &str); 12] = [
+            (self.epochs > 0, "epochs must be at least 1"),
+            (self.batch_size > 0, "batch_size must be at least 1"),
+            (
+                self.niter_per_ep > 0,
+                "the loader must yield at least one batch per epoch",
+            ),
+            (
+                total.is_some_and(|t| t <= MAX_ITERATIONS),
+                "epochs times batches per epoch must be at most 2^25 iterations",
+            ),
+            (self.n_local <= 1024, "n_local must be at most 1024"),
+            (self.warmup_epochs <= self.epochs, &warmup),
+            (
+                finite_positive(self.lr) && self.min_lr >= 0.0 && self.min_lr.is_finite(),
+                "lr must be positive and min_lr >= 0",
+            ),
+            (
+                [self.teacher_temp, self.warmup_teacher_temp, self.student_temp]
+                    .into_iter()
+                    .all(finite_positive),
+                "temperatures must be positive and finite",
+            ),
+            (
+                (0.0..=1.0).contains(&self.momentum_teacher),
+                "momentum_teacher must be in [0, 1]",
+            ),
+            (
+                (0.0..=1.0).contains(&self.center_momentum),
+                "center_momentum must be in [0, 1]",
+            ),
+            (
+                // An infinite weight decay only makes NaNs.
+                [self.weight_decay, self.weight_decay_end]
+                    .into_iter()
+                    .all(|w| w >= 0.0 && w.is_finite()),
+                "weight decay must be finite and >= 0",
+            ),
+            // clip_grad may be infinite: no clipping.
+            (self.clip_grad >= 0.0, "clip_grad must be >= 0"),
+        ];
+        match rules.iter().find(|(ok, _)| !ok) {
+            Some((_, rule)) => Err(crate::Error::invalid(*rule)),
+            None => Ok(()),
+        }
     }
 }
 
@@ -140,6 +261,9 @@ pub struct DinoTrainer {
     pub profile: bool,
 }
 
+/// Why a backbone loaded on its own cannot be trained (bindings check first, to raise ValueError).
+pub const NO_HEAD: &str = "this model has no DINO head (a backbone loaded on its own): it cannot be trained";
+
 fn at(schedule: &[f64], it: usize) -> f64 {
     schedule[it.min(schedule.len().saturating_sub(1))]
 }
@@ -147,7 +271,7 @@ fn at(schedule: &[f64], it: usize) -> f64 {
 impl DinoTrainer {
     pub fn new(dino: Arc<Dino>, config: TrainConfig, seed: u64) -> Result<Self> {
         let Some(head) = dino.head.as_ref() else {
-            candle_core::bail!("this model has no DINO head (a backbone loaded on its own): it cannot be trained");
+            candle_core::bail!("{NO_HEAD}");
         };
         let c = &config;
         let lr = c.lr * c.batch_size as f64 / 256.0;

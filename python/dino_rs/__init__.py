@@ -49,6 +49,7 @@ from ._dino_rs import (  # noqa: E402
     set_num_threads,
 )
 from ._errors import ImageError
+from .config import TrainConfig
 from .datasets import fashion_mnist
 from .demo import bundled_photos, multicrop_grid
 from .evaluation import knn_accuracy, linear_probe
@@ -59,6 +60,7 @@ __all__ = [
     "DEFAULT_MAX_PIXELS",
     "DINO",
     "DINOLoss",
+    "TrainConfig",
     "Trainer",
     "ArrayDataset",
     "ImageError",

@@ -25,6 +25,7 @@ __all__ = [
     "cuda_error",
     "_write_png",
     "_kernel_parity",
+    "_train_config",
 ]
 
 __version__: str
@@ -50,6 +51,7 @@ def cuda_error() -> Optional[str]:
 
 def _write_png(path: _Path, image: npt.NDArray[np.uint8]) -> None: ...
 def _kernel_parity(device: str) -> list[tuple[str, Optional[float], Optional[str]]]: ...
+def _train_config(overrides: dict[str, Any]) -> dict[str, Any]: ...
 
 @final
 class MultiCropAugmenter:
@@ -270,23 +272,10 @@ class _Trainer:
     def __new__(
         cls,
         model: DINO,
+        config: dict[str, Any],
         batch_size: int,
         niter_per_ep: int,
         n_local: int,
-        epochs: int = 100,
-        lr: float = 5e-4,
-        min_lr: float = 1e-6,
-        warmup_epochs: int = 10,
-        weight_decay: float = 0.04,
-        weight_decay_end: float = 0.4,
-        momentum_teacher: float = 0.996,
-        teacher_temp: float = 0.04,
-        warmup_teacher_temp: float = 0.04,
-        warmup_teacher_temp_epochs: int = 0,
-        student_temp: float = 0.1,
-        center_momentum: float = 0.9,
-        clip_grad: float = 3.0,
-        freeze_last_layer: int = 1,
         dtype: Optional[Literal["float32", "bfloat16"]] = None,
     ) -> "_Trainer": ...
     def step(self, globals: npt.NDArray[np.float32], locals: Optional[npt.NDArray[np.float32]] = None) -> dict[str, float]: ...

@@ -34,6 +34,8 @@ import sys
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
+from .config import DEFAULTS
+
 PROG = "dino-rs"
 MODEL_FILE = "model.safetensors"
 LATEST_CHECKPOINT = "checkpoint.safetensors"
@@ -125,28 +127,41 @@ def add_train_command(sub: "argparse._SubParsersAction[argparse.ArgumentParser]"
     m.add_argument("--out_dim", type=int, default=65536, help="DINO head output dimension (default 65536)")
     m.add_argument("--norm_last_layer", type=bool_flag, default=True,
                    help="weight-normalise the head's last layer with fixed norm (default true)")
-    m.add_argument("--momentum_teacher", type=float, default=0.996, help="base EMA momentum of the teacher (default 0.996)")
+    m.add_argument("--momentum_teacher", type=float, default=DEFAULTS.momentum_teacher,
+                   help="base EMA momentum of the teacher (default %(default)s)")
     m.add_argument("--use_bn_in_head", type=bool_flag, default=False,
                    help="not supported by dino_rs (the head has no batch norm); only false is accepted")
     m.add_argument("--drop_path_rate", type=float, default=0.1, help="stochastic depth rate (default 0.1)")
 
     t = p.add_argument_group("temperatures (main_dino.py)")
-    t.add_argument("--warmup_teacher_temp", type=float, default=0.04, help="initial teacher temperature (default 0.04)")
-    t.add_argument("--teacher_temp", type=float, default=0.04, help="final teacher temperature (default 0.04)")
-    t.add_argument("--warmup_teacher_temp_epochs", type=int, default=0, help="teacher temperature warm-up epochs (default 0)")
+    t.add_argument("--warmup_teacher_temp", type=float, default=DEFAULTS.warmup_teacher_temp,
+                   help="initial teacher temperature (default %(default)s)")
+    t.add_argument("--teacher_temp", type=float, default=DEFAULTS.teacher_temp, help="final teacher temperature (default %(default)s)")
+    t.add_argument("--warmup_teacher_temp_epochs", type=int, default=DEFAULTS.warmup_teacher_temp_epochs,
+                   help="teacher temperature warm-up epochs (default %(default)s)")
+    t.add_argument("--student_temp", type=float, default=DEFAULTS.student_temp,
+                   help="student temperature (default %(default)s; main_dino.py fixes it)")
 
     o = p.add_argument_group("training and optimisation (main_dino.py)")
     o.add_argument("--use_fp16", type=bool_flag, default=None,
                    help="accepted for compatibility and ignored: dino_rs has no float16 mode (see --dtype)")
-    o.add_argument("--weight_decay", type=float, default=0.04, help="initial weight decay (default 0.04)")
-    o.add_argument("--weight_decay_end", type=float, default=0.4, help="final weight decay (default 0.4)")
-    o.add_argument("--clip_grad", type=float, default=3.0, help="per-parameter gradient norm clipping, 0 for none (default 3.0)")
+    o.add_argument("--weight_decay", type=float, default=DEFAULTS.weight_decay, help="initial weight decay (default %(default)s)")
+    o.add_argument("--weight_decay_end", type=float, default=DEFAULTS.weight_decay_end,
+                   help="final weight decay (default %(default)s)")
+    o.add_argument("--clip_grad", type=float, default=DEFAULTS.clip_grad,
+                   help="per-parameter gradient norm clipping, 0 for none (default %(default)s)")
     o.add_argument("--batch_size_per_gpu", type=int, default=64, help="batch size (default 64)")
-    o.add_argument("--epochs", type=int, default=100, help="number of epochs (default 100)")
-    o.add_argument("--freeze_last_layer", type=int, default=1, help="epochs with the head's last layer frozen (default 1)")
-    o.add_argument("--lr", type=float, default=0.0005, help="peak learning rate at batch size 256, scaled linearly (default 5e-4)")
-    o.add_argument("--warmup_epochs", type=int, default=10, help="linear learning-rate warm-up epochs (default 10)")
-    o.add_argument("--min_lr", type=float, default=1e-6, help="final learning rate of the cosine schedule (default 1e-6)")
+    o.add_argument("--epochs", type=int, default=DEFAULTS.epochs, help="number of epochs (default %(default)s)")
+    o.add_argument("--freeze_last_layer", type=int, default=DEFAULTS.freeze_last_layer,
+                   help="epochs with the head's last layer frozen (default %(default)s)")
+    o.add_argument("--lr", type=float, default=DEFAULTS.lr,
+                   help="peak learning rate at batch size 256, scaled linearly (default %(default)s)")
+    o.add_argument("--warmup_epochs", type=int, default=None,
+                   help="linear learning-rate warm-up epochs (default 10, or --epochs when fewer)")
+    o.add_argument("--min_lr", type=float, default=DEFAULTS.min_lr,
+                   help="final learning rate of the cosine schedule (default %(default)s)")
+    o.add_argument("--center_momentum", type=float, default=DEFAULTS.center_momentum,
+                   help="EMA momentum of the teacher's centre (default %(default)s; main_dino.py fixes it)")
     o.add_argument("--optimizer", default="adamw", help="only adamw is supported (default adamw)")
 
     a = p.add_argument_group("multi-crop (main_dino.py)")
@@ -271,6 +286,8 @@ def run_train(args: argparse.Namespace) -> int:
             teacher_temp=args.teacher_temp,
             warmup_teacher_temp=args.warmup_teacher_temp,
             warmup_teacher_temp_epochs=args.warmup_teacher_temp_epochs,
+            student_temp=args.student_temp,
+            center_momentum=args.center_momentum,
             clip_grad=args.clip_grad,
             freeze_last_layer=args.freeze_last_layer,
             checkpoint_dir=output_dir,

@@ -28,6 +28,7 @@ except ImportError as e:  # optional dependency
     raise ImportError('dino_rs.sklearn needs scikit-learn: pip install "dino-rs[notebook]"') from e
 
 from ._dino_rs import DINO, ArrayDataset, MultiCropAugmenter, MultiCropLoader
+from .config import DEFAULTS
 from .trainer import Trainer
 
 __all__ = ["DINOEmbedder"]
@@ -87,7 +88,11 @@ norm_last_layer, drop_path_rate, device, seed
     epochs, lr, min_lr, warmup_epochs, weight_decay, weight_decay_end, momentum_teacher, teacher_temp, \
 warmup_teacher_temp, warmup_teacher_temp_epochs, student_temp, center_momentum, clip_grad, \
 freeze_last_layer
-        The training recipe, as in :class:`dino_rs.Trainer` (official ``main_dino.py`` defaults).
+        The training recipe: :class:`dino_rs.TrainConfig`'s options and defaults (official
+        ``main_dino.py``'s; an unset ``warmup_epochs`` is 10, or ``epochs`` when there are fewer).
+    dtype : {"float32", "bfloat16"}, optional
+        The compute dtype of training and of ``transform``, as in :class:`dino_rs.DINO`
+        (default float32).
     progress : bool, default False
         Show the Trainer's progress bar (off by default, as scikit-learn estimators are quiet).
     global_size : int, optional
@@ -146,20 +151,21 @@ freeze_last_layer
         drop_path_rate: float = 0.1,
         device: str = "auto",
         seed: int = 0,
-        epochs: int = 100,
-        lr: float = 5e-4,
-        min_lr: float = 1e-6,
-        warmup_epochs: int = 10,
-        weight_decay: float = 0.04,
-        weight_decay_end: float = 0.4,
-        momentum_teacher: float = 0.996,
-        teacher_temp: float = 0.04,
-        warmup_teacher_temp: float = 0.04,
-        warmup_teacher_temp_epochs: int = 0,
-        student_temp: float = 0.1,
-        center_momentum: float = 0.9,
-        clip_grad: float = 3.0,
-        freeze_last_layer: int = 1,
+        epochs: int = DEFAULTS.epochs,
+        lr: float = DEFAULTS.lr,
+        min_lr: float = DEFAULTS.min_lr,
+        warmup_epochs: Optional[int] = None,
+        weight_decay: float = DEFAULTS.weight_decay,
+        weight_decay_end: float = DEFAULTS.weight_decay_end,
+        momentum_teacher: float = DEFAULTS.momentum_teacher,
+        teacher_temp: float = DEFAULTS.teacher_temp,
+        warmup_teacher_temp: float = DEFAULTS.warmup_teacher_temp,
+        warmup_teacher_temp_epochs: int = DEFAULTS.warmup_teacher_temp_epochs,
+        student_temp: float = DEFAULTS.student_temp,
+        center_momentum: float = DEFAULTS.center_momentum,
+        clip_grad: float = DEFAULTS.clip_grad,
+        freeze_last_layer: int = DEFAULTS.freeze_last_layer,
+        dtype: Optional[str] = None,
         progress: bool = False,
         global_size: Optional[int] = None,
         local_size: Optional[int] = None,
@@ -197,6 +203,7 @@ freeze_last_layer
         self.center_momentum = center_momentum
         self.clip_grad = clip_grad
         self.freeze_last_layer = freeze_last_layer
+        self.dtype = dtype
         self.progress = progress
         self.global_size = global_size
         self.local_size = local_size
@@ -243,6 +250,7 @@ freeze_last_layer
             embed_dim=self.embed_dim,
             depth=self.depth,
             num_heads=self.num_heads,
+            dtype=self.dtype or "float32",
         )
         trainer = Trainer(
             model,
@@ -262,6 +270,7 @@ freeze_last_layer
             clip_grad=self.clip_grad,
             freeze_last_layer=self.freeze_last_layer,
             progress=self.progress,
+            dtype=self.dtype,
         )
         self.history_: List[Dict[str, Any]] = trainer.fit()
         self.model_ = model

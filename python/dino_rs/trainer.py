@@ -16,6 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ._dino_rs import DINO, MultiCropLoader, _Trainer
+from .config import DEFAULTS, TrainConfig
 from .evaluation import knn_accuracy
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -52,15 +53,12 @@ class Trainer:
         The student/teacher pair to train (changed in place).
     loader : dino_rs.MultiCropLoader
         The batches of multi-crop views; its batch size scales the learning rate.
-    epochs : int, default 100
-        Epochs the schedules are built for (:meth:`fit` trains up to this many in total).
-    lr, min_lr, warmup_epochs, weight_decay, weight_decay_end, momentum_teacher : float
-        The optimiser and teacher recipe, with the names and defaults of ``main_dino.py``.
-    teacher_temp, warmup_teacher_temp, warmup_teacher_temp_epochs, student_temp : float
-        The loss temperatures (``main_dino.py``'s names and defaults).
-    center_momentum, clip_grad, freeze_last_layer : float
-        Centre EMA momentum, per-parameter gradient-norm clipping (0: off) and the epochs during
-        which the head's last layer gets no gradient.
+    epochs, lr, min_lr, warmup_epochs, weight_decay, weight_decay_end, momentum_teacher, \
+teacher_temp, warmup_teacher_temp, warmup_teacher_temp_epochs, student_temp, center_momentum, \
+clip_grad, freeze_last_layer
+        The recipe: :class:`dino_rs.TrainConfig`'s options, names and defaults (``main_dino.py``'s).
+        :meth:`fit` trains up to ``epochs`` in total. An unset ``warmup_epochs`` is 10, or
+        ``epochs`` when there are fewer.
     checkpoint_dir : path, optional
         Where to write ``checkpoint.safetensors`` (every epoch) and ``checkpointNNNN.safetensors``.
     saveckp_freq : int, default 20
@@ -98,20 +96,20 @@ class Trainer:
         self,
         model: DINO,
         loader: MultiCropLoader,
-        epochs: int = 100,
-        lr: float = 5e-4,
-        min_lr: float = 1e-6,
-        warmup_epochs: int = 10,
-        weight_decay: float = 0.04,
-        weight_decay_end: float = 0.4,
-        momentum_teacher: float = 0.996,
-        teacher_temp: float = 0.04,
-        warmup_teacher_temp: float = 0.04,
-        warmup_teacher_temp_epochs: int = 0,
-        student_temp: float = 0.1,
-        center_momentum: float = 0.9,
-        clip_grad: float = 3.0,
-        freeze_last_layer: int = 1,
+        epochs: int = DEFAULTS.epochs,
+        lr: float = DEFAULTS.lr,
+        min_lr: float = DEFAULTS.min_lr,
+        warmup_epochs: Optional[int] = None,
+        weight_decay: float = DEFAULTS.weight_decay,
+        weight_decay_end: float = DEFAULTS.weight_decay_end,
+        momentum_teacher: float = DEFAULTS.momentum_teacher,
+        teacher_temp: float = DEFAULTS.teacher_temp,
+        warmup_teacher_temp: float = DEFAULTS.warmup_teacher_temp,
+        warmup_teacher_temp_epochs: int = DEFAULTS.warmup_teacher_temp_epochs,
+        student_temp: float = DEFAULTS.student_temp,
+        center_momentum: float = DEFAULTS.center_momentum,
+        clip_grad: float = DEFAULTS.clip_grad,
+        freeze_last_layer: int = DEFAULTS.freeze_last_layer,
         checkpoint_dir: Optional[PathLike] = None,
         saveckp_freq: int = 20,
         progress: bool = True,
@@ -137,27 +135,32 @@ class Trainer:
         self.saveckp_freq = saveckp_freq
         self.progress = progress
         self.history: List[Dict[str, Any]] = []
-        self._rust = _rust or _Trainer(
-            model,
-            batch_size=loader.batch_size,
-            niter_per_ep=len(loader),
-            n_local=loader.augmenter.n_local,
-            epochs=epochs,
-            lr=lr,
-            min_lr=min_lr,
-            warmup_epochs=warmup_epochs,
-            weight_decay=weight_decay,
-            weight_decay_end=weight_decay_end,
-            momentum_teacher=momentum_teacher,
-            teacher_temp=teacher_temp,
-            warmup_teacher_temp=warmup_teacher_temp,
-            warmup_teacher_temp_epochs=warmup_teacher_temp_epochs,
-            student_temp=student_temp,
-            center_momentum=center_momentum,
-            clip_grad=clip_grad,
-            freeze_last_layer=freeze_last_layer,
-            dtype=dtype,
-        )
+        if _rust is None:
+            config = TrainConfig(
+                epochs=epochs,
+                lr=lr,
+                min_lr=min_lr,
+                warmup_epochs=warmup_epochs,
+                weight_decay=weight_decay,
+                weight_decay_end=weight_decay_end,
+                momentum_teacher=momentum_teacher,
+                teacher_temp=teacher_temp,
+                warmup_teacher_temp=warmup_teacher_temp,
+                warmup_teacher_temp_epochs=warmup_teacher_temp_epochs,
+                student_temp=student_temp,
+                center_momentum=center_momentum,
+                clip_grad=clip_grad,
+                freeze_last_layer=freeze_last_layer,
+            )
+            _rust = _Trainer(
+                model,
+                config.overrides(),
+                batch_size=loader.batch_size,
+                niter_per_ep=len(loader),
+                n_local=loader.augmenter.n_local,
+                dtype=dtype,
+            )
+        self._rust = _rust
 
     @property
     def dtype(self) -> str:

@@ -1,5 +1,7 @@
 //! Rust errors to specific Python exceptions: bad files raise `dino_rs.ImageError` (an OSError
-//! carrying `.filename`), bad arguments and shapes raise ValueError.
+//! carrying `.filename`), other file-system errors OSError with the filename, bad arguments and
+//! shapes ValueError, a device out of memory MemoryError, other device and tensor-library failures
+//! RuntimeError. Bindings convert through [`Error`] rather than picking an exception themselves.
 
 use pyo3::exceptions::{PyFileNotFoundError, PyKeyboardInterrupt, PyOSError, PyPermissionError, PyValueError};
 use pyo3::prelude::*;
@@ -33,6 +35,7 @@ impl From<Error> for PyErr {
             }
             Error::InvalidArgument(m) | Error::Shape(m) => PyValueError::new_err(m),
             e @ Error::Checkpoint { .. } => PyValueError::new_err(e.to_string()),
+            e @ Error::Tensor(_) if e.is_out_of_memory() => pyo3::exceptions::PyMemoryError::new_err(e.to_string()),
             Error::Tensor(e) => pyo3::exceptions::PyRuntimeError::new_err(e.to_string()),
             Error::Cancelled => PyKeyboardInterrupt::new_err("cancelled"),
         }

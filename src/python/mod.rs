@@ -95,5 +95,6 @@ fn _dino_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_error, m)?)?;
     m.add_function(wrap_pyfunction!(_write_png, m)?)?;
     m.add_function(wrap_pyfunction!(_kernel_parity, m)?)?;
+    m.add_function(wrap_pyfunction!(train::_train_config, m)?)?;
     Ok(())
 }

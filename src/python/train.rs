@@ -18,7 +18,7 @@ use crate::config::AugmentConfig;
 use crate::data::loader::Next;
 use crate::data::Batch;
 use crate::error::{Error, Result};
-use crate::train::{DinoTrainer, NonFiniteLoss, StepStats, TrainConfig};
+use crate::train::{DinoTrainer, NonFiniteLoss, Number, StepStats, TrainConfig};
 
 #[pyclass(name = "_Trainer", module = "dino_rs")]
 pub struct PyTrainer {
@@ -94,6 +94,19 @@ impl PyTrainer {
             None,
             "2 global views of B ≥ 1 images, 3 channels each",
         )?;
+        // Checked here, so that a caller's crop size is a ValueError like the other shape errors,
+        // not a failure of the step (RuntimeError).
+        let patch = self.inner.dino.vit.patch_size;
+        let fits = |t: &Tensor| -> Result<()> {
+            let (h, w) = (t.dims()[2], t.dims()[3]);
+            if h.is_multiple_of(patch) && w.is_multiple_of(patch) {
+                return Ok(());
+            }
+            Err(Error::Shape(format!(
+                "crop size {h}x{w} is not a multiple of the patch size {patch}"
+            )))
+        };
+        fits(&g)?;
         match (locals.filter(|l| n_local > 0 || l.elem_count() > 0), n_local) {
             (None, 0) => Ok((g, None)),
             (None, n) => Err(Error::Shape(format!(
@@ -106,7 +119,9 @@ impl PyTrainer {
             ))),
             (Some(l), n) => {
                 let what = format!("n_local={n} local views of the same B={b} images as globals, 3 channels each");
-                Ok((g, Some(views_of(l, "locals", n, Some(b), &what)?.0)))
+                let l = views_of(l, "locals", n, Some(b), &what)?.0;
+                fits(&l)?;
+                Ok((g, Some(l)))
             }
         }
     }
@@ -186,7 +201,7 @@ impl PyTrainer {
                     let data = (waited + t.elapsed()).as_secs_f64();
                     inner.step(&globals, locals.as_ref()).map(|r| (r, data))
                 })
-                .map_err(|e| PyValueError::new_err(e.to_string()))?;
+                .map_err(|e| PyErr::from(Error::from(e)))?;
             waited = Duration::ZERO;
             let (out, data) = out;
             let mut stats = out.map_err(non_finite)?;
@@ -228,92 +243,30 @@ impl PyTrainer {
 
 #[pymethods]
 impl PyTrainer {
+    /// `config`: the recipe's options as `_train_config` returns them (checked again here, since
+    /// a caller may pass any dict); the sizes come from the loader.
     #[new]
-    #[pyo3(signature = (model, batch_size, niter_per_ep, n_local, epochs=100, lr=5e-4, min_lr=1e-6, warmup_epochs=10,
-        weight_decay=0.04, weight_decay_end=0.4, momentum_teacher=0.996, teacher_temp=0.04, warmup_teacher_temp=0.04,
-        warmup_teacher_temp_epochs=0, student_temp=0.1, center_momentum=0.9, clip_grad=3.0, freeze_last_layer=1,
-        dtype=None))]
-    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (model, config, batch_size, niter_per_ep, n_local, dtype=None))]
     fn new(
         model: Bound<'_, PyDino>,
+        config: &Bound<'_, PyDict>,
         batch_size: usize,
         niter_per_ep: usize,
         n_local: usize,
-        epochs: usize,
-        lr: f64,
-        min_lr: f64,
-        warmup_epochs: usize,
-        weight_decay: f64,
-        weight_decay_end: f64,
-        momentum_teacher: f64,
-        teacher_temp: f64,
-        warmup_teacher_temp: f64,
-        warmup_teacher_temp_epochs: usize,
-        student_temp: f64,
-        center_momentum: f64,
-        clip_grad: f64,
-        freeze_last_layer: usize,
         dtype: Option<&str>,
     ) -> PyResult<Self> {
         let dtype = dtype.map(parse_dtype).transpose()?;
-        let checks = [
-            (epochs > 0, "epochs must be at least 1"),
-            (batch_size > 0, "batch_size must be at least 1"),
-            (niter_per_ep > 0, "the loader must yield at least one batch per epoch"),
-            (warmup_epochs <= epochs, "warmup_epochs must not exceed epochs"),
-            (
-                lr > 0.0 && lr.is_finite() && min_lr >= 0.0,
-                "lr must be positive and min_lr >= 0",
-            ),
-            (
-                [teacher_temp, warmup_teacher_temp, student_temp]
-                    .iter()
-                    .all(|t| *t > 0.0 && t.is_finite()),
-                "temperatures must be positive and finite",
-            ),
-            (
-                (0.0..=1.0).contains(&momentum_teacher),
-                "momentum_teacher must be in [0, 1]",
-            ),
-            (
-                (0.0..=1.0).contains(&center_momentum),
-                "center_momentum must be in [0, 1]",
-            ),
-            (
-                // clip_grad may be infinite (no clipping); an infinite weight decay only makes NaNs
-                weight_decay >= 0.0
-                    && weight_decay.is_finite()
-                    && weight_decay_end >= 0.0
-                    && weight_decay_end.is_finite(),
-                "weight decay must be finite and >= 0",
-            ),
-            (clip_grad >= 0.0, "clip_grad must be >= 0"),
-        ];
-        if let Some((_, msg)) = checks.iter().find(|(ok, _)| !ok) {
-            return Err(PyValueError::new_err(*msg));
-        }
-        let config = TrainConfig {
-            epochs,
-            lr,
-            min_lr,
-            warmup_epochs,
-            weight_decay,
-            weight_decay_end,
-            momentum_teacher,
-            teacher_temp,
-            warmup_teacher_temp,
-            warmup_teacher_temp_epochs,
-            student_temp,
-            center_momentum,
-            clip_grad,
-            freeze_last_layer,
-            batch_size,
-            niter_per_ep,
-            n_local,
-        };
+        let mut config = train_config(config)?;
+        config.batch_size = batch_size;
+        config.niter_per_ep = niter_per_ep;
+        config.n_local = n_local;
+        config.validate()?;
         let dino = model.get().inner.clone();
+        if dino.head.is_none() {
+            return Err(Error::invalid(crate::train::NO_HEAD).into());
+        }
         let seed = model.get().seed;
-        let mut inner = DinoTrainer::new(dino, config, seed).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        let mut inner = DinoTrainer::new(dino, config, seed).map_err(|e| PyErr::from(Error::from(e)))?;
         inner.dtype = dtype.unwrap_or(inner.dtype);
         Ok(Self {
             inner,
@@ -336,7 +289,7 @@ impl PyTrainer {
         let inner = &mut self.inner;
         let out = py
             .detach(move || inner.step(&g, l.as_ref()))
-            .map_err(|e| PyValueError::new_err(e.to_string()))?;
+            .map_err(|e| PyErr::from(Error::from(e)))?;
         match out {
             Ok(stats) => stats_dict(py, &stats),
             Err(e) => Err(non_finite(e)),
@@ -430,4 +383,54 @@ impl PyTrainer {
         let json = serde_json::to_string(&self.inner.config).map_err(|e| PyValueError::new_err(e.to_string()))?;
         py.import("json")?.call_method1("loads", (json,))
     }
+}
+
+/// A dict of recipe options as the core takes them: ints and floats (not bools), by name.
+fn recipe_overrides(d: &Bound<'_, PyDict>) -> PyResult<Vec<(String, Number)>> {
+    d.iter()
+        .map(|(k, v)| {
+            let name: String = k
+                .extract()
+                .map_err(|_| PyValueError::new_err(format!("training option names must be strings, got {k}")))?;
+            let value = if v.is_instance_of::<pyo3::types::PyBool>() {
+                None
+            } else if v.is_instance_of::<pyo3::types::PyInt>() {
+                Some(Number::Int(v.extract().map_err(|_| {
+                    PyValueError::new_err(format!("{name} is out of range: {v}"))
+                })?))
+            } else {
+                v.extract::<f64>().ok().map(Number::Float)
+            };
+            let value = value.ok_or_else(|| {
+                PyValueError::new_err(format!(
+                    "{name} must be a number, got {}",
+                    v.get_type().name().map(|n| n.to_string()).unwrap_or_default()
+                ))
+            })?;
+            Ok((name, value))
+        })
+        .collect()
+}
+
+/// `config` from `overrides`.
+fn train_config(d: &Bound<'_, PyDict>) -> PyResult<TrainConfig> {
+    let overrides = recipe_overrides(d)?;
+    Ok(TrainConfig::from_overrides(
+        overrides.iter().map(|(n, v)| (n.as_str(), *v)),
+    )?)
+}
+
+/// The training recipe: the official defaults (src/train.rs) with `overrides` put over them,
+/// checked, as a dict of every recipe option. `dino_rs.TrainConfig` is built on it.
+#[pyfunction]
+pub fn _train_config<'py>(py: Python<'py>, overrides: &Bound<'py, PyDict>) -> PyResult<Bound<'py, PyDict>> {
+    let config = train_config(overrides)?;
+    let out = PyDict::new(py);
+    for (name, value) in config.recipe() {
+        match value {
+            Number::Int(i) => out.set_item(name, i)?,
+            Number::Float(f) => out.set_item(name, f)?,
+        }
+    }
+    Ok(out)
 }

@@ -44,7 +44,7 @@ def test_unknown_dtype_is_refused(bad, tmp_path):
     with pytest.raises(ValueError, match="dtype must be"):
         dr.DINO.load(path, device="cpu", dtype=bad)
     with pytest.raises(ValueError, match="dtype must be"):
-        dr._dino_rs._Trainer(tiny(), batch_size=2, niter_per_ep=1, n_local=0, dtype=bad)
+        dr._dino_rs._Trainer(tiny(), {}, batch_size=2, niter_per_ep=1, n_local=0, dtype=bad)
 
 
 def test_dtype_is_reported_and_float32_by_default(tmp_path):
@@ -94,8 +94,8 @@ def test_bf16_embed_matches_float32(pair):
 
 
 def _trainer(model, dtype=None):
-    return dr._dino_rs._Trainer(model, batch_size=4, niter_per_ep=2, n_local=2, epochs=2, warmup_epochs=0,
-                                lr=5e-3, dtype=dtype)
+    return dr._dino_rs._Trainer(model, dict(epochs=2, warmup_epochs=0, lr=5e-3), batch_size=4, niter_per_ep=2,
+                                n_local=2, dtype=dtype)
 
 
 def test_trainer_takes_the_models_dtype_unless_told():
