@@ -33,8 +33,8 @@ What it measures (each configuration in its own child process, so that GPU memor
   every call (through page-locked staging buffers); PyTorch's crops stay on the device, and each
   PyTorch run is timed again with its crops copied from the same arrays every call (``from host
   arrays``: ``torch.from_numpy(a).to(device)``, what a caller holding arrays writes). Achieved
-  TFLOP/s from the FLOP count (~112 GFLOP per image for the iteration, DESIGN.md /
-  ../shared/GPU.md; the embedding's forward FLOPs only), and the peak GPU memory this process used
+  TFLOP/s from the FLOP count (~112 GFLOP per image for the iteration, docs/gpu.md, Reference
+  measurements; the embedding's forward FLOPs only), and the peak GPU memory this process used
   (``nvidia-smi`` polled every 50 ms by the parent; the same method for both frameworks, CUDA
   context included).
 """

@@ -4,8 +4,8 @@ features with the same model at initialisation and with raw pixels.
     python examples/fashion_mnist.py --train 5000 --epochs 24
 
 Needs Debian's dataset-fashion-mnist (or --root pointing at the four idx .gz files). The recipe is
-DESIGN.md §8's: patch 7, dim 64, depth 4, heads 4; head 256/64 -> 256; 2x28 + 4x14 px crops;
-teacher momentum 0.99; teacher temperature 0.01 (0.02 drifted to the uniform output here). It is
+docs/recipe.md's for small data: patch 7, dim 64, depth 4, heads 4; head 256/64 -> 256; 2x28 + 4x14 px
+crops; teacher momentum 0.99; teacher temperature 0.01 (0.02 drifted to the uniform output here). It is
 ``python -m dino_rs demo`` on the full Fashion-MNIST files, with the subset sizes as flags.
 """
 

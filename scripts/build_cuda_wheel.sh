@@ -4,9 +4,10 @@
 # in dist-cuda/wheels for the GPU machine (override the folder with OUT_DIR).
 #
 #   bash scripts/build_cuda_wheel.sh             # sm_90 (H100/H200); CUDA_COMPUTE_CAP=80 for A100
-#   pip install dist-cuda/dino_rs-*.whl          # on the GPU machine; then dino_rs.cuda_is_available()
+#   bash scripts/gpu_check.sh first              # on the GPU machine, with dist-cuda/ carried over
 #
-# Why each step (../shared/GPU.md has the measurements behind them):
+# Why each step (docs/gpu.md, Building the CUDA wheel; the measurements behind them are under
+# Reference measurements there):
 #  * nvcc 13.0 from PyPI into a venv ($CUDA_VENV). Not newer: a CUDA 13.0-level driver cannot JIT
 #    newer PTX.
 #  * candle-core 0.11.1 hard-wires cudarc's `dynamic-linking`, which needs libcuda etc. at link
@@ -72,6 +73,7 @@ cp Cargo.lock "$WORK/Cargo.lock.committed"
 trap 'cp "$WORK/Cargo.lock.committed" "$ROOT/Cargo.lock"' EXIT
 python3 -m maturin build --release --features python,cuda --strip --auditwheel skip -o "$OUT_DIR" \
     --config "patch.crates-io.candle-core.path=\"$PATCHED\""
-# The GPU machine has no network: scripts/gpu_check.sh installs pytest from these (pure Python) wheels.
+# The GPU machine has no network: scripts/gpu_check.sh unpacks pytest from these (pure Python) wheels
+# when the machine's Python has none.
 python3 -m pip download -q --only-binary=:all: --python-version 3.12 -d "$OUT_DIR/wheels" pytest
 ls -l "$OUT_DIR" "$OUT_DIR/wheels"

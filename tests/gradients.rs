@@ -1,4 +1,4 @@
-//! Finite-difference gradient checks for every differentiable layer (DESIGN.md §3).
+//! Finite-difference gradient checks for every differentiable layer (docs/design.md, Gradients).
 //!
 //! candle-nn's fused LayerNorm and `softmax_last_dim` record no backward op, so a gradient through
 //! them silently stops: training still runs, the parameters upstream just never move. Each test
@@ -354,7 +354,7 @@ fn fused_candle_ops_have_no_backward() -> Result<()> {
     let fused = project(&candle_nn::ops::softmax_last_dim(xt)?, &r)?.backward()?;
     assert!(
         fused.get(xt).is_none(),
-        "softmax_last_dim now has a backward: revisit DESIGN.md §3"
+        "softmax_last_dim now has a backward: revisit docs/design.md, Gradients"
     );
     let composed = project(&candle_nn::ops::softmax(xt, D::Minus1)?, &r)?.backward()?;
     assert!(flat(composed.get(xt).unwrap())?.iter().any(|v| *v != 0.0));

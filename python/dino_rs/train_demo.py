@@ -6,7 +6,7 @@
 and against raw pixels, and writes a PNG of the last block's CLS attention per head. With
 ``--data DIR`` the same run uses an image folder instead (k-NN when it has class subfolders).
 
-The recipe for 28-pixel images is DESIGN.md section 8's with a sharper teacher: ViT patch 7, dim
+The recipe for 28-pixel images is that of docs/recipe.md, Small data on a CPU: ViT patch 7, dim
 64, depth 4, 4 heads; head 256 -> 64 -> 256; 2 global crops of 28 px and 4 local crops of 14 px;
 batch 64; lr 4e-3 (x 64/256) with 2 warm-up epochs; teacher momentum 0.99; teacher temperature
 0.01 (with 0.02 the loss drifted toward ln(256) and the k-NN accuracy stayed at its initial
@@ -31,7 +31,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 DEMO_DATA = Path(__file__).with_name("data") / "fashion_mnist_demo.npz"
 
-#: The demo's model and recipe (DESIGN.md section 8), for 28-pixel images.
+#: The demo's model and recipe (docs/recipe.md, Small data on a CPU), for 28-pixel images.
 RECIPE: Dict[str, Any] = dict(
     img_size=28,
     patch_size=7,

@@ -1,5 +1,5 @@
 //! LayerNorm with a backward pass: candle-nn's fused `LayerNorm` has none, so gradients through
-//! it silently stop (DESIGN.md §3). The kernel is [`crate::ops::layer_norm`].
+//! it silently stop (docs/design.md, Gradients). The kernel is [`crate::ops::layer_norm`].
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};

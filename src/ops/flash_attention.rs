@@ -87,7 +87,7 @@ fn applies(qkv: &Tensor, heads: usize) -> bool {
 }
 
 /// The composed attention every device can run: the output (B, N, C) and the attention weights
-/// (B, heads, N, N), for `qkv` as in [`attention_no_grad`]. Scales the logits inside the softmax,
+/// (B, heads, N, N), for `qkv` as in [`flash_attention`]. Scales the logits inside the softmax,
 /// after q·kᵀ, as the official `(q @ k.transpose(-2, -1)) * self.scale`.
 pub fn attention_composed(qkv: &Tensor, heads: usize, scale: f64) -> Result<(Tensor, Tensor)> {
     let (b, n, c3) = qkv.dims3()?;

@@ -3,7 +3,7 @@
 //! allocate a tensor per intermediate and run single-threaded; here each is one pass per row (or
 //! chunk) on the dino_rs pool, and the backward recomputes what it needs instead of keeping it.
 //! On other devices or dtypes the composed versions are used (candle's fused `layer_norm` and
-//! `softmax_last_dim` have no backward: DESIGN.md §3).
+//! `softmax_last_dim` have no backward: docs/design.md, Gradients).
 
 /// Runs `$f::<T>` on the contiguous slices of the CPU storages `$s` (all of one float dtype T),
 /// then on the `$extra` arguments, and wraps the `Vec<T>` it returns as a storage of that dtype.

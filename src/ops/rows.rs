@@ -6,7 +6,7 @@
 //! Composed of candle ops, a LayerNorm was ~11 kernels forward and, through candle's autograd,
 //! ~50 backward (each graph edge zero-fills a gradient buffer and adds into it); a softmax 5 and
 //! ~20. On a GPU, where candle's time goes into launching small kernels rather than running them
-//! (../shared/GPU.md), that count is the step time.
+//! (docs/gpu.md, Reference measurements), that count is the step time.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType, D};

@@ -357,7 +357,7 @@ def test_embedder_params_cover_dino_trainer_and_augmenter():
     assert params["arch"] == "vit_small" and params["patch_size"] == 16 and params["img_size"] == 224
     assert params["out_dim"] == 65536 and params["epochs"] == 100 and params["lr"] == 5e-4
     assert params["n_local"] == 8 and params["teacher_temp"] == 0.04 and params["batch_size"] == 64
-    # DESIGN.md §6's example is accepted as written
+    # docs/design.md's Python API example is accepted as written
     emb = DINOEmbedder(embed_dim=192, depth=6, num_heads=3, patch_size=4, img_size=32, epochs=50, batch_size=64,
                        global_size=32, local_size=16, n_local=6)
     assert emb.get_params()["global_size"] == 32
