@@ -69,6 +69,20 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (  # noqa: E402
+    CONTENDED,
+    format_markdown,
+    format_text,
+    machine_info,
+    proc_cpu_s,
+    source_state,
+    system_busy_s,
+    wait_for_idle,
+    write_results,
+)
+
 START_MARK = "<!-- augment-bench:start -->"
 END_MARK = "<!-- augment-bench:end -->"
 PHOTO_W, PHOTO_H, JPEG_QUALITY = 500, 375, 90
@@ -280,31 +294,9 @@ class PathDataset:
 # 3. Timing (runs in a child process per configuration)
 # --------------------------------------------------------------------------------------------------
 
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def _proc_cpu_s(pid="self") -> float:
-    """user + system CPU seconds of a process (all its threads) from /proc/<pid>/stat."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _CLK_TCK
-    except (OSError, IndexError, ValueError):
-        return 0.0
-
-
-def _system_busy_s() -> float:
-    """Machine-wide busy CPU seconds (user + nice + system + irq + softirq) from /proc/stat."""
-    try:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-        return (v[0] + v[1] + v[2] + v[5] + v[6]) / _CLK_TCK
-    except (OSError, IndexError, ValueError):
-        return 0.0
-
 
 def _tree_cpu_s(child_pids) -> float:
-    return _proc_cpu_s() + sum(_proc_cpu_s(p) for p in child_pids)
+    return proc_cpu_s() + sum(proc_cpu_s(p) for p in child_pids)
 
 
 def _measure(step, warmup_s, seconds, min_warmup_steps, child_pids=lambda: ()):
@@ -315,7 +307,7 @@ def _measure(step, warmup_s, seconds, min_warmup_steps, child_pids=lambda: ()):
         step()
         n_warm += 1
     pids = list(child_pids())
-    cpu0, sys0 = _tree_cpu_s(pids), _system_busy_s()
+    cpu0, sys0 = _tree_cpu_s(pids), system_busy_s()
     t0 = time.perf_counter()
     images = steps = 0
     while True:
@@ -324,7 +316,7 @@ def _measure(step, warmup_s, seconds, min_warmup_steps, child_pids=lambda: ()):
         elapsed = time.perf_counter() - t0
         if elapsed >= seconds:
             break
-    cpu1, sys1 = _tree_cpu_s(pids), _system_busy_s()
+    cpu1, sys1 = _tree_cpu_s(pids), system_busy_s()
     ours = (cpu1 - cpu0) / elapsed
     machine = (sys1 - sys0) / elapsed
     return {"images": images, "steps": steps, "elapsed": elapsed, "images_per_s": images / elapsed,
@@ -431,48 +423,9 @@ def child_main(args) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-CONTENDED = 0.2  # spare cores' worth of slack before other processes count as disturbing a measurement
-
-
 def allowed_other(threads: int) -> float:
     """Cores other processes may use without taking any from a measurement that uses ``threads``."""
     return max(0, (os.cpu_count() or 1) - threads) + CONTENDED
-
-
-def wait_for_idle(budget: list, allowed: float = CONTENDED) -> None:
-    """Waits (from a shared budget of seconds) until other processes use < ``allowed`` cores for 1 s."""
-    waited = False
-    while True:
-        t0, s0 = time.perf_counter(), _system_busy_s()
-        time.sleep(1.0)
-        dt = time.perf_counter() - t0
-        other = (_system_busy_s() - s0) / dt
-        if other < allowed or budget[0] <= 0:
-            if waited:
-                print(f"  machine {'quiet' if other < allowed else 'still busy'} ({other:.2f} cores used by others)",
-                      flush=True)
-            return
-        if not waited:
-            print(f"  other processes use {other:.2f} cores (> {allowed:.1f}): waiting up to {budget[0]:.0f} s",
-                  flush=True)
-            waited = True
-        budget[0] -= dt
-
-
-LIBRARY_PATHS = ("src", "python", "Cargo.toml", "Cargo.lock", "pyproject.toml")
-
-
-def source_state() -> str:
-    """The git commit of the checkout this script lives in, and whether its library sources have changes."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", *LIBRARY_PATHS], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout)"
-    return f"{head}" + (" with uncommitted library changes" if dirty else "")
 
 
 def stale_extension() -> str | None:
@@ -498,26 +451,6 @@ def stale_extension() -> str | None:
         return (f"the installed dino_rs extension ({libs[0]}) is older than {newest.relative_to(root)}: "
                 f"the numbers may not reflect this checkout (reinstall with `pip install .`)")
     return None
-
-
-def machine_info() -> dict:
-    info = {"model": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "cores": None}
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True,
-                             env={**os.environ, "LC_ALL": "C"}).stdout
-        kv = {}
-        for line in out.splitlines():
-            if ":" in line:
-                k, v = line.split(":", 1)
-                kv.setdefault(k.strip(), v.strip())
-        info["model"] = kv.get("Model name", info["model"])
-        info["cpus"] = int(kv.get("CPU(s)", info["cpus"]))
-        info["cores"] = int(kv["Core(s) per socket"]) * int(kv.get("Socket(s)", 1))
-        info["threads_per_core"] = int(kv.get("Thread(s) per core", 1))
-        info["hypervisor"] = kv.get("Hypervisor vendor")
-    except (OSError, subprocess.CalledProcessError, KeyError, ValueError):
-        pass
-    return info
 
 
 def build_table(results: dict, n: int) -> tuple[list[str], list[list[str]]]:
@@ -546,29 +479,6 @@ def build_table(results: dict, n: int) -> tuple[list[str], list[list[str]]]:
                      f"{r['cores_ours']:.2f} / {r['cores_other']:.2f}",
                      f"{ips / r['cores_ours']:.1f}" if r["cores_ours"] > 0 else "-", rss])
     return header, rows
-
-
-def format_text(header, rows) -> str:
-    widths = [max(len(header[i]), *(len(r[i]) for r in rows)) for i in range(len(header))]
-    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
-
-
-def format_markdown(header, rows) -> str:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
-    out += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(out)
-
-
-def write_results(path: Path, section: str) -> None:
-    block = f"{START_MARK}\n{section.rstrip()}\n{END_MARK}"
-    text = path.read_text() if path.exists() else ""
-    start, end = text.find(START_MARK), text.find(END_MARK)
-    if start != -1 and end != -1 and end > start:
-        text = text[:start] + block + text[end + len(END_MARK):]
-    else:
-        text = (text.rstrip() + "\n\n" if text.strip() else "# Benchmark results\n\n") + block + "\n"
-    path.write_text(text)
 
 
 def main() -> None:
@@ -609,7 +519,7 @@ def main() -> None:
 
     source = source_state()  # now, before the tree can change under a long run
     stale = stale_extension()
-    print(f"source: git {source}")
+    print(f"source: {source}")
     if stale:
         print(f"warning: {stale}")
 
@@ -689,7 +599,7 @@ def main() -> None:
 - Date: {today}
 - Machine: {machine['model']}, {cores}{', ' + machine['hypervisor'] + ' VM' if machine.get('hypervisor') else ''}; \
 {platform.system()} {platform.release()}; Python {platform.python_version()}; {vers}
-- Command (repository root): `{command}`; source: git {source}
+- Command (repository root): `{command}`; source: {source}
 - Workload: {desc['n']} JPEG photos (re-cuts of the scikit-image / scikit-learn sample photos), \
 mean {desc['mean_w']:.0f}x{desc['mean_h']:.0f} px, {desc['mean_kib']:.1f} KiB, quality {JPEG_QUALITY}; \
 official DINO recipe (2 x 224 px global + 8 x 96 px local views), JPEG decode included, batches of \
@@ -713,7 +623,7 @@ dino_rs / torchvision per core: **{per_core:.2f}x**; dino_rs scaling efficiency 
                     "measurement(s) (see the CPU column); those numbers are pessimistic.\n")
     if stale:
         section += f"\nNote: {stale}.\n"
-    write_results(Path(args.results), section)
+    write_results(Path(args.results), section, START_MARK, END_MARK)
     print(f"wrote {args.results}")
 
 

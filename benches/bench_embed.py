@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -25,11 +24,11 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from _common import format_markdown, rss_mib  # noqa: E402
+
 VITS16 = dict(patch_size=16, img_size=224, embed_dim=384, depth=12, num_heads=6)
-
-
-def rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def child(framework: str, batch: int, calls: int, threads: int) -> dict:
@@ -48,7 +47,6 @@ def child(framework: str, batch: int, calls: int, threads: int) -> dict:
     else:
         import torch
 
-        sys.path.insert(0, str(HERE))
         import dino_torch
 
         torch.set_num_threads(threads)
@@ -102,15 +100,16 @@ def main() -> None:
             rows.append(res)
             print(f"  round {r + 1} {fw:8s} {res['median_s']:.3f} s/call  {res['images_s']:.1f} img/s  "
                   f"peak RSS {res['peak_mib']:.0f} MiB (+{res['growth_mib']:.0f} over the model)", flush=True)
-    print("\n| framework | median s/call | images/s | peak RSS MiB | growth over the model MiB |")
-    print("|---|---:|---:|---:|---:|")
+    header = ["framework", "median s/call", "images/s", "peak RSS MiB", "growth over the model MiB"]
+    table = []
     for fw in args.frameworks.split(","):
         mine = [r for r in rows if r["framework"] == fw]
         if mine:
-            print(f"| {fw} | {statistics.median(r['median_s'] for r in mine):.3f} | "
-                  f"{statistics.median(r['images_s'] for r in mine):.1f} | "
-                  f"{statistics.median(r['peak_mib'] for r in mine):.0f} | "
-                  f"{statistics.median(r['growth_mib'] for r in mine):.0f} |")
+            table.append([fw, f"{statistics.median(r['median_s'] for r in mine):.3f}",
+                          f"{statistics.median(r['images_s'] for r in mine):.1f}",
+                          f"{statistics.median(r['peak_mib'] for r in mine):.0f}",
+                          f"{statistics.median(r['growth_mib'] for r in mine):.0f}"])
+    print("\n" + format_markdown(header, table))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from _common import format_markdown, rss_mib  # noqa: E402
 from bench_gpu import RECIPE, VITS16, inputs, trainer_for  # noqa: E402
 
 CONFIG = dict(VITS16, name="vits16-depth4-b8", depth=4, batch_size=8, n_local=4, out_dim=4096, hidden_dim=1024,
@@ -40,10 +40,6 @@ FRAMEWORKS = ["torch-bf16", "torch-bf16-sdpa", "dino_rs-bf16"]
 # them: peak RSS then varies by 100 MiB and more from run to run. Returned at once, it repeats
 # within a few MiB (and the steps are slower; the times here are not the point).
 ENV = {**os.environ, "MIMALLOC_PURGE_DELAY": "0"}
-
-
-def rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def child(framework: str, threads: int, steps: int, out_dim: int, depth: int, batch_size: int) -> dict:
@@ -120,12 +116,13 @@ def main() -> None:
         results.append(json.loads(line[len("RESULT "):]))
         print(f"  {json.dumps(results[-1])}", flush=True)
     torch_best = min((r["growth_mib"] for r in results if r["framework"].startswith("torch")), default=None)
-    print("| framework | peak RSS MiB | after build MiB | growth MiB | growth vs PyTorch's least | s/step |")
-    print("|---|---:|---:|---:|---:|---:|")
+    header = ["framework", "peak RSS MiB", "after build MiB", "growth MiB", "growth vs PyTorch's least", "s/step"]
+    rows = []
     for r in results:
         ratio = f"{r['growth_mib'] / torch_best:.2f}x" if torch_best else "-"
-        print(f"| {r['framework']} | {r['peak_mib']:.0f} | {r['built_mib']:.0f} | {r['growth_mib']:.0f} | {ratio} | "
-              f"{r['s_per_step']:.2f} |")
+        rows.append([r["framework"], f"{r['peak_mib']:.0f}", f"{r['built_mib']:.0f}", f"{r['growth_mib']:.0f}", ratio,
+                     f"{r['s_per_step']:.2f}"])
+    print(format_markdown(header, rows))
 
 
 if __name__ == "__main__":

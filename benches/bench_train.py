@@ -49,7 +49,7 @@ What it does
 * Each configuration runs in its own child process (no thread pools fighting, clean peak RSS). Each
   iteration is timed on its own with ``time.perf_counter``; the table gives the median and mean
   seconds per iteration, images/s = batch / median, dino_rs / PyTorch = ratio of the medians at equal
-  threads (target, DESIGN.md section 5: <= 1.0), CPU cores busy during the timed iterations (ours and
+  threads (target, docs/design.md, Performance targets: <= 1.0), CPU cores busy during the timed iterations (ours and
   other processes', from /proc; "other" well above 0 means the numbers are pessimistic), peak RSS
   (``getrusage(RUSAGE_SELF).ru_maxrss`` at the end of the child), and the first and last timed loss.
 * Writes the table, with date, machine, command and versions, between the markers
@@ -63,13 +63,27 @@ import datetime
 import json
 import os
 import platform
-import resource
 import shlex
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (  # noqa: E402
+    CONTENDED,
+    format_markdown,
+    format_text,
+    machine_line,
+    proc_cpu_s,
+    rss_mib,
+    source_state,
+    system_busy_s,
+    wait_for_idle,
+    write_results,
+)
 
 START_MARK = "<!-- train-bench:start -->"
 END_MARK = "<!-- train-bench:end -->"
@@ -110,33 +124,6 @@ CONFIG = dict(
     model_seed=0,
 )
 
-_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-# --------------------------------------------------------------------------------------------------
-# CPU accounting
-# --------------------------------------------------------------------------------------------------
-
-
-def _proc_cpu_s(pid="self") -> float:
-    """user + system CPU seconds of a process (all its threads) from /proc/<pid>/stat."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _CLK_TCK
-    except (OSError, IndexError, ValueError):
-        return 0.0
-
-
-def _system_busy_s() -> float:
-    """Machine-wide busy CPU seconds (user + nice + system + irq + softirq) from /proc/stat."""
-    try:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-        return (v[0] + v[1] + v[2] + v[5] + v[6]) / _CLK_TCK
-    except (OSError, IndexError, ValueError):
-        return 0.0
-
 
 def make_inputs():
     import numpy as np
@@ -157,15 +144,15 @@ def time_steps(step, warmup: int, steps: int) -> dict:
     """Runs ``step()`` (returns the loss) ``warmup`` times, then times ``steps`` calls one by one."""
     for _ in range(warmup):
         step()
-    cpu0, sys0, t0 = _proc_cpu_s(), _system_busy_s(), time.perf_counter()
+    cpu0, sys0, t0 = proc_cpu_s(), system_busy_s(), time.perf_counter()
     times, losses = [], []
     for _ in range(steps):
         t = time.perf_counter()
         losses.append(float(step()))
         times.append(time.perf_counter() - t)
     elapsed = time.perf_counter() - t0
-    ours = (_proc_cpu_s() - cpu0) / elapsed
-    machine = (_system_busy_s() - sys0) / elapsed
+    ours = (proc_cpu_s() - cpu0) / elapsed
+    machine = (system_busy_s() - sys0) / elapsed
     return {"times": times, "losses": losses, "cores_ours": ours, "cores_other": max(0.0, machine - ours)}
 
 
@@ -237,7 +224,7 @@ def child_main(args) -> None:
         res = run_dino_rs(threads, args.warmup, args.steps)
     else:
         raise SystemExit(f"unknown framework {args.child!r}")
-    res["rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    res["rss_mib"] = rss_mib()
     res["env"] = {k: os.environ.get(k) for k in THREAD_VARS}
     print("RESULT " + json.dumps(res), flush=True)
 
@@ -248,7 +235,6 @@ def child_main(args) -> None:
 
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "RAYON_NUM_THREADS",
                "DINO_RS_NUM_THREADS")
-CONTENDED = 0.2  # cores used by other processes above which the machine does not count as idle
 LABEL = {"torch": "PyTorch eager fp32", "dino_rs": "dino_rs"}
 
 
@@ -275,40 +261,6 @@ def run_child(framework: str, threads: int, args) -> dict:
     return res
 
 
-def wait_for_idle(budget: list) -> None:
-    """Waits (from a shared budget of seconds) until other processes use < CONTENDED cores for 1 s."""
-    waited = False
-    while True:
-        t0, s0 = time.perf_counter(), _system_busy_s()
-        time.sleep(1.0)
-        dt = time.perf_counter() - t0
-        other = (_system_busy_s() - s0) / dt
-        if other < CONTENDED or budget[0] <= 0:
-            if waited:
-                print(f"  machine {'idle' if other < CONTENDED else 'still busy'} ({other:.2f} cores used by others)",
-                      flush=True)
-            return
-        if not waited:
-            print(f"  other processes use {other:.2f} cores: waiting up to {budget[0]:.0f} s for them", flush=True)
-            waited = True
-        budget[0] -= dt
-
-
-LIBRARY_PATHS = ("src", "python", "Cargo.toml", "Cargo.lock", "pyproject.toml")
-
-
-def source_state() -> str:
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", *LIBRARY_PATHS], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout)"
-    return f"git {head}" + (" with uncommitted library changes" if dirty else "")
-
-
 def extension_info() -> tuple[str | None, str | None]:
     """(build time of the installed extension, warning when it is older than this checkout's Rust sources)."""
     import importlib.util
@@ -330,32 +282,6 @@ def extension_info() -> tuple[str | None, str | None]:
             return when, (f"the installed dino_rs extension ({libs[0]}) is older than {newest.relative_to(root)}: "
                           f"the numbers may not reflect this checkout (reinstall with `pip install .`)")
     return when, None
-
-
-def machine_info() -> str:
-    kv = {}
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True,
-                             env={**os.environ, "LC_ALL": "C"}).stdout
-        for line in out.splitlines():
-            if ":" in line:
-                k, v = line.split(":", 1)
-                kv.setdefault(k.strip(), v.strip())
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    model = kv.get("Model name", platform.processor() or platform.machine())
-    cpus = kv.get("CPU(s)", str(os.cpu_count()))
-    try:
-        cores = int(kv["Core(s) per socket"]) * int(kv.get("Socket(s)", 1))
-        cores_txt = f" ({cores} cores, {kv.get('Thread(s) per core', '1')} thread(s) per core)"
-    except (KeyError, ValueError):
-        cores_txt = ""
-    flags = kv.get("Flags", "").split()
-    isa = "AVX-512" if "avx512f" in flags else ("AVX2" if "avx2" in flags else "no AVX2")
-    hyp = f", {kv['Hypervisor vendor']} VM" if kv.get("Hypervisor vendor") else ""
-    caches = ", ".join(f"{k.split()[0]} {kv[k]}" for k in ("L2 cache", "L3 cache") if k in kv)
-    return f"{model}, {cpus} CPUs{cores_txt}, {isa}{hyp}" + (f"; {caches}" if caches else "") + \
-        f"; Linux {platform.release()}"
 
 
 def versions() -> str:
@@ -407,31 +333,6 @@ def build_table(summary: dict, threads_list: list[int], frameworks: list[str]):
                          f"{b / s['median']:.1f}", ratio, f"{s['cores_ours']:.2f} / {s['cores_other']:.2f}",
                          f"{s['rss_mib']:.0f}", f"{s['loss_first']:.4f} -> {s['loss_last']:.4f}"])
     return header, rows
-
-
-def format_text(header, rows) -> str:
-    rows = [[c.replace("**", "") for c in r] for r in rows]
-    widths = [max(len(header[i]), *(len(r[i]) for r in rows)) for i in range(len(header))]
-    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
-                                   for i, (c, w) in enumerate(zip(cells, widths)))
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
-
-
-def format_markdown(header, rows) -> str:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
-    out += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(out)
-
-
-def write_results(path: Path, section: str) -> None:
-    block = f"{START_MARK}\n{section.rstrip()}\n{END_MARK}"
-    text = path.read_text() if path.exists() else ""
-    start, end = text.find(START_MARK), text.find(END_MARK)
-    if start != -1 and end != -1 and end > start:
-        text = text[:start] + block + text[end + len(END_MARK):]
-    else:
-        text = (text.rstrip() + "\n\n" if text.strip() else "# Benchmark results\n\n") + block + "\n"
-    path.write_text(text)
 
 
 def main() -> None:
@@ -524,7 +425,7 @@ def main() -> None:
         "## CPU training iteration: dino_rs vs PyTorch eager fp32",
         "",
         f"- Date: {today}",
-        f"- Machine: {machine_info()}",
+        f"- Machine: {machine_line()}",
         f"- Versions: {vers}" + (f" (extension built {built})" if built else ""),
         f"- Command (repository root): `{command}`; source: {source_state()}",
         f"- Workload (config `{c['name']}`): batch {c['batch_size']}, {c['n_global']} global crops "
@@ -541,7 +442,7 @@ def main() -> None:
         f"{args.warmup} warm-up + {args.steps} timed iterations x {args.rounds} round(s); timed iterations are "
         "past epoch 0, so the last layer is updated.",
         "- images/s = batch / median iteration time (each image = 8 crops). dino_rs / PyTorch = ratio of median "
-        "iteration times at equal threads; **target (DESIGN.md section 5): <= 1.0x**. CPU \"other\" = machine-wide busy "
+        "iteration times at equal threads; **target (docs/design.md, Performance targets): <= 1.0x**. CPU \"other\" = machine-wide busy "
         "cores not used by the measured process (should be ~0). Peak RSS = `ru_maxrss` of the child at its end.",
         "",
         format_markdown(header, rows),
@@ -553,7 +454,7 @@ def main() -> None:
                   "the affected numbers are pessimistic."]
     if stale:
         lines += ["", "Note: " + stale + "."]
-    write_results(args.results, "\n".join(lines))
+    write_results(args.results, "\n".join(lines), START_MARK, END_MARK)
     print(f"\nwrote {args.results}")
 
 

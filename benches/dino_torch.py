@@ -1,6 +1,12 @@
-"""The official DINO training iteration in PyTorch, written out for the benchmarks (facebookresearch/dino:
-vision_transformer.py, main_dino.py's ``train_one_epoch`` and utils.py): bench_train.py runs it on the
-CPU in fp32, bench_gpu.py on a GPU under bf16 autocast. Only torch and numpy are imported."""
+"""The project's one PyTorch port of the official DINO code (facebookresearch/dino: vision_transformer.py,
+main_dino.py's ``train_one_epoch`` and utils.py), with the official state-dict key names and the official
+initialisation, so that the same weights come out of the same seed.
+
+Two kinds of callers rely on it staying faithful: tests/fixtures/make_fixtures.py builds the golden
+fixtures that dino_rs is tested against from these classes and functions, and the benchmarks compare
+dino_rs with ``build_iteration`` (bench_train.py on the CPU in fp32, bench_gpu.py and bench_memory.py
+under bf16 autocast). A change here that alters any number changes the fixtures: regenerate them and
+check the difference. Only torch and numpy are imported."""
 
 from __future__ import annotations
 
@@ -14,6 +20,8 @@ import torch.nn.functional as F
 
 
 def trunc_normal_(t, std=0.02):
+    # The official trunc_normal_(std=.02) passes absolute bounds a=-2, b=2: 100 standard deviations, so in
+    # effect no truncation. dino_rs draws its init the same way.
     return nn.init.trunc_normal_(t, mean=0.0, std=std, a=-2.0, b=2.0)
 
 def drop_path(x, drop_prob: float = 0.0, training: bool = False):
@@ -92,8 +100,10 @@ class Block(nn.Module):
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
 
-    def forward(self, x):
+    def forward(self, x, return_attention=False):
         y, attn = self.attn(self.norm1(x))
+        if return_attention:
+            return attn
         x = x + self.drop_path(y)
         x = x + self.drop_path(self.mlp(self.norm2(x)))
         return x
@@ -133,6 +143,7 @@ class VisionTransformer(nn.Module):
 
     @staticmethod
     def _init_weights(m):
+        # The patch embedding's Conv2d keeps PyTorch's default init, as in the official code.
         if isinstance(m, nn.Linear):
             trunc_normal_(m.weight)
             if m.bias is not None:
@@ -142,6 +153,11 @@ class VisionTransformer(nn.Module):
             nn.init.constant_(m.weight, 1.0)
 
     def interpolate_pos_encoding(self, x, w, h):
+        # `w` is the image height (dim 2) and `h` its width (dim 3), following the official naming. The
+        # official call passes scale_factor and leaves align_corners and recompute_scale_factor at None, so
+        # (since torch 1.6) the output size is floor(side * scale_factor) and the kernel samples at
+        # 1 / scale_factor, not side / out_size: the +0.1 moves the sampling positions. dino_rs ports this
+        # formula; make_fixtures.py's bicubic_reference writes it out and checks it against this call.
         npatch = x.shape[1] - 1
         N = self.pos_embed.shape[1] - 1
         if npatch == N and w == h:
@@ -176,6 +192,14 @@ class VisionTransformer(nn.Module):
         x = self.norm(x)
         return x[:, 0]
 
+    def get_last_selfattention(self, x):
+        x = self.prepare_tokens(x)
+        for i, blk in enumerate(self.blocks):
+            if i < len(self.blocks) - 1:
+                x = blk(x)
+            else:
+                return blk(x, return_attention=True)
+
 class DINOHead(nn.Module):
     def __init__(self, in_dim, out_dim, norm_last_layer=True, nlayers=3, hidden_dim=2048, bottleneck_dim=256):
         super().__init__()
@@ -186,6 +210,9 @@ class DINOHead(nn.Module):
         layers.append(nn.Linear(hidden_dim, bottleneck_dim))
         self.mlp = nn.Sequential(*layers)
         self.apply(self._init_weights)
+        # The old weight_norm API (deprecated, still present) names the parameters weight_g and weight_v as
+        # the official checkpoints do; weight = weight_g * weight_v / ||weight_v|| per output row. The
+        # Linear's own weight keeps PyTorch's default (kaiming-uniform) init, as in the official code.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self.last_layer = nn.utils.weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
@@ -270,7 +297,9 @@ def cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epoch
         warmup_schedule = np.linspace(start_warmup_value, base_value, warmup_iters)
     iters = np.arange(epochs * niter_per_ep - warmup_iters)
     schedule = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * iters / len(iters)))
-    return np.concatenate((warmup_schedule, schedule))
+    schedule = np.concatenate((warmup_schedule, schedule))
+    assert len(schedule) == epochs * niter_per_ep
+    return schedule
 
 def get_params_groups(model):
     regularized, not_regularized = [], []
@@ -284,22 +313,29 @@ def get_params_groups(model):
     return [{"params": regularized}, {"params": not_regularized, "weight_decay": 0.0}]
 
 def clip_gradients(model, clip):
-    norms = []
+    # The official function returns a list of the norms; keyed by name they can be recorded in the fixtures.
+    norms = {}
     for name, p in model.named_parameters():
         if p.grad is not None:
             param_norm = p.grad.data.norm(2)
-            norms.append(param_norm.item())
+            norms[name] = param_norm.item()
             clip_coef = clip / (param_norm + 1e-6)
             if clip_coef < 1:
                 p.grad.data.mul_(clip_coef)
     return norms
 
 def cancel_gradients_last_layer(epoch, model, freeze_last_layer):
+    """Drops the last layer's gradients while ``epoch < freeze_last_layer``; returns the names of the
+    parameters whose gradient it dropped (the official function returns nothing)."""
     if epoch >= freeze_last_layer:
-        return
+        return []
+    cancelled = []
     for n, p in model.named_parameters():
         if "last_layer" in n:
+            if p.grad is not None:
+                cancelled.append(n)
             p.grad = None
+    return cancelled
 
 
 def build_iteration(c: dict, epochs: int, niter_per_ep: int, crops, device: str = "cpu", autocast_dtype=None):

@@ -13,8 +13,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
+from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import format_markdown  # noqa: E402
 
 CONFIGS = {
     # benches/bench_train.py's "small32"
@@ -60,10 +66,9 @@ def main() -> None:
     total = sum(med.values())
     print(f"config {args.config}, device {args.device}, dtype {args.dtype}, threads {dr.get_num_threads()}, "
           f"batch {c['batch']}; median of {args.steps} profiled steps after {args.warmup} warm-up")
-    print("| phase | ms | share |\n|---|---:|---:|")
-    for k in phases:
-        print(f"| {k[len('time_'):]} | {med[k] * 1e3:.1f} | {100 * med[k] / total:.0f}% |")
-    print(f"| sum | {total * 1e3:.1f} | |")
+    rows = [[k[len("time_"):], f"{med[k] * 1e3:.1f}", f"{100 * med[k] / total:.0f}%"] for k in phases]
+    rows.append(["sum", f"{total * 1e3:.1f}", ""])
+    print(format_markdown(["phase", "ms", "share"], rows))
 
 
 if __name__ == "__main__":
