@@ -71,6 +71,15 @@ impl Error {
     }
 }
 
+/// Returns `InvalidArgument` unless `cond` holds; keeps argument validation one line per rule.
+pub(crate) fn ensure(cond: bool, message: impl FnOnce() -> String) -> Result<()> {
+    if cond {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(message()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -82,14 +91,5 @@ mod tests {
         assert!(tensor("cudaMalloc: out of memory").is_out_of_memory());
         assert!(!tensor("DriverError(CUDA_ERROR_ILLEGAL_ADDRESS, \"an illegal memory access\")").is_out_of_memory());
         assert!(!Error::invalid("out of memory budget: max_pixels").is_out_of_memory());
-    }
-}
-
-/// Returns `InvalidArgument` unless `cond` holds; keeps argument validation one line per rule.
-pub(crate) fn ensure(cond: bool, message: impl FnOnce() -> String) -> Result<()> {
-    if cond {
-        Ok(())
-    } else {
-        Err(Error::InvalidArgument(message()))
     }
 }
