@@ -1,25 +1,15 @@
-//! With the `cuda` feature, compiles dino_rs's own CUDA kernels (src/ops/cuda/*.cu) to PTX, which
-//! the driver loads at run time. The default (CPU) build needs no CUDA toolkit.
+//! With the `cuda` feature, compiles dino_rs's own CUDA kernels (every src/ops/cuda/*.cu) to PTX,
+//! which the driver loads at run time, and writes the registry that embeds them
+//! (`$OUT_DIR/kernels.rs`, included by src/ops/kernels.rs): a new `.cu` file needs no list edited.
+//! The default (CPU) build needs no CUDA toolkit.
 
 use std::path::PathBuf;
 use std::process::Command;
 
-/// The kernel sources in src/ops/cuda, each compiled to `$OUT_DIR/<name>.ptx`.
-const KERNELS: &[&str] = &[
-    "update",
-    "gelu",
-    "residual",
-    "layer_norm",
-    "softmax",
-    "attention",
-    "pixels",
-    "weight_norm",
-    "bias",
-    "pack",
-];
+const KERNEL_DIR: &str = "src/ops/cuda";
 
 fn main() {
-    println!("cargo:rerun-if-changed=src/ops/cuda");
+    println!("cargo:rerun-if-changed={KERNEL_DIR}");
     println!("cargo:rerun-if-env-changed=NVCC");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
@@ -29,9 +19,21 @@ fn main() {
     let nvcc = std::env::var("NVCC").unwrap_or_else(|_| "nvcc".into());
     // The driver JIT-compiles PTX for the card it finds; this only sets the oldest it may be.
     let arch = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "80".into());
-    for name in KERNELS {
-        let src = format!("src/ops/cuda/{name}.cu");
-        let ptx = out.join(format!("{name}.ptx"));
+    let mut stems: Vec<String> = std::fs::read_dir(KERNEL_DIR)
+        .unwrap_or_else(|e| panic!("reading {KERNEL_DIR}: {e}"))
+        .filter_map(|entry| {
+            let path = entry.expect("a directory entry").path();
+            (path.extension()? == "cu").then(|| path.file_stem()?.to_str().map(str::to_owned))?
+        })
+        .collect();
+    stems.sort();
+    let mut registry = String::from(
+        "/// Every src/ops/cuda/*.cu as (file stem, CUDA module name, PTX); written by build.rs.\n\
+         pub(crate) const MODULES: &[(&str, &str, &str)] = &[\n",
+    );
+    for stem in &stems {
+        let src = format!("{KERNEL_DIR}/{stem}.cu");
+        let ptx = out.join(format!("{stem}.ptx"));
         let status = Command::new(&nvcc)
             .args(["--ptx", "-O3", &format!("-arch=compute_{arch}"), "-o"])
             .arg(&ptx)
@@ -39,5 +41,11 @@ fn main() {
             .status()
             .unwrap_or_else(|e| panic!("running {nvcc} for {src} (the cuda feature needs nvcc: set NVCC): {e}"));
         assert!(status.success(), "{nvcc} failed on {src}");
+        registry += &format!(
+            "    ({stem:?}, \"dino_rs_{stem}\", include_str!({:?})),\n",
+            ptx.display().to_string()
+        );
     }
+    registry += "];\n";
+    std::fs::write(out.join("kernels.rs"), registry).expect("writing kernels.rs");
 }

@@ -665,3 +665,36 @@ fn portable_transformer_blocks_of_two_resolutions_share_their_parameters() -> Re
     }
     Ok(())
 }
+
+/// candle keys nothing by an op's name, but a profile or an error message names the op by it: two
+/// different ops must not share one (a LayerNorm and a softmax backward once did).
+#[test]
+fn every_custom_op_has_a_name_of_its_own() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/src/ops");
+    let mut names: Vec<(String, String)> = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "rs") {
+            continue;
+        }
+        let source = std::fs::read_to_string(&path).unwrap();
+        let mut lines = source.lines();
+        while let Some(line) = lines.next() {
+            if line.trim() == "fn name(&self) -> &'static str {" {
+                let body = lines.next().unwrap().trim();
+                if let Some(name) = body.strip_prefix('"').and_then(|b| b.strip_suffix('"')) {
+                    names.push((name.to_string(), path.display().to_string()));
+                }
+            }
+        }
+    }
+    assert!(names.len() >= 20, "found only {names:?}");
+    names.sort();
+    for pair in names.windows(2) {
+        assert_ne!(
+            pair[0].0, pair[1].0,
+            "{} and {} name their ops alike",
+            pair[0].1, pair[1].1
+        );
+    }
+}

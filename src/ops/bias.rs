@@ -130,9 +130,6 @@ mod cuda {
     use super::super::cuda::view;
     use super::super::launch;
 
-    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/bias.ptx"));
-    const MODULE: &str = "dino_rs_bias";
-
     /// f32 column sums of a contiguous (rows, d) f32 or bf16 tensor.
     pub(super) struct ColumnSums;
 
@@ -159,7 +156,7 @@ mod cuda {
                 DType::BF16 => "dino_column_sums_bf16",
                 other => candle_core::bail!("column sums: no CUDA kernel for {other:?}"),
             };
-            let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
+            let func = crate::ops::kernels::kernel!(dev, "bias", name)?;
             let mut builder = func.builder();
             let (gf, gh);
             if s.dtype() == DType::F32 {
@@ -173,7 +170,7 @@ mod cuda {
             // SAFETY: the arguments follow dino_column_sums_<dtype>'s signature; g holds rows × d
             // values, partial tiles × d.
             unsafe { builder.launch(cols.into()) }.w()?;
-            let func = dev.get_or_load_custom_func("dino_column_sums_total", MODULE, PTX)?;
+            let func = crate::ops::kernels::kernel!(dev, "bias", "dino_column_sums_total")?;
             let mut builder = func.builder();
             builder.arg(&partial).arg(&out).arg(&t).arg(&dd);
             // SAFETY: the arguments follow dino_column_sums_total's signature.

@@ -234,9 +234,6 @@ mod cuda {
     use super::super::cuda::view;
     use super::super::launch;
 
-    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
-    const MODULE: &str = "dino_rs_attention";
-
     /// The output and, with `keep`, the rows' log-sum-exps.
     pub(super) fn forward(
         s: &CudaStorage,
@@ -248,7 +245,7 @@ mod cuda {
         let dev = s.device();
         let (b, n, c3) = l.shape().dims3()?;
         let qkv = view::<half::bf16>(s, l, "attention")?;
-        let func = dev.get_or_load_custom_func("dino_attention_fwd_bf16", MODULE, PTX)?;
+        let func = crate::ops::kernels::kernel!(dev, "attention", "dino_attention_fwd_bf16")?;
         // SAFETY: the kernel writes every element (each token of each head), and every row's
         // log-sum-exp.
         let out = unsafe { dev.alloc::<half::bf16>(b * n * c3 / 3)? };
@@ -298,14 +295,14 @@ mod cuda {
         let dot = unsafe { dev.alloc::<f32>(rows)? };
         let dqkv = unsafe { dev.alloc::<half::bf16>(b * n * c3)? };
         let r = rows as u32;
-        let f = dev.get_or_load_custom_func("dino_attention_bwd_dot", MODULE, PTX)?;
+        let f = crate::ops::kernels::kernel!(dev, "attention", "dino_attention_bwd_dot")?;
         let mut builder = f.builder();
         builder.arg(&out).arg(&grad).arg(&dot).arg(&r);
         // SAFETY: the arguments follow dino_attention_bwd_dot's signature; out and grad hold rows × 64.
         unsafe { builder.launch(launch::row_blocks(rows).into()) }.w()?;
         let (tokens, h) = (n as u32, heads as u32);
         for name in ["dino_attention_bwd_dkdv", "dino_attention_bwd_dq"] {
-            let f = dev.get_or_load_custom_func(name, MODULE, PTX)?;
+            let f = crate::ops::kernels::kernel!(dev, "attention", name)?;
             let mut builder = f.builder();
             builder
                 .arg(&qkv)

@@ -14,17 +14,7 @@
 
 use candle_core::{Result, Tensor};
 
-use super::launch::CHUNK;
-use super::update::AdamWStep;
-
-/// One parameter's AdamW update: the parameter, its moments and gradient, and its step's scalars.
-pub struct AdamWItem<'a> {
-    pub param: &'a Tensor,
-    pub m: &'a Tensor,
-    pub v: &'a Tensor,
-    pub grad: &'a Tensor,
-    pub step: AdamWStep,
-}
+use super::launch::{AdamWItem, CHUNK};
 
 /// Whether the kernels take `tensors`: a CUDA build with the kernels on, and every tensor f32 on
 /// CUDA, contiguous, and small enough for the kernels' 32-bit indices.
@@ -103,9 +93,7 @@ mod cuda {
     use super::super::cuda::device_ptr;
 
     use super::super::launch::{self, chunk_table, foreach_blocks};
-    use super::{AdamWItem, AdamWStep};
-
-    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/update.ptx"));
+    use super::super::launch::{AdamWItem, AdamWStep};
 
     fn cuda_device(t: &Tensor) -> Result<CudaDevice> {
         Ok(t.device().as_cuda_device()?.clone())
@@ -128,7 +116,7 @@ mod cuda {
             return Ok(());
         }
         let records = dev.clone_htod(&rec)?;
-        let func = dev.get_or_load_custom_func("dino_adamw_foreach", "dino_rs_update", PTX)?;
+        let func = crate::ops::kernels::kernel!(dev, "update", "dino_adamw_foreach")?;
         let [keep1, beta2, keep2, eps] = launch::adamw_scalars(&s);
         let mut b = func.builder();
         b.arg(&records)
@@ -153,7 +141,7 @@ mod cuda {
             return Ok(());
         }
         let records = dev.clone_htod(&rec)?;
-        let func = dev.get_or_load_custom_func("dino_ema_foreach", "dino_rs_update", PTX)?;
+        let func = crate::ops::kernels::kernel!(dev, "update", "dino_ema_foreach")?;
         let (m, keep) = (momentum as f32, (1.0 - momentum) as f32);
         let mut b = func.builder();
         b.arg(&records).arg(&table).arg(&m).arg(&keep);
@@ -173,13 +161,13 @@ mod cuda {
         let records = dev.clone_htod(&rec)?;
         // SAFETY: dino_sumsq_foreach writes every entry before dino_clip_foreach reads it.
         let partial = unsafe { dev.alloc::<f32>(count as usize) }?;
-        let sumsq = dev.get_or_load_custom_func("dino_sumsq_foreach", "dino_rs_update", PTX)?;
+        let sumsq = crate::ops::kernels::kernel!(dev, "update", "dino_sumsq_foreach")?;
         let mut b = sumsq.builder();
         b.arg(&records).arg(&table).arg(&partial);
         // SAFETY: the arguments follow dino_sumsq_foreach's signature (records as in `adamw`, one
         // partial sum per chunk), launched with the 256 threads its reduction needs.
         unsafe { b.launch(foreach_blocks(count).into()) }.w()?;
-        let scale = dev.get_or_load_custom_func("dino_clip_foreach", "dino_rs_update", PTX)?;
+        let scale = crate::ops::kernels::kernel!(dev, "update", "dino_clip_foreach")?;
         let clip = clip as f32;
         let mut b = scale.builder();
         b.arg(&records).arg(&table).arg(&partial).arg(&clip);
@@ -192,6 +180,7 @@ mod cuda {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::launch::AdamWStep;
 
     #[test]
     fn the_cpu_updates_parameter_by_parameter() -> Result<()> {

@@ -150,8 +150,6 @@ mod cuda {
 
     use super::super::cuda::{grid_stride, view};
 
-    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/gelu.ptx"));
-
     /// Runs `<name>_f32` or `<name>_bf16` of gelu.cu: the inputs (the first sets the element
     /// count), then a new output, the count and the row width `d`.
     pub(super) fn run(name: &str, inputs: &[(&CudaStorage, &Layout)], d: usize) -> Result<CudaStorage> {
@@ -170,7 +168,7 @@ mod cuda {
         inputs: &[(&CudaStorage, &Layout)],
         d: usize,
     ) -> Result<CudaStorage> {
-        let func = dev.get_or_load_custom_func(name, "dino_rs_gelu", PTX)?;
+        let func = crate::ops::kernels::kernel!(dev, "gelu", name)?;
         let mut views = Vec::with_capacity(inputs.len());
         for (s, l) in inputs {
             views.push(view::<T>(s, l, name)?);

@@ -5,8 +5,28 @@
 
 use candle_core::{Result, Tensor};
 
-use super::foreach::AdamWItem;
-use super::update::AdamWStep;
+/// The scalars of one AdamW step, already as PyTorch forms them.
+#[derive(Debug, Clone, Copy)]
+pub struct AdamWStep {
+    /// 1 − lr·weight_decay
+    pub decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    /// √(1 − β2^t)
+    pub bias_correction2_sqrt: f64,
+    pub eps: f64,
+    /// lr / (1 − β1^t)
+    pub step_size: f64,
+}
+
+/// One parameter's AdamW update: the parameter, its moments and gradient, and its step's scalars.
+pub struct AdamWItem<'a> {
+    pub param: &'a Tensor,
+    pub m: &'a Tensor,
+    pub v: &'a Tensor,
+    pub grad: &'a Tensor,
+    pub step: AdamWStep,
+}
 
 /// A kernel's grid and block, in blocks and threads per dimension (x, y, z).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -236,6 +256,36 @@ pub fn pack_parts(parts: &[(u64, usize, bool)]) -> Result<(PackParts, usize, Lau
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The value of `#define NAME value` in a kernel source (the leading integer).
+    fn defined(source: &str, name: &str) -> usize {
+        let line = source
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(&format!("#define {name} ")))
+            .unwrap_or_else(|| panic!("no #define {name}"));
+        let digits: String = line.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse().unwrap_or_else(|_| panic!("#define {name} {line}"))
+    }
+
+    #[test]
+    fn the_launch_shapes_are_the_kernels_own() {
+        // Defined once on each side: the kernels index by theirs, the launches size by these.
+        let common = include_str!("cuda/common.cuh");
+        assert_eq!(defined(common, "ROWS_PER_BLOCK"), ROWS_PER_BLOCK);
+        assert_eq!(defined(include_str!("cuda/pack.cu"), "PACK_PARTS"), PACK_PARTS);
+        for (name, source) in [
+            ("bias", include_str!("cuda/bias.cu")),
+            ("layer_norm", include_str!("cuda/layer_norm.cu")),
+            ("softmax", include_str!("cuda/softmax.cu")),
+            ("weight_norm", include_str!("cuda/weight_norm.cu")),
+        ] {
+            assert!(source.contains("#include \"common.cuh\""), "{name}.cu");
+            assert!(
+                !source.contains("#define ROWS_PER_BLOCK"),
+                "{name}.cu defines its own ROWS_PER_BLOCK"
+            );
+        }
+    }
 
     #[test]
     fn the_chunk_table_covers_every_element_once_tensor_by_tensor() {

@@ -38,6 +38,8 @@ mod flash_attention;
 mod foreach;
 mod gelu;
 mod gelu_portable;
+#[cfg(feature = "cuda")]
+mod kernels;
 #[doc(hidden)]
 pub mod launch;
 mod layer_norm;
@@ -62,8 +64,9 @@ pub use block::{transformer_block, BLOCK_PARAMS};
 pub use block_portable::transformer_block as transformer_block_portable;
 pub use cross_entropy::{dino_cross_entropy, dino_loss_rows};
 pub use flash_attention::{attention_composed, flash_attention};
-pub use foreach::{adamw_foreach, clip_foreach, ema_foreach, AdamWItem};
+pub use foreach::{adamw_foreach, clip_foreach, ema_foreach};
 pub use gelu::{bias_gelu, gelu_erf};
+pub use launch::{AdamWItem, AdamWStep};
 pub use layer_norm::{layer_norm, layer_norm_lowered};
 pub use linear::linear;
 pub use linear_residual::linear_residual;
@@ -71,7 +74,7 @@ pub use parity::kernel_parity;
 pub use pixels::normalize_u8;
 pub use residual::{residual, residual_with_mask};
 pub use softmax::{attention_probabilities, softmax_last_dim};
-pub use update::{adamw_update, ema_update, AdamWStep};
+pub use update::{adamw_update, ema_update};
 pub use weight_norm::{weight_norm, weight_norm_backward, weight_norm_to};
 
 use candle_core::{backend::BackendStorage, bail, CpuStorage, Layout, Result, Tensor};

@@ -143,8 +143,6 @@ mod cuda {
     use super::super::cuda::device_ptr;
     use super::super::launch::{self, PackParts, PACK_PARTS};
 
-    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/pack.ptx"));
-
     // SAFETY: `#[repr(C)]` plain data laid out as pack.cu's PackParts (launch.rs).
     unsafe impl DeviceRepr for PackParts {}
 
@@ -176,7 +174,7 @@ mod cuda {
         }
         // SAFETY: the kernel writes every element: the parts' lengths add up to `total`.
         let out = unsafe { dev.alloc::<f32>(total) }?;
-        let func = dev.get_or_load_custom_func("dino_pack_f32", "dino_rs_pack", PTX)?;
+        let func = crate::ops::kernels::kernel!(dev, "pack", "dino_pack_f32")?;
         let mut builder = func.builder();
         builder.arg(&args).arg(&out);
         // SAFETY: the arguments follow dino_pack_f32's signature; each part's address holds its n

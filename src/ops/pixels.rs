@@ -50,7 +50,6 @@ impl CustomOp2 for NormalizeU8 {
         use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
         use candle_core::cuda_backend::WrapErr;
 
-        const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/pixels.ptx"));
         let dev = px.device();
         let (_, _, h, w) = lp.shape().dims4()?;
         let n = lp.shape().elem_count();
@@ -58,7 +57,7 @@ impl CustomOp2 for NormalizeU8 {
             super::cuda::view::<u8>(px, lp, "normalize pixels")?,
             super::cuda::view::<f32>(table, lt, "normalize table")?,
         );
-        let func = dev.get_or_load_custom_func("dino_normalize_u8", "dino_rs_pixels", PTX)?;
+        let func = crate::ops::kernels::kernel!(dev, "pixels", "dino_normalize_u8")?;
         // SAFETY: the kernel writes every element.
         let out = unsafe { dev.alloc::<f32>(n)? };
         let (count, plane) = (n as u32, (h * w) as u32);

@@ -176,7 +176,6 @@ pub(super) mod cuda {
 
     use super::super::cuda::{grid_stride, view};
 
-    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/residual.ptx"));
     const OP: &str = "residual";
 
     pub(in crate::ops) fn run(
@@ -194,7 +193,7 @@ pub(super) mod cuda {
             Some(_) => format!("dino_residual_masked_{suffix}"),
             None => format!("dino_residual_{suffix}"),
         };
-        let func = dev.get_or_load_custom_func(&name, "dino_rs_residual", PTX)?;
+        let func = crate::ops::kernels::kernel!(dev, "residual", &name)?;
         let n = lx.shape().elem_count();
         let xs = view::<f32>(x, lx, OP)?;
         // SAFETY: the kernel writes every element.
@@ -252,7 +251,7 @@ pub(super) mod cuda {
             DType::BF16 => "dino_residual_bias_bf16",
             other => candle_core::bail!("residual: no CUDA kernel for a {other:?} branch"),
         };
-        let func = dev.get_or_load_custom_func(name, "dino_rs_residual", PTX)?;
+        let func = crate::ops::kernels::kernel!(dev, "residual", name)?;
         let xs = view::<f32>(x, lx, OP)?;
         // SAFETY: the kernel writes every element.
         let out = unsafe { dev.alloc::<f32>(n)? };

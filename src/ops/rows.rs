@@ -187,7 +187,7 @@ struct LayerNormBackward {
 
 impl CustomOp3 for LayerNormBackward {
     fn name(&self) -> &'static str {
-        "dino-layer-norm-backward"
+        "dino-layer-norm-backward-portable"
     }
 
     fn cpu_fwd(
@@ -305,7 +305,7 @@ struct SoftmaxBackward {
 
 impl CustomOp2 for SoftmaxBackward {
     fn name(&self) -> &'static str {
-        "dino-softmax-backward"
+        "dino-softmax-backward-portable"
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
@@ -392,7 +392,6 @@ mod cuda {
         }
     }
 
-    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/layer_norm.ptx"));
     /// One warp per row (src/ops/launch.rs).
     fn row_blocks(rows: usize) -> LaunchConfig {
         launch::row_blocks(rows).into()
@@ -421,7 +420,7 @@ mod cuda {
             let (r, d) = (rows as u32, cols as u32);
             macro_rules! launch {
                 ($t:ty, $name:literal) => {{
-                    let func = dev.get_or_load_custom_func($name, "dino_rs_layer_norm", PTX)?;
+                    let func = crate::ops::kernels::kernel!(dev, "layer_norm", $name)?;
                     // SAFETY: every element is written by the kernel.
                     let dst = unsafe { dev.alloc::<$t>(rows * cols)? };
                     let mut builder = func.builder();
@@ -490,7 +489,7 @@ mod cuda {
         let partial_db = unsafe { dev.alloc::<f32>(tiles * d)? };
         let (r, dd, tr, t) = (rows as u32, d as u32, launch::TILE_ROWS as u32, tiles as u32);
         {
-            let func = dev.get_or_load_custom_func("dino_layer_norm_bwd_rows", "dino_rs_layer_norm", PTX)?;
+            let func = crate::ops::kernels::kernel!(dev, "layer_norm", "dino_layer_norm_bwd_rows")?;
             let mut dx = out.slice_mut(0..n);
             let mut builder = func.builder();
             builder
@@ -507,7 +506,7 @@ mod cuda {
             unsafe { builder.launch(rows_cfg.into()) }.w()?;
         }
         {
-            let func = dev.get_or_load_custom_func("dino_layer_norm_bwd_cols", "dino_rs_layer_norm", PTX)?;
+            let func = crate::ops::kernels::kernel!(dev, "layer_norm", "dino_layer_norm_bwd_cols")?;
             let mut builder = func.builder();
             builder
                 .arg(&x)
@@ -523,7 +522,7 @@ mod cuda {
             unsafe { builder.launch(cols_cfg.into()) }.w()?;
         }
         {
-            let func = dev.get_or_load_custom_func("dino_layer_norm_bwd_sum", "dino_rs_layer_norm", PTX)?;
+            let func = crate::ops::kernels::kernel!(dev, "layer_norm", "dino_layer_norm_bwd_sum")?;
             let (mut head, mut db) = out.split_at_mut(n + d);
             let mut dw = head.slice_mut(n..n + d);
             let mut builder = func.builder();
@@ -564,8 +563,6 @@ mod cuda {
         }
     }
 
-    const SOFTMAX_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/softmax.ptx"));
-
     /// The name of softmax.cu's kernel `base`_f32 or `base`_bf16 for `s`'s dtype, and the suffix.
     fn softmax_kernel(s: &CudaStorage, base: &str) -> Result<(String, &'static str)> {
         let suffix = match s.dtype() {
@@ -581,7 +578,7 @@ mod cuda {
         if matches!(s.dtype(), candle_core::DType::F32 | candle_core::DType::BF16) {
             let (rows, d) = rows_cols(l);
             let (name, suffix) = softmax_kernel(s, "dino_softmax_fwd")?;
-            let func = dev.get_or_load_custom_func(&name, "dino_rs_softmax", SOFTMAX_PTX)?;
+            let func = crate::ops::kernels::kernel!(dev, "softmax", &name)?;
             let (r, dd) = (rows as u32, d as u32);
             macro_rules! launch {
                 ($t:ty) => {{
@@ -629,7 +626,7 @@ mod cuda {
         let dev = sy.device();
         let (rows, d) = rows_cols(ly);
         let (name, suffix) = softmax_kernel(sy, "dino_softmax_bwd")?;
-        let func = dev.get_or_load_custom_func(&name, "dino_rs_softmax", SOFTMAX_PTX)?;
+        let func = crate::ops::kernels::kernel!(dev, "softmax", &name)?;
         let (r, dd) = (rows as u32, d as u32);
         macro_rules! launch {
             ($t:ty) => {{

@@ -7,6 +7,7 @@
 use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Result, Tensor};
 use rayon::prelude::*;
 
+use super::launch::AdamWStep;
 use super::{f32_slice, fused, ELEMS_PER_TASK};
 
 fn f32_slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout, op: &str) -> Result<&'a mut [f32]> {
@@ -17,20 +18,6 @@ fn f32_slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout, op: &str) -> Result<&'a 
         Some((a, b)) => Ok(&mut v[a..b]),
         None => candle_core::bail!("{op}: expected a contiguous tensor"),
     }
-}
-
-/// The scalars of one AdamW step, already as PyTorch forms them.
-#[derive(Debug, Clone, Copy)]
-pub struct AdamWStep {
-    /// 1 − lr·weight_decay
-    pub decay: f64,
-    pub beta1: f64,
-    pub beta2: f64,
-    /// √(1 − β2^t)
-    pub bias_correction2_sqrt: f64,
-    pub eps: f64,
-    /// lr / (1 − β1^t)
-    pub step_size: f64,
 }
 
 /// AdamW on `param` with Adam moments `m`, `v` and gradient `grad`, all updated in place. Returns

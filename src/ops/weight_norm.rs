@@ -278,9 +278,6 @@ mod cuda {
     use crate::ops::cuda::view;
     use crate::ops::launch::row_blocks;
 
-    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/weight_norm.ptx"));
-    const MODULE: &str = "dino_rs_weight_norm";
-
     /// Views of the f32 parameters v (rows, d) and g (rows, 1), and rows and d.
     fn parameters<'a>(
         v: &'a CudaStorage,
@@ -305,7 +302,7 @@ mod cuda {
         let (r, dd) = (rows as u32, d as u32);
         macro_rules! launch {
             ($t:ty, $name:literal) => {{
-                let func = dev.get_or_load_custom_func($name, MODULE, PTX)?;
+                let func = crate::ops::kernels::kernel!(dev, "weight_norm", $name)?;
                 // SAFETY: the kernel writes every element.
                 let w = unsafe { dev.alloc::<$t>(rows * d)? };
                 let mut b = func.builder();
@@ -339,7 +336,7 @@ mod cuda {
         let out = unsafe { dev.alloc::<f32>(rows * d + rows)? };
         macro_rules! launch {
             ($t:ty, $name:literal) => {{
-                let func = dev.get_or_load_custom_func($name, MODULE, PTX)?;
+                let func = crate::ops::kernels::kernel!(dev, "weight_norm", $name)?;
                 let dws = view::<$t>(dw, ldw, "weight norm gradient")?;
                 let mut b = func.builder();
                 b.arg(&dws).arg(&vs).arg(&gs).arg(&out).arg(&r).arg(&dd);

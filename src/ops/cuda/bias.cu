@@ -3,13 +3,7 @@
 // a row apart, computing a strided index per element; here each block reads 32 adjacent columns of
 // a tile of rows (coalesced), and a second kernel adds the tiles' partial sums in tile order: no
 // atomics, so the same result every time.
-#include <cuda_bf16.h>
-
-#define WARP 32u
-#define ROWS_PER_BLOCK 8u  // blockDim = (32, 8)
-
-__device__ __forceinline__ float widen(float v) { return v; }
-__device__ __forceinline__ float widen(__nv_bfloat16 v) { return __bfloat162float(v); }
+#include "common.cuh"
 
 // partial[tile][c] = sum of g[r][c] over the tile's rows; the 8 row lanes summed in a fixed order.
 template <typename T>

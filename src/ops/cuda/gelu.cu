@@ -1,15 +1,7 @@
 // gelu_erf(x + bias) over rows of `d`, forward and backward, for f32 and bf16 (the MLP's fc1
 // under autocast). bf16 values are widened to f32, and x + bias is rounded to the input's dtype
 // first, as nn.Linear's bias add followed by nn.GELU does it.
-#include <cuda_bf16.h>
-
-#define GRID_STRIDE(i, n) \
-    for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += blockDim.x * gridDim.x)
-
-__device__ __forceinline__ float widen(float v) { return v; }
-__device__ __forceinline__ float widen(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ void narrow(float v, float *out) { *out = v; }
-__device__ __forceinline__ void narrow(float v, __nv_bfloat16 *out) { *out = __float2bfloat16(v); }
+#include "common.cuh"
 
 template <typename T> __device__ __forceinline__ float biased(const T *x, const T *b, unsigned int i, unsigned int d) {
     T v;

@@ -1,10 +1,7 @@
 // LayerNorm over rows of d f32 values, forward and backward (src/ops/rows.rs). One warp per row;
 // the mean and variance in two passes (candle's layernorm kernel takes E[x^2] - mean^2 in one,
 // which cancels when a row's mean is large against its spread).
-#include <cuda_bf16.h>
-
-#define WARP 32u
-#define ROWS_PER_BLOCK 8u  // warps per block in the row kernels: blockDim = (32, 8)
+#include "common.cuh"
 
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -24,9 +21,6 @@ __device__ __forceinline__ float2 row_stats(const float *x, unsigned int d, floa
     const float var = warp_sum(q) / (float)d;
     return make_float2(mean, rsqrtf(var + eps));
 }
-
-__device__ __forceinline__ void narrow(float v, float *out) { *out = v; }
-__device__ __forceinline__ void narrow(float v, __nv_bfloat16 *out) { *out = __float2bfloat16(v); }
 
 // y = (x - mean) * rstd * w + b, written as T: f32, or bf16 where the output feeds a bf16 matmul
 // under autocast (computed in f32, rounded once: what PyTorch's f32 LayerNorm and the cast give).

@@ -1,13 +1,7 @@
 // The residual update of a block, out = x + branch * mask[sample], with x (the stream) f32 and
 // the branch f32 or bf16 (the end of a bf16 matmul under autocast); mask holds one f32 per
 // sample (0 or 1/keep_prob, stochastic depth). Rounded as the CPU kernel: one product, one sum.
-#include <cuda_bf16.h>
-
-#define GRID_STRIDE(i, n) \
-    for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += blockDim.x * gridDim.x)
-
-__device__ __forceinline__ float widen(float v) { return v; }
-__device__ __forceinline__ float widen(__nv_bfloat16 v) { return __bfloat162float(v); }
+#include "common.cuh"
 
 template <typename T> __device__ void residual(const float *x, const T *b, float *out, unsigned int n) {
     GRID_STRIDE(i, n) { out[i] = __fadd_rn(x[i], widen(b[i])); }

@@ -1,15 +1,7 @@
 // Softmax over rows of d values, y = softmax(scale * x), forward and backward (src/ops/rows.rs),
 // f32 and bf16 (attention probabilities under autocast). One warp per row; values are widened to
 // f32 and the row statistics kept in f32.
-#include <cuda_bf16.h>
-
-#define WARP 32u
-#define ROWS_PER_BLOCK 8u  // warps per block: blockDim = (32, 8)
-
-__device__ __forceinline__ float widen(float v) { return v; }
-__device__ __forceinline__ float widen(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ void narrow(float v, float *out) { *out = v; }
-__device__ __forceinline__ void narrow(float v, __nv_bfloat16 *out) { *out = __float2bfloat16(v); }
+#include "common.cuh"
 
 __device__ __forceinline__ float warp_max(float v) {
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));

@@ -1,20 +1,12 @@
 // The DINO head's weight-normalised last layer, w = g * v / ||v|| per output row (src/ops/weight_norm.rs),
 // forward and backward. One warp per row (a row is the bottleneck's 256 values; out_dim rows). v and g
 // are the f32 master parameters; the row sums are taken in f32.
-#include <cuda_bf16.h>
-
-#define WARP 32u
-#define ROWS_PER_BLOCK 8u  // warps per block: blockDim = (32, 8)
+#include "common.cuh"
 
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
 }
-
-__device__ __forceinline__ float widen(float v) { return v; }
-__device__ __forceinline__ float widen(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ void narrow(float v, float *out) { *out = v; }
-__device__ __forceinline__ void narrow(float v, __nv_bfloat16 *out) { *out = __float2bfloat16(v); }
 
 // w = v * (g / sqrt(sum v^2)), written as T: f32, or bf16 for the matmul under autocast (rounded once).
 template <typename T>
