@@ -82,7 +82,9 @@ pub fn num_threads() -> usize {
     pool().current_num_threads()
 }
 
-/// Runs `f` on the dino_rs pool.
+/// Runs `f` on the dino_rs pool, under the caller's [`crate::ops::OpsPolicy`] (a thread-local
+/// the pool thread would not otherwise see).
 pub fn install<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    pool().install(f)
+    let policy = crate::ops::OpsPolicy::current();
+    pool().install(move || policy.with(f))
 }

@@ -94,7 +94,7 @@ fn assert_close(name: &str, a: &Tensor, b: &Tensor, tol: f32) {
 }
 
 #[test]
-fn backbone_matches_for_global_local_and_rectangular_crops() {
+pub fn backbone_matches_for_global_local_and_rectangular_crops() {
     let g = Golden::load();
     let dino = g.dino();
     let vit = &dino.student.backbone;
@@ -132,7 +132,7 @@ fn backbone_matches_for_global_local_and_rectangular_crops() {
 }
 
 #[test]
-fn head_and_multicrop_wrapper_match() {
+pub fn head_and_multicrop_wrapper_match() {
     let g = Golden::load();
     let dino = g.dino();
     let feats = dino.student.backbone.forward(g.get("input.global")).unwrap();
@@ -159,7 +159,7 @@ fn floats(v: &Value) -> Vec<f64> {
 }
 
 #[test]
-fn schedules_match_the_official_cosine_scheduler() {
+pub fn schedules_match_the_official_cosine_scheduler() {
     let g = Golden::load();
     let (epochs, nit) = (g.u("epochs"), g.u("niter_per_ep"));
     let cases = [
@@ -210,7 +210,7 @@ fn loss_for(g: &Golden) -> DinoLoss {
 }
 
 #[test]
-fn dino_loss_and_centering_match_across_the_temperature_warmup() {
+pub fn dino_loss_and_centering_match_across_the_temperature_warmup() {
     let g = Golden::load();
     let (s, t) = (g.get("student.out"), g.get("teacher.out"));
     for (epoch, expected) in floats(&g.j["loss_by_epoch"]).into_iter().enumerate() {
@@ -308,7 +308,7 @@ fn train_config(g: &Golden) -> TrainConfig {
 }
 
 #[test]
-fn first_step_gradients_match_after_clipping() {
+pub fn first_step_gradients_match_after_clipping() {
     // The student's gradients of the first step after per-parameter clipping, the last layer's
     // included (the trainer derives it from the weight's gradient once the graph is freed; the
     // steps above freeze it, so only this checks it against PyTorch).
@@ -338,7 +338,7 @@ fn first_step_gradients_match_after_clipping() {
 }
 
 #[test]
-fn two_full_training_steps_match_student_teacher_and_center() {
+pub fn two_full_training_steps_match_student_teacher_and_center() {
     let g = Golden::load();
     let config = train_config(&g);
     let mut trainer = DinoTrainer::new(g.dino(), config, 0).unwrap();
@@ -382,7 +382,7 @@ fn two_full_training_steps_match_student_teacher_and_center() {
 }
 
 #[test]
-fn official_pth_and_safetensors_backbones_load_with_the_same_keys() {
+pub fn official_pth_and_safetensors_backbones_load_with_the_same_keys() {
     let pth: HashMap<String, Tensor> = candle_core::pickle::read_all(format!("{DIR}/vit_tiny_p4.pth"))
         .unwrap()
         .into_iter()
@@ -404,7 +404,7 @@ fn official_pth_and_safetensors_backbones_load_with_the_same_keys() {
 }
 
 #[test]
-fn adamw_matches_torch_with_weight_decay_over_three_steps() {
+pub fn adamw_matches_torch_with_weight_decay_over_three_steps() {
     let g = Golden::load();
     let w = candle_core::Var::from_tensor(g.get("adamw.init.w")).unwrap();
     let b = candle_core::Var::from_tensor(g.get("adamw.init.b")).unwrap();

@@ -45,7 +45,7 @@ pub fn transformer_block(
     masks: Option<[&Tensor; 2]>,
 ) -> Result<Option<Tensor>> {
     let needs_grad = x.track_op() || params.iter().any(|p| p.track_op());
-    if super::fused(x) || !super::grad_enabled() || !needs_grad || !enabled() {
+    if super::fused(x) || !super::grad_enabled() || !needs_grad || !super::OpsPolicy::current().block_node {
         return Ok(None);
     }
     let low = super::autocast::active().unwrap_or(DType::F32);
@@ -90,13 +90,6 @@ pub fn transformer_block(
     *lock(&node.saved) = Some(saved);
     *lock(&node.hidden) = Some(hidden);
     Ok(Some(x.apply_op2(&packed, node)?))
-}
-
-/// False when `DINO_RS_BLOCK_NODE=0`: blocks layer by layer (to measure what the node is worth
-/// on a GPU, or to step around it).
-fn enabled() -> bool {
-    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    super::switched_on(&ENABLED, "DINO_RS_BLOCK_NODE")
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

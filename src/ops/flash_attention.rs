@@ -63,20 +63,13 @@ fn aligned(t: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// False when `DINO_RS_FLASH_ATTENTION=0`: attention alone composed, the other kernels kept (to
-/// tell, on a GPU, what the attention kernels do from what the rest does).
-fn enabled() -> bool {
-    static ENABLED: OnceLock<bool> = OnceLock::new();
-    super::switched_on(&ENABLED, "DINO_RS_FLASH_ATTENTION")
-}
-
 fn applies(qkv: &Tensor, heads: usize) -> bool {
     let Ok((b, n, c3)) = qkv.dims3() else {
         return false;
     };
     cfg!(feature = "cuda")
-        && super::kernels_enabled()
-        && enabled()
+        && super::OpsPolicy::current().kernels
+        && super::OpsPolicy::current().flash_attention
         && qkv.device().is_cuda()
         && qkv.dtype() == DType::BF16
         && n > 0

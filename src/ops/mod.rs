@@ -50,6 +50,7 @@ pub mod math;
 pub mod pack;
 mod parity;
 mod pixels;
+mod policy;
 mod residual;
 mod residual_portable;
 mod rows;
@@ -72,6 +73,7 @@ pub use linear::linear;
 pub use linear_residual::linear_residual;
 pub use parity::kernel_parity;
 pub use pixels::normalize_u8;
+pub use policy::OpsPolicy;
 pub use residual::{residual, residual_with_mask};
 pub use softmax::{attention_probabilities, softmax_last_dim};
 pub use update::{adamw_update, ema_update};
@@ -88,20 +90,16 @@ const ELEMS_PER_TASK: usize = 1 << 14;
 
 thread_local! {
     static NO_GRAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-    static PORTABLE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// Runs `f` with the fused CPU kernels off on this thread, so that the CPU takes the path other
 /// devices take: [`kernel_parity`] compares the two on the CPU.
 fn portable<R>(f: impl FnOnce() -> R) -> R {
-    struct Restore(bool);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            PORTABLE.with(|p| p.set(self.0));
-        }
+    OpsPolicy {
+        fused_cpu: false,
+        ..OpsPolicy::current()
     }
-    let _restore = Restore(PORTABLE.with(|p| p.replace(true)));
-    f()
+    .with(f)
 }
 
 /// Runs `f` with the fused ops keeping nothing for a backward pass, like `torch.no_grad()`: for
@@ -126,30 +124,21 @@ fn grad_enabled() -> bool {
     !NO_GRAD.with(|g| g.get())
 }
 
-/// Whether the fused kernels apply to `x` (CPU, f32, outside [`autocast::autocast`]); elsewhere
-/// callers compose candle ops.
-/// `DINO_RS_COMPOSED_OPS=1` (read once per process) turns them off on the CPU as well, so that the
-/// path CUDA and other dtypes take is tested here: tests/composed.rs reruns the golden tests so.
+/// Whether the fused kernels apply to `x` (CPU, f32, outside [`autocast::autocast`], and on in
+/// the [`OpsPolicy`]); elsewhere callers compose candle ops.
 pub fn fused(x: &Tensor) -> bool {
-    kernels_enabled()
+    let policy = OpsPolicy::current();
+    policy.kernels
+        && policy.fused_cpu
         && x.device().is_cpu()
         && x.dtype() == candle_core::DType::F32
         && autocast::active().is_none()
-        && !PORTABLE.with(|p| p.get())
 }
 
-/// False when `DINO_RS_COMPOSED_OPS` is set (to anything but "" or "0"): the fused CPU kernels
-/// give way to the path other devices take, and the CUDA multi-tensor updates to candle ops (to test
-/// that path on the CPU, or to measure what the kernels are worth).
+/// Whether dino_rs's own kernels may run ([`OpsPolicy::kernels`]): off, the CUDA multi-tensor
+/// updates and the other CUDA kernels give way to candle ops too.
 fn kernels_enabled() -> bool {
-    static COMPOSED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    !*COMPOSED.get_or_init(|| std::env::var("DINO_RS_COMPOSED_OPS").is_ok_and(|v| !v.is_empty() && v != "0"))
-}
-
-/// False when the environment variable `name` is "0" (a switch that turns one of dino_rs's
-/// kernels or nodes off), read once per process into `cell`.
-fn switched_on(cell: &'static std::sync::OnceLock<bool>, name: &str) -> bool {
-    *cell.get_or_init(|| std::env::var(name).map_or(true, |v| v != "0"))
+    OpsPolicy::current().kernels
 }
 
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
