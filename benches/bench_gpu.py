@@ -407,7 +407,7 @@ def main() -> None:
                 f.write(json.dumps(r) + "\n")
         i += 1
         # A training run that fails (not one that runs out of time) gets one more try with its
-        # blocks layer by layer: the block node (src/ops/block_portable.rs) is the newest piece no GPU
+        # blocks layer by layer: the block node (src/ops/block/portable.rs) is the newest piece no GPU
         # has run, and a GPU run is too scarce to come back without a figure.
         if (kind != "embed" and framework.startswith("dino_rs") and "-layers" not in framework
                 and r.get("error", "").startswith("exit")):

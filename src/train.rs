@@ -161,53 +161,59 @@ impl TrainConfig {
     pub fn validate(&self) -> crate::Result<()> {
         let finite_positive = |t: f64| t > 0.0 && t.is_finite();
         let total = self.epochs.checked_mul(self.niter_per_ep);
-        let warmup = format!(
-            "warmup_epochs ({}) must not exceed epochs ({})",
-            self.warmup_epochs, self.epochs
-        );
-        let rules: [(bool, &str); 12] = [
-            (self.epochs > 0, "epochs must be at least 1"),
-            (self.batch_size > 0, "batch_size must be at least 1"),
+        let (epochs, niter) = (self.epochs, self.niter_per_ep);
+        let rules: [(bool, String); 12] = [
+            (epochs > 0, "epochs must be at least 1".into()),
+            (self.batch_size > 0, "batch_size must be at least 1".into()),
             (
-                self.niter_per_ep > 0,
-                "the loader must yield at least one batch per epoch",
+                niter > 0,
+                "the loader must yield at least one batch per epoch (niter_per_ep (0))".into(),
             ),
             (
                 total.is_some_and(|t| t <= MAX_ITERATIONS),
-                "epochs times batches per epoch must be at most 2^25 iterations",
+                format!("epochs ({epochs}) times niter_per_ep ({niter}) must be at most {MAX_ITERATIONS} iterations"),
             ),
-            (self.n_local <= 1024, "n_local must be at most 1024"),
-            (self.warmup_epochs <= self.epochs, &warmup),
+            (
+                self.n_local <= 1024,
+                format!("n_local ({}) must be at most 1024", self.n_local),
+            ),
+            (
+                self.warmup_epochs <= epochs,
+                format!(
+                    "warmup_epochs ({}) must not exceed epochs ({epochs})",
+                    self.warmup_epochs
+                ),
+            ),
             (
                 finite_positive(self.lr) && self.min_lr >= 0.0 && self.min_lr.is_finite(),
-                "lr must be positive and min_lr >= 0",
+                "lr must be positive and min_lr >= 0".into(),
             ),
             (
                 [self.teacher_temp, self.warmup_teacher_temp, self.student_temp]
                     .into_iter()
                     .all(finite_positive),
-                "temperatures must be positive and finite",
+                "temperatures must be positive and finite".into(),
             ),
             (
                 (0.0..=1.0).contains(&self.momentum_teacher),
-                "momentum_teacher must be in [0, 1]",
+                "momentum_teacher must be in [0, 1]".into(),
             ),
             (
                 (0.0..=1.0).contains(&self.center_momentum),
-                "center_momentum must be in [0, 1]",
+                "center_momentum must be in [0, 1]".into(),
             ),
             (
                 // An infinite weight decay only makes NaNs.
                 [self.weight_decay, self.weight_decay_end]
                     .into_iter()
                     .all(|w| w >= 0.0 && w.is_finite()),
-                "weight decay must be finite and >= 0",
+                "weight decay must be finite and >= 0".into(),
             ),
             // clip_grad may be infinite: no clipping.
-            (self.clip_grad >= 0.0, "clip_grad must be >= 0"),
+            (self.clip_grad >= 0.0, "clip_grad must be >= 0".into()),
         ];
         match rules.iter().find(|(ok, _)| !ok) {
-            Some((_, rule)) => Err(crate::Error::invalid(*rule)),
+            Some((_, rule)) => Err(crate::Error::invalid(rule.clone())),
             None => Ok(()),
         }
     }

@@ -573,7 +573,7 @@ fn packing_a_blocks_gradients_matches_the_cpu_bit_for_bit() {
     let emu = Emu::get();
     let mut rng = ChaCha8Rng::seed_from_u64(13);
     // A block of width 24 (hidden 96): LayerNorm and bias gradients in f32, weight gradients in
-    // bf16 (block_portable.rs's backward under autocast), in BLOCK_PARAMS order.
+    // bf16 (src/ops/block/portable.rs's backward under autocast), in BLOCK_PARAMS order.
     let lens = [24, 24, 72 * 24, 72, 24 * 24, 24, 24, 24, 96 * 24, 96, 24 * 96, 24];
     let is_bf16 = |i: usize| matches!(i, 2 | 4 | 8 | 10);
     let values_f32: Vec<Vec<f32>> = lens.iter().map(|&n| randn(&mut rng, n, 0.0, 1.0)).collect();

@@ -574,7 +574,7 @@ fn portable_transformer_block_equals_its_layers_bit_for_bit() -> Result<()> {
     // Off the fused CPU path (under bf16 autocast here; CUDA's path) the block node runs the
     // per-layer ops in the same order on the same data, forward and backward, so every value and
     // gradient is the layer-by-layer path's bit for bit. (The composed f32 path: the unit tests of
-    // src/ops/block_portable.rs, and the golden tests through tests/composed.rs.)
+    // src/ops/block/portable.rs, and the golden tests through tests/composed.rs.)
     let mut rng = ChaCha8Rng::seed_from_u64(17);
     let (b, n, heads, c) = (3usize, 7usize, 2usize, 16usize);
     let inputs = block_inputs(&mut rng, b, n, c, 4 * c + 3)?;
@@ -672,11 +672,19 @@ fn portable_transformer_blocks_of_two_resolutions_share_their_parameters() -> Re
 fn every_custom_op_has_a_name_of_its_own() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/src/ops");
     let mut names: Vec<(String, String)> = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_none_or(|e| e != "rs") {
-            continue;
+    let mut files = Vec::new();
+    let mut dirs = vec![std::path::PathBuf::from(dir)];
+    while let Some(d) = dirs.pop() {
+        for entry in std::fs::read_dir(d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                files.push(path);
+            }
         }
+    }
+    for path in files {
         let source = std::fs::read_to_string(&path).unwrap();
         let mut lines = source.lines();
         while let Some(line) = lines.next() {

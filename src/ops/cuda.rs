@@ -24,6 +24,17 @@ pub(super) fn grid_stride(n: usize) -> LaunchConfig {
     super::launch::grid_stride(n).into()
 }
 
+/// One warp per row ([`super::launch::row_blocks`]) as cudarc takes it.
+pub(super) fn row_blocks(rows: usize) -> LaunchConfig {
+    super::launch::row_blocks(rows).into()
+}
+
+/// (rows, columns) of a row op's input: the last dimension is a row.
+pub(super) fn rows_cols(l: &Layout) -> (usize, usize) {
+    let d = l.dims().last().copied().unwrap_or(1).max(1);
+    (l.shape().elem_count() / d, d)
+}
+
 /// The elements of `s` that the contiguous layout `l` covers.
 pub(super) fn slice_view<'a, T>(s: &'a CudaSlice<T>, l: &Layout, op: &str) -> Result<CudaView<'a, T>> {
     match l.contiguous_offsets() {

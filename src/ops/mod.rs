@@ -26,57 +26,48 @@ macro_rules! by_dtype {
 }
 
 mod attention;
-mod attention_scores;
 pub mod autocast;
 mod bias;
 mod block;
-mod block_portable;
 mod cross_entropy;
 #[cfg(feature = "cuda")]
 mod cuda;
-mod flash_attention;
-mod foreach;
 mod gelu;
-mod gelu_portable;
 #[cfg(feature = "cuda")]
 mod kernels;
 #[doc(hidden)]
 pub mod launch;
 mod layer_norm;
 mod linear;
-mod linear_portable;
-mod linear_residual;
 pub mod math;
-pub mod pack;
+mod optim;
 mod parity;
 mod pixels;
 mod policy;
 mod residual;
-mod residual_portable;
-mod rows;
 mod softmax;
-mod update;
 mod weight_norm;
 
 pub use attention::attention;
-pub use attention_scores::attention_scores;
+pub use attention::flash::{attention_composed, flash_attention};
+pub use attention::scores::attention_scores;
 pub use bias::add_bias;
+pub use block::pack;
+pub use block::portable::transformer_block as transformer_block_portable;
 pub use block::{transformer_block, BLOCK_PARAMS};
-pub use block_portable::transformer_block as transformer_block_portable;
 pub use cross_entropy::{dino_cross_entropy, dino_loss_rows};
-pub use flash_attention::{attention_composed, flash_attention};
-pub use foreach::{adamw_foreach, clip_foreach, ema_foreach};
 pub use gelu::{bias_gelu, gelu_erf};
 pub use launch::{AdamWItem, AdamWStep};
 pub use layer_norm::{layer_norm, layer_norm_lowered};
 pub use linear::linear;
-pub use linear_residual::linear_residual;
+pub use linear::residual::linear_residual;
+pub use optim::foreach::{adamw_foreach, clip_foreach, ema_foreach};
+pub use optim::update::{adamw_update, ema_update};
 pub use parity::kernel_parity;
 pub use pixels::normalize_u8;
 pub use policy::OpsPolicy;
 pub use residual::{residual, residual_with_mask};
 pub use softmax::{attention_probabilities, softmax_last_dim};
-pub use update::{adamw_update, ema_update};
 pub use weight_norm::{weight_norm, weight_norm_backward, weight_norm_to};
 
 use candle_core::{backend::BackendStorage, bail, CpuStorage, Layout, Result, Tensor};
@@ -233,5 +224,28 @@ fn rows_with_sums(
         for (o, v) in sums.iter_mut().zip(p) {
             *o += v;
         }
+    }
+}
+
+/// Applies `f` to every row of `d` values in f64, writing `T` (the row loops of the portable
+/// LayerNorm and softmax on the CPU, for dtypes other than f32).
+pub(crate) fn map_rows<T: candle_core::WithDType>(x: &[T], d: usize, mut f: impl FnMut(&[f64], &mut [f64])) -> Vec<T> {
+    let mut out = Vec::with_capacity(x.len());
+    let (mut row, mut res) = (vec![0f64; d], vec![0f64; d]);
+    for chunk in x.chunks_exact(d) {
+        for (r, v) in row.iter_mut().zip(chunk) {
+            *r = candle_core::WithDType::to_f64(*v);
+        }
+        f(&row, &mut res);
+        out.extend(res.iter().map(|&v| <T as candle_core::WithDType>::from_f64(v)));
+    }
+    out
+}
+
+/// The length of the last dimension, which a row op needs positive.
+pub(crate) fn last_dim(l: &Layout, what: &str) -> Result<usize> {
+    match l.dims().last() {
+        Some(&d) if d > 0 => Ok(d),
+        _ => candle_core::bail!("{what}: no last dimension in {:?}", l.dims()),
     }
 }

@@ -212,7 +212,8 @@ fn check(out: &mut Vec<Check>, name: &str, device: &Device, f: impl FnOnce(&mut 
     let result = crate::panic::catch_quietly(name, || f(&mut rows).and_then(|()| device.synchronize()));
     let error = match result {
         Ok(Ok(())) => None,
-        Ok(Err(e)) => Some(e.to_string()),
+        // The message without the backtrace candle appends under RUST_BACKTRACE: a row of the table.
+        Ok(Err(e)) => Some(e.to_string().split("\n   0: ").next().unwrap_or_default().to_string()),
         Err(panic) => Some(panic),
     };
     out.extend(rows.into_iter().map(|(n, v)| (n, Ok(v))));

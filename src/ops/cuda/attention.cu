@@ -1,4 +1,4 @@
-// Attention without the (B, heads, N, N) matrices (src/ops/flash_attention.rs): out = softmax(scale ·
+// Attention without the (B, heads, N, N) matrices (src/ops/attention/flash.rs): out = softmax(scale ·
 // q·kᵀ)·v per (image, head), read straight from the qkv projection (B, N, 3, heads, 64) and written
 // in token order (B, N, heads·64), so neither the head split nor the merge is a copy. bf16 in and
 // out (autocast), tensor-core matmuls (wmma, f32 accumulation), the softmax online in f32 over key

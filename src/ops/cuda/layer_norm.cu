@@ -1,4 +1,4 @@
-// LayerNorm over rows of d f32 values, forward and backward (src/ops/rows.rs). One warp per row;
+// LayerNorm over rows of d f32 values, forward and backward (src/ops/layer_norm/portable.rs). One warp per row;
 // the mean and variance in two passes (candle's layernorm kernel takes E[x^2] - mean^2 in one,
 // which cancels when a row's mean is large against its spread).
 #include "common.cuh"

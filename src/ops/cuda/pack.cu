@@ -1,5 +1,5 @@
-// A transformer block's parameter gradients (src/ops/block_portable.rs) written into one f32
-// buffer laid out as its packed parameters (src/ops/pack.rs): one launch for the twelve, each f32
+// A transformer block's parameter gradients (src/ops/block/portable.rs) written into one f32
+// buffer laid out as its packed parameters (src/ops/block/pack.rs): one launch for the twelve, each f32
 // or bf16, where candle took a cast for each bf16 one and a copy for every one.
 #include <cuda_bf16.h>
 

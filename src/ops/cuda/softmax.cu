@@ -1,4 +1,4 @@
-// Softmax over rows of d values, y = softmax(scale * x), forward and backward (src/ops/rows.rs),
+// Softmax over rows of d values, y = softmax(scale * x), forward and backward (src/ops/softmax/portable.rs),
 // f32 and bf16 (attention probabilities under autocast). One warp per row; values are widened to
 // f32 and the row statistics kept in f32.
 #include "common.cuh"

@@ -1,9 +1,9 @@
 // Parameter updates on the GPU over all parameters at once ("multi-tensor", as PyTorch's foreach
 // optimisers): one launch for AdamW, one for the EMA teacher, two for gradient clipping, instead of
 // three or four per parameter (~150 of them in a ViT-S). Each block takes one chunk of one tensor
-// from a table built on the host (src/ops/update.rs, `chunk_table`).
+// from a table built on the host (src/ops/optim/update.rs, `chunk_table`).
 //
-// The arithmetic is that of src/ops/update.rs's CPU kernels, each operation rounded on its own (no
+// The arithmetic is that of src/ops/optim/update.rs's CPU kernels, each operation rounded on its own (no
 // fused multiply-add), so a step gives the same bits on both devices.
 
 // Elements per chunk; update.rs's CHUNK must be the same.

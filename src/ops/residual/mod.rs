@@ -3,6 +3,8 @@
 //! per-sample scale was a broadcast multiply, and both it and the add ran on candle's worker pool
 //! that spins between operations.
 
+pub(super) mod portable;
+
 use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
@@ -33,8 +35,8 @@ pub fn residual(x: &Tensor, branch: &Tensor, scale: Option<&[f32]>) -> Result<Te
 /// [`residual`] off the fused CPU path, with the per-sample scales already a (B,) tensor on `x`'s
 /// device (one upload for every block of a forward pass).
 pub fn residual_with_mask(x: &Tensor, branch: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-    if super::residual_portable::applies(x, branch, mask) {
-        return super::residual_portable::residual(x, branch, mask);
+    if crate::ops::residual::portable::applies(x, branch, mask) {
+        return crate::ops::residual::portable::residual(x, branch, mask);
     }
     // Under autocast the branch ends in a bf16 matmul and the stream is f32: the sum takes the
     // wider dtype, as PyTorch's type promotion does.

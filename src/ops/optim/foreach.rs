@@ -14,13 +14,13 @@
 
 use candle_core::{Result, Tensor};
 
-use super::launch::{AdamWItem, CHUNK};
+use crate::ops::launch::{AdamWItem, CHUNK};
 
 /// Whether the kernels take `tensors`: a CUDA build with the kernels on, and every tensor f32 on
 /// CUDA, contiguous, and small enough for the kernels' 32-bit indices.
 fn applies<'a>(tensors: impl IntoIterator<Item = &'a Tensor>) -> bool {
     cfg!(feature = "cuda")
-        && super::kernels_enabled()
+        && crate::ops::kernels_enabled()
         && tensors.into_iter().all(|t| {
             t.device().is_cuda()
                 && t.dtype() == candle_core::DType::F32
@@ -90,10 +90,10 @@ mod cuda {
     use candle_core::cuda_backend::WrapErr;
     use candle_core::{CudaDevice, Result, Tensor};
 
-    use super::super::cuda::device_ptr;
+    use crate::ops::cuda::device_ptr;
 
-    use super::super::launch::{self, chunk_table, foreach_blocks};
-    use super::super::launch::{AdamWItem, AdamWStep};
+    use crate::ops::launch::{self, chunk_table, foreach_blocks};
+    use crate::ops::launch::{AdamWItem, AdamWStep};
 
     fn cuda_device(t: &Tensor) -> Result<CudaDevice> {
         Ok(t.device().as_cuda_device()?.clone())

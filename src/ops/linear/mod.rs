@@ -6,7 +6,10 @@
 //! bias, the backward two gemms (dx = g·W, dW = gᵀ·x) into uninitialised buffers and a row sum
 //! (db); dx is skipped when `x` needs no gradient (the patch embedding's pixels). Elsewhere (CUDA,
 //! autocast, other dtypes) the layer is one node too, with the backend's matmul
-//! ([`super::linear_portable`]).
+//! ([`portable`]).
+
+pub(super) mod portable;
+pub(super) mod residual;
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::{gemm, Parallelism};
@@ -37,7 +40,7 @@ fn composed(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor
     // A broadcast (batched) matmul would give the weight a per-batch gradient to sum afterwards.
     let rows = x.contiguous()?.reshape((x.elem_count() / k.max(1), k))?;
     let y = if rows.dim(0)? > 0 && k > 0 {
-        super::linear_portable::linear_rows(&rows, &weight, bias.as_ref())?
+        crate::ops::linear::portable::linear_rows(&rows, &weight, bias.as_ref())?
     } else {
         // Nothing to multiply: candle's matmul makes the empty (or zero) result.
         let y = rows.matmul(&weight.t()?)?;

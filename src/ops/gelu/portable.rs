@@ -91,9 +91,9 @@ impl CustomOp2 for BiasGeluAny {
 }
 
 /// dx and d bias of [`bias_gelu`] for the output gradient `grad`.
-pub(super) fn backward_tensors(x: &Tensor, b: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
+pub(crate) fn backward_tensors(x: &Tensor, b: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
     let dx = x.apply_op3_no_bwd(b, &grad.contiguous()?, &BiasGeluBackwardAny)?;
-    let db = super::bias::bias_grad(&dx, b.dtype())?;
+    let db = crate::ops::bias::bias_grad(&dx, b.dtype())?;
     Ok((dx, db))
 }
 
@@ -148,7 +148,7 @@ mod cuda {
     use candle_core::cuda_backend::{CudaDType, WrapErr};
     use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result};
 
-    use super::super::cuda::{grid_stride, view};
+    use crate::ops::cuda::{grid_stride, view};
 
     /// Runs `<name>_f32` or `<name>_bf16` of gelu.cu: the inputs (the first sets the element
     /// count), then a new output, the count and the row width `d`.

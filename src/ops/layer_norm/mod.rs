@@ -1,6 +1,8 @@
 //! LayerNorm over the last dimension with weight and bias, forward and backward in one pass per
 //! row. The backward recomputes each row's mean and 1/std rather than keeping normalised inputs.
 
+pub(super) mod portable;
+
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::autocast::widen;
@@ -20,17 +22,17 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
 
 /// [`layer_norm`] as the input of a linear layer: under autocast, written in the low dtype the layer
 /// would cast it to, without keeping the f32 output for the backward pass (see
-/// [`super::rows::layer_norm_to`]). Elsewhere [`layer_norm`].
+/// [`portable::layer_norm_to`]). Elsewhere [`layer_norm`].
 pub fn layer_norm_lowered(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     match super::autocast::active() {
-        Some(low) => super::rows::layer_norm_to(&widen(x)?, &widen(weight)?, &widen(bias)?, eps, Some(low)),
+        Some(low) => portable::layer_norm_to(&widen(x)?, &widen(weight)?, &widen(bias)?, eps, Some(low)),
         None => layer_norm(x, weight, bias, eps),
     }
 }
 
 fn composed(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     // In f32 under autocast, as PyTorch's: bf16 moments over a row lose the small variations.
-    super::rows::layer_norm(&widen(x)?, &widen(weight)?, &widen(bias)?, eps)
+    portable::layer_norm(&widen(x)?, &widen(weight)?, &widen(bias)?, eps)
 }
 
 #[inline(always)]

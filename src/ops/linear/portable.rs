@@ -24,7 +24,7 @@ pub fn linear_rows(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result
 struct LinearNode;
 
 /// y = x · wᵀ (+ b) with the backend's own matmul and broadcast add, for any backend.
-pub(super) fn forward<S: BackendStorage>(
+pub(crate) fn forward<S: BackendStorage>(
     x: &S,
     lx: &Layout,
     w: &S,
@@ -51,13 +51,13 @@ pub(super) fn forward<S: BackendStorage>(
     Ok((y, shape))
 }
 
-/// dx = g · W (where x needs a gradient) and dW = gᵀ · x; the bias gradient is [`super::bias::bias_grad`].
-pub(super) fn backward(x: &Tensor, w: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Tensor)> {
+/// dx = g · W (where x needs a gradient) and dW = gᵀ · x; the bias gradient is [`crate::ops::bias::bias_grad`].
+pub(crate) fn backward(x: &Tensor, w: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Tensor)> {
     grads(x, w, g, x.track_op())
 }
 
 /// [`backward`] with dx computed when `dx` says so, whatever `x`'s place in a graph.
-pub(super) fn grads(x: &Tensor, w: &Tensor, g: &Tensor, dx: bool) -> Result<(Option<Tensor>, Tensor)> {
+pub(crate) fn grads(x: &Tensor, w: &Tensor, g: &Tensor, dx: bool) -> Result<(Option<Tensor>, Tensor)> {
     let g = g.to_dtype(x.dtype())?;
     let dx = if dx { Some(g.matmul(w)?) } else { None };
     Ok((dx, g.t()?.matmul(x)?))
@@ -128,7 +128,7 @@ impl CustomOp3 for LinearNode {
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (dx, dw) = backward(x, w, g)?;
-        let db = super::bias::bias_grad(g, b.dtype())?;
+        let db = crate::ops::bias::bias_grad(g, b.dtype())?;
         Ok((dx, Some(dw), Some(db.reshape(b.shape())?)))
     }
 }

@@ -11,7 +11,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
-use super::rows::{softmax_backward, AnySoftmax};
+use crate::ops::softmax::portable::{softmax_backward, AnySoftmax};
 
 /// softmax(scale · q·kᵀ) over the last dimension, for `q` (…, N, d) and `k` (…, M, d) of one
 /// dtype; `None` for dtypes the softmax kernels do not take (f32 and bf16; f64 on the CPU), where
@@ -73,7 +73,7 @@ impl CustomOp2 for Scores {
 }
 
 /// dq and dk of [`attention_scores`] for its output `y` and the output gradient `g`.
-pub(super) fn backward(q: &Tensor, k: &Tensor, y: &Tensor, g: &Tensor, scale: f64) -> Result<(Tensor, Tensor)> {
+pub(crate) fn backward(q: &Tensor, k: &Tensor, y: &Tensor, g: &Tensor, scale: f64) -> Result<(Tensor, Tensor)> {
     let dl = softmax_backward(y, g, scale)?;
     Ok((dl.matmul(k)?, dl.t()?.matmul(q)?))
 }

@@ -1,6 +1,8 @@
 //! Exact GELU, x·Φ(x) = x/2 · (1 + erf(x/√2)) (PyTorch's `nn.GELU()` default), with its
 //! derivative Φ(x) + x·φ(x), on vectorised erf/exp.
 
+pub(super) mod portable;
+
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::{f32_slice, fused, math, par_map, par_map2, rows_with_sums, ELEMS_PER_TASK, ROWS_PER_TASK};
@@ -77,8 +79,8 @@ pub fn bias_gelu(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
     if !fused(x) {
         // The bias belongs to a linear layer: under autocast it is added in bf16, as nn.Linear's.
         let bias = super::autocast::lower(bias)?;
-        if super::gelu_portable::applies(x, &bias) {
-            return super::gelu_portable::bias_gelu(x, &bias);
+        if crate::ops::gelu::portable::applies(x, &bias) {
+            return crate::ops::gelu::portable::bias_gelu(x, &bias);
         }
         return gelu_erf(&x.broadcast_add(&bias)?);
     }

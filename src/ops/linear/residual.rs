@@ -1,7 +1,7 @@
 //! A block's residual update together with the linear layer that ends its branch (attention's
 //! `proj`, the MLP's `fc2`): `stream + mask[sample] · (x · Wᵀ + b)` as one graph node off the fused
-//! CPU path (CUDA, autocast). The forward is the linear layer's ([`super::linear_portable`]) and the
-//! residual update's ([`super::residual_portable`]) storage ops one after the other, so the values
+//! CPU path (CUDA, autocast). The forward is the linear layer's ([`crate::ops::linear::portable`]) and the
+//! residual update's ([`crate::ops::residual::portable`]) storage ops one after the other, so the values
 //! are theirs bit for bit; the backward is theirs too. On CUDA the layer's bias add moves into the
 //! residual kernel (the same rounding: tests/cuda_emulated.rs), one pass over the branch less.
 //!
@@ -13,12 +13,12 @@
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 
-use super::autocast::lower;
+use crate::ops::autocast::lower;
 
 /// `stream + mask[sample] · (x · weightᵀ + bias)` for `stream` (B, …, out) f32, `x` (B, …, in),
 /// weight (out, in), bias (out), mask (B,) f32; the matmul in bf16 under autocast, as
-/// [`super::linear`] does it. `None` where the node does not apply (the fused CPU path, other
-/// dtypes or shapes): then compose [`super::linear`] and [`super::residual_with_mask`].
+/// [`crate::ops::linear`] does it. `None` where the node does not apply (the fused CPU path, other
+/// dtypes or shapes): then compose [`crate::ops::linear`] and [`crate::ops::residual_with_mask`].
 pub fn linear_residual(
     stream: &Tensor,
     x: &Tensor,
@@ -26,7 +26,7 @@ pub fn linear_residual(
     bias: &Tensor,
     mask: Option<&Tensor>,
 ) -> Result<Option<Tensor>> {
-    if super::fused(stream) || stream.dtype() != DType::F32 || stream.elem_count() == 0 {
+    if crate::ops::fused(stream) || stream.dtype() != DType::F32 || stream.elem_count() == 0 {
         return Ok(None);
     }
     let (x, weight, bias) = (lower(x)?, lower(weight)?, lower(bias)?);
@@ -51,10 +51,10 @@ pub fn linear_residual(
     Ok(Some(stream.contiguous()?.apply_op3(&x, &packed, op)?))
 }
 
-pub(super) struct LinearResidual {
-    pub(super) out: usize,
+pub(crate) struct LinearResidual {
+    pub(crate) out: usize,
     /// The per-sample drop-path mask (0 or 1/keep), not differentiated.
-    pub(super) mask: Option<Tensor>,
+    pub(crate) mask: Option<Tensor>,
 }
 
 impl LinearResidual {
@@ -86,16 +86,16 @@ impl CustomOp3 for LinearResidual {
         lp: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (lw, lb) = self.params(lp)?;
-        let (branch, shape) = super::linear_portable::forward(x, lx, p, &lw, Some((p, &lb)))?;
+        let (branch, shape) = crate::ops::linear::portable::forward(x, lx, p, &lw, Some((p, &lb)))?;
         let branch_layout = Layout::contiguous(shape);
         let out = match &self.mask {
-            None => super::residual_portable::cpu(s, ls, &branch, &branch_layout, None)?,
+            None => crate::ops::residual::portable::cpu(s, ls, &branch, &branch_layout, None)?,
             Some(m) => {
                 let (ms, ml) = m.storage_and_layout();
                 let Storage::Cpu(ms) = &*ms else {
                     candle_core::bail!("linear residual: the mask is not on the CPU");
                 };
-                super::residual_portable::cpu(s, ls, &branch, &branch_layout, Some((ms, ml)))?
+                crate::ops::residual::portable::cpu(s, ls, &branch, &branch_layout, Some((ms, ml)))?
             }
         };
         Ok((out, ls.shape().clone()))
@@ -111,10 +111,10 @@ impl CustomOp3 for LinearResidual {
         p: &candle_core::CudaStorage,
         lp: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use super::residual_portable::cuda::run_with_bias;
+        use crate::ops::residual::portable::cuda::run_with_bias;
         let (lw, lb) = self.params(lp)?;
         // The matmul alone: the residual kernel adds the bias as it reads the branch.
-        let (branch, shape) = super::linear_portable::forward(x, lx, p, &lw, None)?;
+        let (branch, shape) = crate::ops::linear::portable::forward(x, lx, p, &lw, None)?;
         let branch_layout = Layout::contiguous(shape);
         let out = match &self.mask {
             None => run_with_bias((s, ls), (&branch, &branch_layout), (p, &lb), None)?,
@@ -141,10 +141,11 @@ impl CustomOp3 for LinearResidual {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (rows, inp) = x.dims2()?;
         let out = self.out;
-        let g = super::residual_portable::branch_grad(grad, x.dtype(), self.mask.as_ref())?.reshape((rows, out))?;
+        let g =
+            crate::ops::residual::portable::branch_grad(grad, x.dtype(), self.mask.as_ref())?.reshape((rows, out))?;
         let w = packed.narrow(0, 0, out * inp)?.reshape((out, inp))?;
-        let (dx, dw) = super::linear_portable::backward(x, &w, &g)?;
-        let db = super::bias::bias_grad(&g, packed.dtype())?;
+        let (dx, dw) = crate::ops::linear::portable::backward(x, &w, &g)?;
+        let db = crate::ops::bias::bias_grad(&g, packed.dtype())?;
         let dp = Tensor::cat(&[&dw.flatten_all()?, &db], 0)?;
         Ok((Some(grad.clone()), dx, Some(dp)))
     }

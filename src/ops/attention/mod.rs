@@ -10,6 +10,9 @@
 //! [`super::no_grad`]: inference keeps nothing, and a backward pass that finds nothing kept (a
 //! second one over the same graph) recomputes them one pair at a time.
 
+pub(super) mod flash;
+pub(super) mod scores;
+
 use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};

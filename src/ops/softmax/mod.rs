@@ -1,6 +1,8 @@
 //! Softmax over the last dimension, forward and backward one row at a time
 //! (backward: dx = y · (g − Σ g·y), from the saved output alone).
 
+pub(super) mod portable;
+
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 
 use super::{f32_slice, fused, math, par_map, par_map2, ROWS_PER_TASK};
@@ -14,9 +16,9 @@ use super::{f32_slice, fused, math, par_map, par_map2, ROWS_PER_TASK};
 /// [`softmax_last_dim`].
 pub fn attention_probabilities(x: &Tensor, scale: f64) -> Result<Tensor> {
     match super::autocast::active() {
-        Some(low) if x.dtype() == low => super::rows::softmax_scaled(x, scale),
+        Some(low) if x.dtype() == low => portable::softmax_scaled(x, scale),
         _ if fused(x) => softmax_last_dim(&(x * scale)?),
-        _ => super::rows::softmax_scaled(&super::autocast::widen(x)?, scale),
+        _ => portable::softmax_scaled(&super::autocast::widen(x)?, scale),
     }
 }
 
@@ -24,7 +26,7 @@ pub fn attention_probabilities(x: &Tensor, scale: f64) -> Result<Tensor> {
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     if !fused(x) {
         // f32 under autocast (PyTorch's policy for softmax).
-        return super::rows::softmax_last_dim(&super::autocast::widen(x)?);
+        return portable::softmax_last_dim(&super::autocast::widen(x)?);
     }
     x.contiguous()?.apply_op1(SoftmaxOp)
 }

@@ -1,14 +1,14 @@
 //! In-place parameter updates on the CPU: AdamW (PyTorch's single-tensor arithmetic, operation for
 //! operation) and the EMA teacher. Through candle each AdamW step was ~15 tensor operations per
 //! parameter, each allocating a parameter-sized buffer; here it is three passes, in place, split
-//! over the dino_rs pool. On CUDA, [`super::foreach`] updates all parameters in one launch with the
+//! over the dino_rs pool. On CUDA, [`crate::ops::optim::foreach`] updates all parameters in one launch with the
 //! same arithmetic.
 
 use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Result, Tensor};
 use rayon::prelude::*;
 
-use super::launch::AdamWStep;
-use super::{f32_slice, fused, ELEMS_PER_TASK};
+use crate::ops::launch::AdamWStep;
+use crate::ops::{f32_slice, fused, ELEMS_PER_TASK};
 
 fn f32_slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout, op: &str) -> Result<&'a mut [f32]> {
     let CpuStorage::F32(v) = s else {
@@ -175,7 +175,7 @@ impl InplaceOp3 for AdamWParam {
 impl AdamWStep {
     /// decay, 1/√(1 − β2^t), eps and step size in f32, as the kernels take them (and as candle's
     /// `affine` casts them: x · (1/c) for a division by c).
-    pub(super) fn kernel_scalars(&self) -> [f32; 4] {
+    pub(crate) fn kernel_scalars(&self) -> [f32; 4] {
         let s = self;
         [
             s.decay as f32,

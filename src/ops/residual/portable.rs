@@ -8,7 +8,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
-use super::contiguous;
+use crate::ops::contiguous;
 
 /// Whether [`residual`] takes these: the same shape; the stream f32 (or f64 on the CPU); the
 /// branch f32 or bf16 (any float on the CPU); the mask f32 (f64 with an f64 stream), one per sample.
@@ -48,7 +48,7 @@ fn values(s: &CpuStorage, l: &Layout) -> Result<Vec<f64>> {
 }
 
 /// `x[i] + mask[i / per] · b[i]`, each step rounded in `x`'s dtype (as the f32 kernels do).
-pub(super) fn cpu(
+pub(crate) fn cpu(
     x: &CpuStorage,
     lx: &Layout,
     b: &CpuStorage,
@@ -78,9 +78,9 @@ pub(super) fn cpu(
 }
 
 /// The branch's gradient: the stream's, times the mask, in the branch's dtype.
-pub(super) fn branch_grad(grad: &Tensor, branch: DType, mask: Option<&Tensor>) -> Result<Tensor> {
+pub(crate) fn branch_grad(grad: &Tensor, branch: DType, mask: Option<&Tensor>) -> Result<Tensor> {
     let g = match mask {
-        Some(m) => grad.broadcast_mul(&super::per_sample(m, grad.rank())?)?,
+        Some(m) => grad.broadcast_mul(&crate::ops::per_sample(m, grad.rank())?)?,
         None => grad.clone(),
     };
     g.to_dtype(branch)
@@ -168,13 +168,13 @@ impl CustomOp3 for ResidualMasked {
 }
 
 #[cfg(feature = "cuda")]
-pub(super) mod cuda {
+pub(crate) mod cuda {
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
     use candle_core::cuda_backend::WrapErr;
     use candle_core::{CudaStorage, DType, Layout, Result};
 
-    use super::super::cuda::{grid_stride, view};
+    use crate::ops::cuda::{grid_stride, view};
 
     const OP: &str = "residual";
 

@@ -19,7 +19,7 @@ use std::sync::OnceLock;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
-use super::launch::ATTENTION_HEAD_DIM;
+use crate::ops::launch::ATTENTION_HEAD_DIM;
 
 /// What the forward pass keeps for the backward pass: each row's log-sum-exp on the device.
 #[cfg(feature = "cuda")]
@@ -37,7 +37,7 @@ pub fn flash_attention(qkv: &Tensor, heads: usize, scale: f64) -> Result<Option<
     }
     let qkv = aligned(&qkv.contiguous()?)?;
     let scale = scale as f32;
-    if qkv.track_op() && super::grad_enabled() {
+    if qkv.track_op() && crate::ops::grad_enabled() {
         let op = FusedAttention {
             heads,
             scale,
@@ -68,8 +68,8 @@ fn applies(qkv: &Tensor, heads: usize) -> bool {
         return false;
     };
     cfg!(feature = "cuda")
-        && super::OpsPolicy::current().kernels
-        && super::OpsPolicy::current().flash_attention
+        && crate::ops::OpsPolicy::current().kernels
+        && crate::ops::OpsPolicy::current().flash_attention
         && qkv.device().is_cuda()
         && qkv.dtype() == DType::BF16
         && n > 0
@@ -86,9 +86,9 @@ pub fn attention_composed(qkv: &Tensor, heads: usize, scale: f64) -> Result<(Ten
     let (b, n, c3) = qkv.dims3()?;
     let c = c3 / 3;
     let (q, k, v) = head_major(qkv, heads)?;
-    let attn = match super::attention_scores(&q, &k, scale)? {
+    let attn = match crate::ops::attention_scores(&q, &k, scale)? {
         Some(attn) => attn,
-        None => super::attention_probabilities(&q.matmul(&k.t()?)?, scale)?,
+        None => crate::ops::attention_probabilities(&q.matmul(&k.t()?)?, scale)?,
     };
     let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?;
     Ok((out, attn))
@@ -96,7 +96,7 @@ pub fn attention_composed(qkv: &Tensor, heads: usize, scale: f64) -> Result<(Ten
 
 /// q, k and v, each (B, heads, N, head dim), from `qkv` (B, N, 3·C): one copy into
 /// (3, B, heads, N, head dim), of which they are contiguous slices.
-pub(super) fn head_major(qkv: &Tensor, heads: usize) -> Result<(Tensor, Tensor, Tensor)> {
+pub(crate) fn head_major(qkv: &Tensor, heads: usize) -> Result<(Tensor, Tensor, Tensor)> {
     let (b, n, c3) = qkv.dims3()?;
     let qkv = qkv
         .reshape((b, n, 3, heads, c3 / 3 / heads))?
@@ -141,11 +141,11 @@ impl CustomOp1 for FusedAttention {
 }
 
 /// What a forward pass for a gradient keeps besides its output: each row's log-sum-exp.
-pub(super) struct Stats(Kept);
+pub(crate) struct Stats(Kept);
 
 /// [`flash_attention`] for a backward pass that the caller runs ([`backward_kept`]), outside
 /// candle's graph: the output and the rows' statistics; `None` where the kernels do not apply.
-pub(super) fn forward_keeping(qkv: &Tensor, heads: usize, scale: f64) -> Result<Option<(Tensor, Stats)>> {
+pub(crate) fn forward_keeping(qkv: &Tensor, heads: usize, scale: f64) -> Result<Option<(Tensor, Stats)>> {
     if !applies(qkv, heads) {
         return Ok(None);
     }
@@ -162,7 +162,7 @@ pub(super) fn forward_keeping(qkv: &Tensor, heads: usize, scale: f64) -> Result<
 }
 
 /// The gradient of `qkv` from [`forward_keeping`]'s output and statistics.
-pub(super) fn backward_kept(
+pub(crate) fn backward_kept(
     qkv: &Tensor,
     out: &Tensor,
     grad: &Tensor,
@@ -224,8 +224,8 @@ mod cuda {
     use candle_core::cuda_backend::WrapErr;
     use candle_core::{CudaStorage, Layout, Result, Shape};
 
-    use super::super::cuda::view;
-    use super::super::launch;
+    use crate::ops::cuda::view;
+    use crate::ops::launch;
 
     /// The output and, with `keep`, the rows' log-sum-exps.
     pub(super) fn forward(

@@ -1,5 +1,5 @@
 //! A transformer block's twelve parameters as one flat f32 tensor: the second operand of its graph
-//! node ([`super::transformer_block`] on the CPU, [`super::transformer_block_portable`] elsewhere).
+//! node ([`crate::ops::transformer_block`] on the CPU, [`crate::ops::transformer_block_portable`] elsewhere).
 //!
 //! Packed by a concatenation, the parameters' gradients come back through candle's backprop,
 //! which zero-fills a buffer and adds into it for every edge: the concatenation's twelve and the
@@ -71,8 +71,8 @@ impl Leaves {
 
 /// `params` as one flat f32 tensor for a block node (a leaf inside [`leaves`], else a graph node
 /// over them), and that tensor detached and in the matmuls' dtype under autocast.
-pub(super) fn packed(params: &[&Tensor]) -> Result<(Tensor, Tensor)> {
-    let low = super::autocast::active();
+pub(crate) fn packed(params: &[&Tensor]) -> Result<(Tensor, Tensor)> {
+    let low = crate::ops::autocast::active();
     let found = LEAVES.with(|l| -> Result<Option<(Tensor, Tensor)>> {
         let mut l = l.borrow_mut();
         let Some(made) = l.as_mut() else {
@@ -93,7 +93,7 @@ pub(super) fn packed(params: &[&Tensor]) -> Result<(Tensor, Tensor)> {
     })?;
     match found {
         Some(p) => Ok(p),
-        None => super::autocast::packed(params),
+        None => crate::ops::autocast::packed(params),
     }
 }
 
@@ -140,8 +140,8 @@ mod cuda {
     use candle_core::cuda_backend::WrapErr;
     use candle_core::{DType, Result, Tensor};
 
-    use super::super::cuda::device_ptr;
-    use super::super::launch::{self, PackParts, PACK_PARTS};
+    use crate::ops::cuda::device_ptr;
+    use crate::ops::launch::{self, PackParts, PACK_PARTS};
 
     // SAFETY: `#[repr(C)]` plain data laid out as pack.cu's PackParts (launch.rs).
     unsafe impl DeviceRepr for PackParts {}
@@ -152,7 +152,7 @@ mod cuda {
         let Some(first) = parts.first() else {
             return Ok(None);
         };
-        let applies = super::super::kernels_enabled()
+        let applies = crate::ops::kernels_enabled()
             && parts.len() <= PACK_PARTS
             && parts.iter().all(|t| {
                 t.device().same_device(first.device())

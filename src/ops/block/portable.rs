@@ -1,5 +1,5 @@
 //! A whole pre-norm transformer block as one graph node on every device and dtype the fused CPU
-//! block ([`super::transformer_block`]) does not take: CUDA, bf16 autocast, the composed CPU path.
+//! block ([`crate::ops::transformer_block`]) does not take: CUDA, bf16 autocast, the composed CPU path.
 //! The forward pass runs the per-layer ops (LayerNorm, linear, attention, GELU, linear with the
 //! residual update) outside candle's graph; the backward pass calls their backward functions in
 //! turn, handing each gradient straight to the next.
@@ -9,7 +9,7 @@
 //! gradient buffer for each and adds into it: on a GPU a memset and an add per edge, about 70
 //! activation widths of memory traffic a block. Here candle sees two edges per block, its input
 //! and its packed parameters; in a training step the student's crop resolutions share one packed
-//! tensor, a leaf of the graph ([`super::pack`]), and under autocast otherwise, so each
+//! tensor, a leaf of the graph ([`crate::ops::block::pack`]), and under autocast otherwise, so each
 //! parameter's own edges come once a step, or not at all.
 //!
 //! Kept for the backward pass, and dropped as soon as the block's backward has run: qkv, the
@@ -28,13 +28,18 @@ use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 
-use super::block::Sizes;
-use super::flash_attention::{self as flash, Stats};
-use super::linear_residual::LinearResidual;
-use super::{attention_scores, gelu_portable, linear_portable, residual_portable, rows};
+use crate::ops::attention::flash::{self as flash, Stats};
+use crate::ops::attention::scores as attention_scores;
+use crate::ops::block::Param::{self, *};
+use crate::ops::block::Sizes;
+use crate::ops::gelu::portable as gelu_portable;
+use crate::ops::layer_norm::portable as layer_norm;
+use crate::ops::linear::portable as linear_portable;
+use crate::ops::linear::residual::LinearResidual;
+use crate::ops::residual::portable as residual_portable;
 
 /// One transformer block on `x` (B, N, C) f32 with the parameters of
-/// [`super::BLOCK_PARAMS`] (f32, in that order) and the drop-path masks of its two branches ((B,)
+/// [`crate::ops::BLOCK_PARAMS`] (f32, in that order) and the drop-path masks of its two branches ((B,)
 /// f32, 0 or 1/keep), in bf16 under autocast. `None` where the node does not apply (the fused CPU
 /// path, nothing needing a gradient, other dtypes or shapes): then run the block layer by layer.
 pub fn transformer_block(
@@ -45,14 +50,18 @@ pub fn transformer_block(
     masks: Option<[&Tensor; 2]>,
 ) -> Result<Option<Tensor>> {
     let needs_grad = x.track_op() || params.iter().any(|p| p.track_op());
-    if super::fused(x) || !super::grad_enabled() || !needs_grad || !super::OpsPolicy::current().block_node {
+    if crate::ops::fused(x)
+        || !crate::ops::grad_enabled()
+        || !needs_grad
+        || !crate::ops::OpsPolicy::current().block_node
+    {
         return Ok(None);
     }
-    let low = super::autocast::active().unwrap_or(DType::F32);
+    let low = crate::ops::autocast::active().unwrap_or(DType::F32);
     let Ok((b, n, c)) = x.dims3() else {
         return Ok(None);
     };
-    let hidden = params[8].dims().first().copied().unwrap_or(0);
+    let hidden = params[Fc1Weight].dims().first().copied().unwrap_or(0);
     if x.dtype() != DType::F32 || !matches!(low, DType::F32 | DType::BF16) || b * n == 0 {
         return Ok(None);
     }
@@ -75,7 +84,7 @@ pub fn transformer_block(
     if !shapes_ok || !masks_ok {
         return Ok(None);
     }
-    let (packed, low_packed) = super::pack::packed(&params)?;
+    let (packed, low_packed) = crate::ops::block::pack::packed(&params)?;
     let x = x.contiguous()?;
     let node = BlockNode {
         sizes,
@@ -129,7 +138,7 @@ enum Attention {
     Composed { probs: Tensor },
 }
 
-/// Views of a packed parameter tensor, one per [`super::BLOCK_PARAMS`] entry, and where each
+/// Views of a packed parameter tensor, one per [`crate::ops::BLOCK_PARAMS`] entry, and where each
 /// starts in it.
 struct Params {
     p: [Tensor; 12],
@@ -155,9 +164,10 @@ impl Params {
         Ok(Self { p, offsets })
     }
 
-    /// A linear layer's weight and bias (parameters `i` and `i + 1`) as the one flat tensor that
-    /// [`LinearResidual`] takes, a view of `packed`'s layout `l`.
-    fn weight_and_bias(&self, i: usize, l: &Layout) -> Layout {
+    /// A linear layer's weight and bias (`weight` and the parameter after it) as the one flat
+    /// tensor that [`LinearResidual`] takes, a view of `packed`'s layout `l`.
+    fn weight_and_bias(&self, weight: Param, l: &Layout) -> Layout {
+        let i = weight as usize;
         let len = self.p[i].elem_count() + self.p[i + 1].elem_count();
         Layout::contiguous_with_offset(len, l.start_offset() + self.offsets[i])
     }
@@ -171,14 +181,14 @@ impl BlockNode {
         let rows = b * n;
         let p32 = Params::new(packed, &self.sizes)?;
         let pl = Params::new(&low, &self.sizes)?;
-        let z1 = rows::layer_norm_to(x, &p32.p[0], &p32.p[1], self.eps, Some(self.low))?;
-        let qkv = linear_portable::linear_rows(&z1.reshape((rows, c))?, &pl.p[2], Some(&pl.p[3]))?;
+        let z1 = layer_norm::layer_norm_to(x, &p32.p[Norm1Weight], &p32.p[Norm1Bias], self.eps, Some(self.low))?;
+        let qkv = linear_portable::linear_rows(&z1.reshape((rows, c))?, &pl.p[QkvWeight], Some(&pl.p[QkvBias]))?;
         drop(z1);
         let qkv = qkv.reshape((b, n, 3 * c))?;
         let (attended, attention) = match flash::forward_keeping(&qkv, self.sizes.heads, self.scale)? {
             Some((out, stats)) => (out, Attention::Flash(stats)),
             None => {
-                let (out, probs) = super::attention_composed(&qkv, self.sizes.heads, self.scale)?;
+                let (out, probs) = crate::ops::attention_composed(&qkv, self.sizes.heads, self.scale)?;
                 (out, Attention::Composed { probs })
             }
         };
@@ -188,13 +198,13 @@ impl BlockNode {
         };
         let x1 = x.apply_op3_no_bwd(
             &attended.reshape((rows, c))?,
-            &low.narrow(0, pl.offsets[4], c * c + c)?,
+            &low.narrow(0, pl.offsets[ProjWeight], c * c + c)?,
             &proj,
         )?;
-        let z2 = rows::layer_norm_to(&x1, &p32.p[6], &p32.p[7], self.eps, Some(self.low))?;
-        let fc1 = linear_portable::linear_rows(&z2.reshape((rows, c))?, &pl.p[8], None)?;
+        let z2 = layer_norm::layer_norm_to(&x1, &p32.p[Norm2Weight], &p32.p[Norm2Bias], self.eps, Some(self.low))?;
+        let fc1 = linear_portable::linear_rows(&z2.reshape((rows, c))?, &pl.p[Fc1Weight], None)?;
         drop(z2);
-        let hidden = gelu_portable::bias_gelu(&fc1, &pl.p[9])?;
+        let hidden = gelu_portable::bias_gelu(&fc1, &pl.p[Fc1Bias])?;
         let saved = Saved {
             low,
             qkv,
@@ -225,7 +235,10 @@ impl BlockNode {
             out: self.sizes.c,
             mask: self.mask(1),
         };
-        run(&fc2, [(&*sx, lx), (&*sh, lh), (&*sp, &pl.weight_and_bias(10, lp))])
+        run(
+            &fc2,
+            [(&*sx, lx), (&*sh, lh), (&*sp, &pl.weight_and_bias(Fc2Weight, lp))],
+        )
     }
 
     /// `[dx, d params (packed, f32)]` for the output gradient `g`.
@@ -234,26 +247,29 @@ impl BlockNode {
         let (rows, heads, eps, low) = (b * n, self.sizes.heads, self.eps, self.low);
         let p32 = Params::new(packed, &self.sizes)?;
         let pl = Params::new(&s.low, &self.sizes)?;
-        let bias_grad = |g: &Tensor| super::bias::bias_grad(g, low);
+        let bias_grad = |g: &Tensor| crate::ops::bias::bias_grad(g, low);
 
         // MLP branch: y = x1 + mask₂ · fc2(gelu(fc1(norm2(x1)))).
         let g2 = residual_portable::branch_grad(g, low, self.mask(1).as_ref())?.reshape((rows, c))?;
-        let hidden = gelu_portable::bias_gelu(&s.fc1, &pl.p[9])?;
-        let (dh, dfc2_w) = linear_portable::grads(&hidden, &pl.p[10], &g2, true)?;
+        let hidden = gelu_portable::bias_gelu(&s.fc1, &pl.p[Fc1Bias])?;
+        let (dh, dfc2_w) = linear_portable::grads(&hidden, &pl.p[Fc2Weight], &g2, true)?;
         drop(hidden);
         let dfc2_b = bias_grad(&g2)?;
         drop(g2);
-        let (dfc1, dfc1_b) = gelu_portable::backward_tensors(&s.fc1, &pl.p[9], &required(dh)?)?;
-        let z2 = rows::layer_norm_to(&s.x1, &p32.p[6], &p32.p[7], eps, Some(low))?.reshape((rows, c))?;
-        let (dz2, dfc1_w) = linear_portable::grads(&z2, &pl.p[8], &dfc1, true)?;
+        let (dfc1, dfc1_b) = gelu_portable::backward_tensors(&s.fc1, &pl.p[Fc1Bias], &required(dh)?)?;
+        let z2 = layer_norm::layer_norm_to(&s.x1, &p32.p[Norm2Weight], &p32.p[Norm2Bias], eps, Some(low))?
+            .reshape((rows, c))?;
+        let (dz2, dfc1_w) = linear_portable::grads(&z2, &pl.p[Fc1Weight], &dfc1, true)?;
         drop((z2, dfc1));
         let dz2 = required(dz2)?.reshape((b, n, c))?;
-        let (dx1, dn2_w, dn2_b) = rows::layer_norm_backward(&s.x1, &p32.p[6], &p32.p[7], &dz2, eps)?;
+        let (dx1, dn2_w, dn2_b) =
+            layer_norm::layer_norm_backward(&s.x1, &p32.p[Norm2Weight], &p32.p[Norm2Bias], &dz2, eps)?;
         let dx1 = (g + dx1)?;
 
         // Attention branch: x1 = x + mask₁ · proj(attention(qkv(norm1(x)))).
         let g1 = residual_portable::branch_grad(&dx1, low, self.mask(0).as_ref())?.reshape((rows, c))?;
-        let (dattended, dproj_w) = linear_portable::grads(&s.attended.reshape((rows, c))?, &pl.p[4], &g1, true)?;
+        let (dattended, dproj_w) =
+            linear_portable::grads(&s.attended.reshape((rows, c))?, &pl.p[ProjWeight], &g1, true)?;
         let dproj_b = bias_grad(&g1)?;
         drop(g1);
         let dattended = required(dattended)?.reshape((b, n, c))?;
@@ -264,17 +280,18 @@ impl BlockNode {
         drop(dattended);
         let dqkv = dqkv.reshape((rows, 3 * c))?;
         let dqkv_b = bias_grad(&dqkv)?;
-        let z1 = rows::layer_norm_to(x, &p32.p[0], &p32.p[1], eps, Some(low))?.reshape((rows, c))?;
-        let (dz1, dqkv_w) = linear_portable::grads(&z1, &pl.p[2], &dqkv, true)?;
+        let z1 =
+            layer_norm::layer_norm_to(x, &p32.p[Norm1Weight], &p32.p[Norm1Bias], eps, Some(low))?.reshape((rows, c))?;
+        let (dz1, dqkv_w) = linear_portable::grads(&z1, &pl.p[QkvWeight], &dqkv, true)?;
         drop((z1, dqkv));
         let dz1 = required(dz1)?.reshape((b, n, c))?;
-        let (dx, dn1_w, dn1_b) = rows::layer_norm_backward(x, &p32.p[0], &p32.p[1], &dz1, eps)?;
+        let (dx, dn1_w, dn1_b) = layer_norm::layer_norm_backward(x, &p32.p[Norm1Weight], &p32.p[Norm1Bias], &dz1, eps)?;
         let dx = (dx1 + dx)?;
 
         let grads = [
             dn1_w, dn1_b, dqkv_w, dqkv_b, dproj_w, dproj_b, dn2_w, dn2_b, dfc1_w, dfc1_b, dfc2_w, dfc2_b,
         ];
-        Ok((dx, super::pack::flat_f32(&grads)?))
+        Ok((dx, crate::ops::block::pack::flat_f32(&grads)?))
     }
 }
 
@@ -282,7 +299,7 @@ fn required(t: Option<Tensor>) -> Result<Tensor> {
     t.ok_or_else(|| candle_core::Error::Msg("transformer block: a gradient was not computed".into()))
 }
 
-/// The gradient of `qkv` (B, N, 3·C) through [`super::attention_composed`], from its
+/// The gradient of `qkv` (B, N, 3·C) through [`crate::ops::attention_composed`], from its
 /// probabilities and the output gradient (B, N, C): the steps candle's backprop takes through
 /// that function's ops, without the zero-filled buffers.
 fn composed_attention_backward(
@@ -387,7 +404,7 @@ mod tests {
             .enumerate()
             .map(|(i, s)| Var::from_tensor(&rand(&mut rng, s, if i == 0 || i == 6 { 1.0 } else { 0.0 })?))
             .collect::<Result<_>>()?;
-        let map = super::super::BLOCK_PARAMS
+        let map = crate::ops::BLOCK_PARAMS
             .iter()
             .zip(&params)
             .map(|(name, p)| (name.to_string(), p.as_tensor().clone()))
@@ -412,7 +429,7 @@ mod tests {
         let p: Vec<&Tensor> = params.iter().map(|v| v.as_tensor()).collect();
         for m in [None, Some(&masks)] {
             let dev = m.and_then(|m| m.on_device.as_ref()).map(|[a, b]| [a, b]);
-            super::super::portable(|| -> Result<()> {
+            crate::ops::portable(|| -> Result<()> {
                 let node = grads(&x, &params, &r, || {
                     let p: [&Tensor; 12] = std::array::from_fn(|i| p[i]);
                     Ok(super::transformer_block(&x, p, heads, 1e-6, dev)?.expect("the node applies"))

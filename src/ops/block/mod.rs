@@ -15,6 +15,9 @@
 //! hidden layer before and after the GELU (what PyTorch keeps). The two LayerNorm outputs are
 //! recomputed from their inputs. A backward pass that finds nothing kept reruns the forward pass.
 
+pub mod pack;
+pub(super) mod portable;
+
 use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
@@ -40,6 +43,31 @@ pub const BLOCK_PARAMS: [&str; 12] = [
     "mlp.fc2.bias",
 ];
 
+/// A block parameter's place in [`BLOCK_PARAMS`], in the packed layout and in every array of twelve
+/// (named, so that code reads `p[Param::Fc1Weight]`, not `p[8]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Param {
+    Norm1Weight,
+    Norm1Bias,
+    QkvWeight,
+    QkvBias,
+    ProjWeight,
+    ProjBias,
+    Norm2Weight,
+    Norm2Bias,
+    Fc1Weight,
+    Fc1Bias,
+    Fc2Weight,
+    Fc2Bias,
+}
+
+impl<T> std::ops::Index<Param> for [T; 12] {
+    type Output = T;
+    fn index(&self, p: Param) -> &T {
+        &self[p as usize]
+    }
+}
+
 /// One transformer block on `x` (B, N, C) with the parameters named in [`BLOCK_PARAMS`], in that
 /// order; `keep` holds the per-sample stochastic-depth scales (0 or 1/keep_prob) of the attention
 /// and MLP branches, or None for 1. CPU and f32 only: see [`super::fused`].
@@ -51,7 +79,7 @@ pub fn transformer_block(
     keep: [Option<&[f32]>; 2],
 ) -> Result<Tensor> {
     let (b, _, c) = x.dims3()?;
-    let hidden = params[8].dim(0)?;
+    let hidden = params[Param::Fc1Weight].dim(0)?;
     let sizes = Sizes {
         c,
         hidden,
@@ -72,7 +100,7 @@ pub fn transformer_block(
             );
         }
     }
-    let (packed, _) = super::pack::packed(&params)?;
+    let (packed, _) = crate::ops::block::pack::packed(&params)?;
     let track = (x.track_op() || packed.track_op()) && super::grad_enabled();
     let op = BlockOp {
         sizes,
@@ -130,17 +158,18 @@ fn split<'a>(sizes: &Sizes, mut p: &'a [f32]) -> [&'a [f32]; 12] {
 /// stay together, as `[d weight | d bias]`, the way the LayerNorm kernel writes them.
 fn split_grads<'a>(sizes: &Sizes, mut p: &'a mut [f32]) -> [&'a mut [f32]; 10] {
     let len = sizes.shapes().map(|s| s.iter().product::<usize>());
+    use Param::*;
     let merged = [
-        len[0] + len[1],
-        len[2],
-        len[3],
-        len[4],
-        len[5],
-        len[6] + len[7],
-        len[8],
-        len[9],
-        len[10],
-        len[11],
+        len[Norm1Weight] + len[Norm1Bias],
+        len[QkvWeight],
+        len[QkvBias],
+        len[ProjWeight],
+        len[ProjBias],
+        len[Norm2Weight] + len[Norm2Bias],
+        len[Fc1Weight],
+        len[Fc1Bias],
+        len[Fc2Weight],
+        len[Fc2Bias],
     ];
     merged.map(|l| {
         let (head, rest) = std::mem::take(&mut p).split_at_mut(l);
@@ -355,5 +384,32 @@ impl CustomOp3 for BlockBackward {
         let out = block.backward(x, p, g, &saved)?;
         let len = out.len();
         Ok((CpuStorage::F32(out), Shape::from(len)))
+    }
+}
+
+#[cfg(test)]
+mod param_names {
+    use super::Param::*;
+    use super::*;
+
+    #[test]
+    fn each_named_parameter_is_its_official_name() {
+        let named = [
+            (Norm1Weight, "norm1.weight"),
+            (Norm1Bias, "norm1.bias"),
+            (QkvWeight, "attn.qkv.weight"),
+            (QkvBias, "attn.qkv.bias"),
+            (ProjWeight, "attn.proj.weight"),
+            (ProjBias, "attn.proj.bias"),
+            (Norm2Weight, "norm2.weight"),
+            (Norm2Bias, "norm2.bias"),
+            (Fc1Weight, "mlp.fc1.weight"),
+            (Fc1Bias, "mlp.fc1.bias"),
+            (Fc2Weight, "mlp.fc2.weight"),
+            (Fc2Bias, "mlp.fc2.bias"),
+        ];
+        for (param, name) in named {
+            assert_eq!(BLOCK_PARAMS[param], name);
+        }
     }
 }
