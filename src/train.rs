@@ -5,11 +5,16 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use candle_core::{DType, Result, Tensor};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
+use crate::augment::normalize::{Normalize, Pixel};
+use crate::config::AugmentConfig;
+use crate::data::loader::{MultiCropLoader, Next};
+use crate::data::Batch;
 use crate::dino::Dino;
 use crate::loss::DinoLoss;
 use crate::optim::{clip_gradients, AdamW};
@@ -444,6 +449,117 @@ impl DinoTrainer {
             Err(e) => Ok(Err(e)),
         })
     }
+}
+
+/// What one epoch of [`DinoTrainer::train_epoch`] did.
+#[derive(Debug, Clone)]
+pub struct EpochStats {
+    pub steps: usize,
+    /// The mean loss of the epoch's steps (NaN when there were none).
+    pub loss: f64,
+    /// The last step's stats (its schedules' values).
+    pub last: Option<StepStats>,
+    /// Mean seconds per phase when profiling, "data" (waiting for the loader, then the upload)
+    /// first; else empty.
+    pub phases: Vec<(&'static str, f64)>,
+    pub seconds: f64,
+}
+
+/// Where the caller takes part in an epoch: while the loader has no batch ready (every 50 ms: where
+/// a Python caller notices Ctrl-C) and after every step. An error from either stops the epoch at
+/// a step boundary; the steps done are kept.
+pub trait EpochHooks {
+    type Error: From<crate::Error> + From<NonFiniteLoss>;
+    fn waiting(&mut self) -> std::result::Result<(), Self::Error>;
+    fn stepped(&mut self, stats: &StepStats) -> std::result::Result<(), Self::Error>;
+}
+
+impl DinoTrainer {
+    /// Trains epoch `epoch` of `loader` (whose shuffle it sets), the loader writing crops as `T`:
+    /// normalised f32 for the CPU; u8 for a GPU, which normalises them itself from a quarter of
+    /// the bytes. A trainer stopped mid-epoch resumes it: the batches already trained on are
+    /// skipped, and since an epoch's order depends on (seed, epoch) only, the rest is the same.
+    pub fn train_epoch<T: Pixel, H: EpochHooks>(
+        &mut self,
+        loader: &MultiCropLoader,
+        epoch: u64,
+        hooks: &mut H,
+    ) -> std::result::Result<EpochStats, H::Error> {
+        let aug = loader.augmenter().config().clone();
+        let normalize = loader.augmenter().normalize();
+        let start = Instant::now();
+        let niter = self.config.niter_per_ep;
+        let mut skip = self.iteration.saturating_sub(epoch as usize * niter).min(niter);
+        let mut it = loader.iter_epoch_as::<T>(epoch);
+        let (mut sum, mut steps, mut last) = (0.0, 0, None);
+        let (mut times, mut profiled): (Vec<(&'static str, f64)>, usize) = (Vec::new(), 0);
+        let mut waited = Duration::ZERO;
+        loop {
+            let t = Instant::now();
+            let next = it.next_timeout(Duration::from_millis(50));
+            waited += t.elapsed();
+            let batch = match next {
+                Next::Pending => {
+                    hooks.waiting()?;
+                    continue;
+                }
+                Next::Done => break,
+                Next::Batch(b) => b?,
+            };
+            if skip > 0 {
+                skip -= 1;
+                waited = Duration::ZERO;
+                continue;
+            }
+            let t = Instant::now();
+            let dev = self.dino.device.clone();
+            let (globals, locals) = batch_tensors(batch, &aug, normalize, &dev).map_err(crate::Error::from)?;
+            if self.profile {
+                dev.synchronize().map_err(crate::Error::from)?;
+            }
+            let data = (waited + t.elapsed()).as_secs_f64();
+            waited = Duration::ZERO;
+            let mut stats = self.step(&globals, locals.as_ref()).map_err(crate::Error::from)??;
+            if self.profile {
+                stats.phases.insert(0, ("data", data));
+                if times.is_empty() {
+                    times = stats.phases.iter().map(|&(p, _)| (p, 0.0)).collect();
+                }
+                for (total, (_, s)) in times.iter_mut().zip(&stats.phases) {
+                    total.1 += s;
+                }
+                profiled += 1;
+            }
+            sum += stats.loss;
+            steps += 1;
+            hooks.stepped(&stats)?;
+            last = Some(stats);
+        }
+        Ok(EpochStats {
+            steps,
+            loss: if steps > 0 { sum / steps as f64 } else { f64::NAN },
+            last,
+            phases: times.into_iter().map(|(p, t)| (p, t / profiled as f64)).collect(),
+            seconds: start.elapsed().as_secs_f64(),
+        })
+    }
+}
+
+/// A batch's crops as normalised tensors on `dev` (u8 crops are normalised there).
+fn batch_tensors<T: Pixel>(
+    batch: Batch<T>,
+    aug: &AugmentConfig,
+    normalize: &Normalize,
+    dev: &candle_core::Device,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let (b, g, l) = (batch.len(), aug.global_size as usize, aug.local_size as usize);
+    let globals = T::crops(batch.globals, (2 * b, 3, g, g), normalize, dev)?;
+    let locals = if aug.n_local > 0 {
+        Some(T::crops(batch.locals, (aug.n_local * b, 3, l, l), normalize, dev)?)
+    } else {
+        None
+    };
+    Ok((globals, locals))
 }
 
 impl DinoTrainer {

@@ -3,9 +3,8 @@
 //! is noticed at step boundaries, so the weights are always those of a completed step.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use pyo3::exceptions::{PyFloatingPointError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -13,12 +12,8 @@ use pyo3::types::PyDict;
 use super::data::PyMultiCropLoader;
 use super::model::{parse_device, parse_dtype, PyDino};
 use super::numpy::{f32_tensor, shape_str};
-use crate::augment::normalize::{Normalize, Pixel};
-use crate::config::AugmentConfig;
-use crate::data::loader::Next;
-use crate::data::Batch;
 use crate::error::{Error, Result};
-use crate::train::{DinoTrainer, NonFiniteLoss, Number, StepStats, TrainConfig};
+use crate::train::{DinoTrainer, EpochHooks, NonFiniteLoss, Number, StepStats, TrainConfig};
 
 #[pyclass(name = "_Trainer", module = "dino_rs")]
 pub struct PyTrainer {
@@ -125,119 +120,34 @@ impl PyTrainer {
             }
         }
     }
+}
 
-    /// The batch's crops as normalised tensors on `dev`: u8 crops are normalised there.
-    fn batch_tensors<T: Pixel>(
-        batch: Batch<T>,
-        aug: &AugmentConfig,
-        normalize: &Normalize,
-        dev: &Device,
-    ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
-        let (b, g, l, n_local) = (
-            batch.len(),
-            aug.global_size as usize,
-            aug.local_size as usize,
-            aug.n_local,
-        );
-        let globals = T::crops(batch.globals, (2 * b, 3, g, g), normalize, dev)?;
-        let locals = if n_local > 0 {
-            Some(T::crops(batch.locals, (n_local * b, 3, l, l), normalize, dev)?)
-        } else {
-            None
-        };
-        Ok((globals, locals))
+/// The Python side of an epoch: the step callback, and Ctrl-C noticed while waiting for the loader
+/// and after every step (the GIL taken back for each).
+struct PyHooks {
+    callback: Option<Py<PyAny>>,
+}
+
+impl EpochHooks for PyHooks {
+    type Error = PyErr;
+
+    fn waiting(&mut self) -> PyResult<()> {
+        Python::attach(|py| py.check_signals())
     }
 
-    /// [`PyTrainer::train_epoch`] with the loader writing crops as `T`.
-    fn train_epoch_as<'py, T: Pixel>(
-        &mut self,
-        py: Python<'py>,
-        loader: &Bound<'py, PyMultiCropLoader>,
-        epoch: u64,
-        callback: Option<Bound<'py, PyAny>>,
-    ) -> PyResult<Bound<'py, PyDict>> {
-        let (rust_loader, c) = {
-            let l = loader.borrow();
-            (l.inner.clone(), l.inner.augmenter().config().clone())
-        };
-        let normalize = rust_loader.augmenter().normalize();
-        let start = Instant::now();
-        // After an interruption mid-epoch, the batches already trained on are skipped: the
-        // epoch's order depends on (seed, epoch) only, so the rest of the epoch is reproduced.
-        let niter = self.inner.config.niter_per_ep;
-        let mut skip = self.inner.iteration.saturating_sub(epoch as usize * niter).min(niter);
-        let mut it = rust_loader.iter_epoch_as::<T>(epoch);
-        let (mut sum, mut steps, mut last): (f64, usize, Option<StepStats>) = (0.0, 0, None);
-        // When profiling: seconds per phase summed over the epoch's steps, "data" (waiting for the
-        // loader, then the upload) first.
-        let (mut times, mut profiled): (Vec<(&'static str, f64)>, usize) = (Vec::new(), 0);
-        let mut waited = Duration::ZERO;
-        loop {
-            let t = Instant::now();
-            let next = py.detach(|| it.next_timeout(Duration::from_millis(50)));
-            waited += t.elapsed();
-            let batch = match next {
-                Next::Pending => {
-                    py.check_signals()?;
-                    continue;
-                }
-                Next::Done => break,
-                Next::Batch(b) => b?,
-            };
-            if skip > 0 {
-                skip -= 1;
-                waited = Duration::ZERO;
-                continue;
+    fn stepped(&mut self, stats: &StepStats) -> PyResult<()> {
+        Python::attach(|py| {
+            if let Some(cb) = &self.callback {
+                cb.call1(py, (stats_dict(py, stats)?,))?;
             }
-            let inner = &mut self.inner;
-            let out = py
-                .detach(|| {
-                    let t = Instant::now();
-                    let dev = &inner.dino.device;
-                    let (globals, locals) = Self::batch_tensors(batch, &c, normalize, dev)?;
-                    if inner.profile {
-                        dev.synchronize()?;
-                    }
-                    let data = (waited + t.elapsed()).as_secs_f64();
-                    inner.step(&globals, locals.as_ref()).map(|r| (r, data))
-                })
-                .map_err(|e| PyErr::from(Error::from(e)))?;
-            waited = Duration::ZERO;
-            let (out, data) = out;
-            let mut stats = out.map_err(non_finite)?;
-            if self.inner.profile {
-                stats.phases.insert(0, ("data", data));
-                if times.is_empty() {
-                    times = stats.phases.iter().map(|&(p, _)| (p, 0.0)).collect();
-                }
-                for (total, (_, s)) in times.iter_mut().zip(&stats.phases) {
-                    total.1 += s;
-                }
-                profiled += 1;
-            }
-            sum += stats.loss;
-            steps += 1;
-            if let Some(cb) = &callback {
-                cb.call1((stats_dict(py, &stats)?,))?;
-            }
-            last = Some(stats);
-            py.check_signals()?;
-        }
-        let d = PyDict::new(py);
-        d.set_item("epoch", epoch)?;
-        d.set_item("steps", steps)?;
-        d.set_item("loss", if steps > 0 { sum / steps as f64 } else { f64::NAN })?;
-        if let Some(s) = last {
-            d.set_item("lr", s.lr)?;
-            d.set_item("wd", s.wd)?;
-            d.set_item("momentum", s.momentum)?;
-            d.set_item("teacher_temp", s.teacher_temp)?;
-        }
-        for (phase, total) in times {
-            d.set_item(format!("time_{phase}"), total / profiled as f64)?;
-        }
-        d.set_item("seconds", start.elapsed().as_secs_f64())?;
-        Ok(d)
+            py.check_signals()
+        })
+    }
+}
+
+impl From<NonFiniteLoss> for PyErr {
+    fn from(e: NonFiniteLoss) -> PyErr {
+        non_finite(e)
     }
 }
 
@@ -306,13 +216,35 @@ impl PyTrainer {
         epoch: u64,
         callback: Option<Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyDict>> {
+        let rust_loader = loader.borrow().inner.clone();
+        let mut hooks = PyHooks {
+            callback: callback.map(Bound::unbind),
+        };
+        let inner = &mut self.inner;
         // A GPU gets the crops as u8 (a quarter of the bytes to copy each step) and normalises
         // them itself; the CPU takes them normalised from the augmenter.
-        if self.inner.dino.device.is_cpu() {
-            self.train_epoch_as::<f32>(py, loader, epoch, callback)
-        } else {
-            self.train_epoch_as::<u8>(py, loader, epoch, callback)
+        let stats = py.detach(|| {
+            if inner.dino.device.is_cpu() {
+                inner.train_epoch::<f32, _>(&rust_loader, epoch, &mut hooks)
+            } else {
+                inner.train_epoch::<u8, _>(&rust_loader, epoch, &mut hooks)
+            }
+        })?;
+        let d = PyDict::new(py);
+        d.set_item("epoch", epoch)?;
+        d.set_item("steps", stats.steps)?;
+        d.set_item("loss", stats.loss)?;
+        if let Some(s) = stats.last {
+            d.set_item("lr", s.lr)?;
+            d.set_item("wd", s.wd)?;
+            d.set_item("momentum", s.momentum)?;
+            d.set_item("teacher_temp", s.teacher_temp)?;
         }
+        for (phase, mean) in stats.phases {
+            d.set_item(format!("time_{phase}"), mean)?;
+        }
+        d.set_item("seconds", stats.seconds)?;
+        Ok(d)
     }
 
     /// Writes a resumable checkpoint; `extra` is a JSON string stored with it.
