@@ -31,6 +31,18 @@ pub struct VitConfig {
 }
 
 impl VitConfig {
+    /// Whether an `h`×`w` crop fits the patch grid (both sides multiples of the patch size): the
+    /// forward pass and the trainer's checks of a caller's crops say so in the same words.
+    pub fn check_crop(&self, h: usize, w: usize) -> crate::Result<()> {
+        let p = self.patch_size;
+        if h.is_multiple_of(p) && w.is_multiple_of(p) {
+            return Ok(());
+        }
+        Err(crate::Error::Shape(format!(
+            "crop size {h}x{w} is not a multiple of the patch size {p}"
+        )))
+    }
+
     pub fn custom(embed_dim: usize, depth: usize, num_heads: usize, patch_size: usize, img_size: usize) -> Self {
         Self {
             img_size,
@@ -162,10 +174,9 @@ impl VisionTransformer {
     /// Tokens before the first block: CLS + patch embeddings + position embedding.
     pub fn prepare_tokens(&self, x: &Tensor) -> Result<Tensor> {
         let (b, _, h, w) = x.dims4()?;
-        let p = self.config.patch_size;
-        if !h.is_multiple_of(p) || !w.is_multiple_of(p) {
-            candle_core::bail!("crop size {h}x{w} is not a multiple of the patch size {p}");
-        }
+        self.config
+            .check_crop(h, w)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let patches = self.patch_embed.forward(x)?;
         let cls = self.cls_token.broadcast_as((b, 1, self.config.embed_dim))?;
         // Under autocast the patches come out of a bf16 matmul; like torch.cat, the tokens take the

@@ -91,16 +91,7 @@ impl PyTrainer {
         )?;
         // Checked here, so that a caller's crop size is a ValueError like the other shape errors,
         // not a failure of the step (RuntimeError).
-        let patch = self.inner.dino.vit.patch_size;
-        let fits = |t: &Tensor| -> Result<()> {
-            let (h, w) = (t.dims()[2], t.dims()[3]);
-            if h.is_multiple_of(patch) && w.is_multiple_of(patch) {
-                return Ok(());
-            }
-            Err(Error::Shape(format!(
-                "crop size {h}x{w} is not a multiple of the patch size {patch}"
-            )))
-        };
+        let fits = |t: &Tensor| self.inner.dino.vit.check_crop(t.dims()[2], t.dims()[3]);
         fits(&g)?;
         match (locals.filter(|l| n_local > 0 || l.elem_count() > 0), n_local) {
             (None, 0) => Ok((g, None)),
