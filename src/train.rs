@@ -172,7 +172,7 @@ impl TrainConfig {
             (self.batch_size > 0, "batch_size must be at least 1".into()),
             (
                 niter > 0,
-                "the loader must yield at least one batch per epoch (niter_per_ep (0))".into(),
+                format!("the loader must yield at least one batch per epoch (niter_per_ep ({niter}))"),
             ),
             (
                 total.is_some_and(|t| t <= MAX_ITERATIONS),
@@ -337,7 +337,7 @@ impl DinoTrainer {
         let groups: Vec<&Tensor> = std::iter::once(globals).chain(locals).collect();
         let (student, rng) = (&self.dino.student, &mut self.rng);
         let Some(head) = student.head.as_ref() else {
-            candle_core::bail!("this model has no DINO head (a backbone loaded on its own): it cannot be trained");
+            candle_core::bail!("{NO_HEAD}");
         };
         let last_layer = head.last_layer_leaf(self.dtype)?;
         // Each block's parameters packed once as a leaf of the graph (crate::ops::pack): their
