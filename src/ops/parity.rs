@@ -153,54 +153,48 @@ pub fn kernel_parity(device: &Device) -> Result<Vec<Check>> {
     check(&mut out, "updates", device, |o| updates(o, device, rng));
 
     let bytes: Vec<u8> = (0..2 * 3 * 96 * 96).map(|_| rng.random()).collect();
-    check(&mut out, "upload_u8", device, |o| {
+    check_one(&mut out, "upload_u8", device, || {
         let up = crate::device::upload_u8(bytes.clone(), (2, 3, 96, 96), device)?;
-        let back = up.flatten_all()?.to_device(&cpu)?.to_vec1::<u8>()?;
-        o.push(("upload_u8".into(), share_differing(&back, &bytes)));
-        Ok(())
+        Ok(share_differing(
+            &up.flatten_all()?.to_device(&cpu)?.to_vec1::<u8>()?,
+            &bytes,
+        ))
     });
     // Float crops through the same staging, seen as their bytes, 36 MiB: in two pieces (PIECE in
     // src/device.rs is 32 MiB). Bit for bit as well.
     let floats: Vec<f32> = (0..9 * 1024 * 1024).map(|_| rng.random::<f32>() - 0.5).collect();
-    check(&mut out, "upload_f32", device, |o| {
+    check_one(&mut out, "upload_f32", device, || {
         let back = crate::device::upload_f32(&floats, &[9, 1024, 1024], device, "parity floats")
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?
             .flatten_all()?
             .to_device(&cpu)?
             .to_vec1::<f32>()?;
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        o.push(("upload_f32".into(), share_differing(&bits(&back), &bits(&floats))));
-        Ok(())
+        Ok(share_differing(&bits(&back), &bits(&floats)))
     });
     // One NaN in the second piece: the check that runs while the staging buffers are filled must
     // catch it (0: refused with the error naming it; 1: taken).
-    check(&mut out, "upload_f32.refuses_nan", device, |o| {
+    check_one(&mut out, "upload_f32.refuses_nan", device, || {
         let mut bad = floats.clone();
         bad[(32 << 20) / 4 + 12_345] = f32::NAN;
         let refused = match crate::device::upload_f32(&bad, &[9, 1024, 1024], device, "parity floats") {
             Err(crate::Error::InvalidArgument(m)) => m.contains("NaN"),
             _ => false,
         };
-        o.push(("upload_f32.refuses_nan".into(), if refused { 0.0 } else { 1.0 }));
-        Ok(())
+        Ok(if refused { 0.0 } else { 1.0 })
     });
     // Crops normalised where they are (one kernel on CUDA) against the CPU's lookup.
-    check(&mut out, "normalize_u8", device, |o| {
+    check_one(&mut out, "normalize_u8", device, || {
         let normalize = crate::augment::normalize::Normalize::new([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]);
         let up = crate::device::upload_u8(bytes.clone(), (2, 3, 96, 96), device)?;
         let on_cpu = Tensor::from_vec(bytes.clone(), (2, 3, 96, 96), &cpu)?;
-        o.push((
-            "normalize_u8".into(),
-            rel(&normalize.on_device(&up)?, &normalize.on_device(&on_cpu)?)?,
-        ));
-        Ok(())
+        rel(&normalize.on_device(&up)?, &normalize.on_device(&on_cpu)?)
     });
     // Freed memory stays in CUDA's pool between steps (src/device.rs): 0 when the release threshold
     // is the maximum (or off CUDA), 1 otherwise.
-    check(&mut out, "memory_pool.release_threshold", device, |o| {
+    check_one(&mut out, "memory_pool.release_threshold", device, || {
         let kept = crate::device::memory_pool_release_threshold(device)?.is_none_or(|t| t == u64::MAX);
-        o.push(("memory_pool.release_threshold".into(), if kept { 0.0 } else { 1.0 }));
-        Ok(())
+        Ok(if kept { 0.0 } else { 1.0 })
     });
     Ok(out)
 }
@@ -220,6 +214,14 @@ fn check(out: &mut Vec<Check>, name: &str, device: &Device, f: impl FnOnce(&mut 
     if let Some(e) = error {
         out.push((name.to_string(), Err(e)));
     }
+}
+
+/// [`check`] of one figure, in a row of the check's own name.
+fn check_one(out: &mut Vec<Check>, name: &str, device: &Device, f: impl FnOnce() -> Result<f64>) {
+    check(out, name, device, |o| {
+        o.push((name.into(), f()?));
+        Ok(())
+    });
 }
 
 fn randn(rng: &mut ChaCha8Rng, shape: &[usize], mean: f32, std: f32) -> Result<Tensor> {
