@@ -67,9 +67,10 @@ fn applies(qkv: &Tensor, heads: usize) -> bool {
     let Ok((b, n, c3)) = qkv.dims3() else {
         return false;
     };
+    let policy = crate::ops::OpsPolicy::current();
     cfg!(feature = "cuda")
-        && crate::ops::OpsPolicy::current().kernels
-        && crate::ops::OpsPolicy::current().flash_attention
+        && policy.kernels
+        && policy.flash_attention
         && qkv.device().is_cuda()
         && qkv.dtype() == DType::BF16
         && n > 0
