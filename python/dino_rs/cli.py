@@ -34,7 +34,7 @@ import sys
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
-from .config import DEFAULTS
+from .config import DEFAULTS, FIELDS
 
 PROG = "dino-rs"
 MODEL_FILE = "model.safetensors"
@@ -276,20 +276,7 @@ def run_train(args: argparse.Namespace) -> int:
         trainer = dr.Trainer(
             model,
             loader,
-            epochs=args.epochs,
-            lr=args.lr,
-            min_lr=args.min_lr,
-            warmup_epochs=args.warmup_epochs,
-            weight_decay=args.weight_decay,
-            weight_decay_end=args.weight_decay_end,
-            momentum_teacher=args.momentum_teacher,
-            teacher_temp=args.teacher_temp,
-            warmup_teacher_temp=args.warmup_teacher_temp,
-            warmup_teacher_temp_epochs=args.warmup_teacher_temp_epochs,
-            student_temp=args.student_temp,
-            center_momentum=args.center_momentum,
-            clip_grad=args.clip_grad,
-            freeze_last_layer=args.freeze_last_layer,
+            **{name: getattr(args, name) for name in FIELDS},
             checkpoint_dir=output_dir,
             saveckp_freq=args.saveckp_freq,
             progress=progress,

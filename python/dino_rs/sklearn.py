@@ -28,7 +28,7 @@ except ImportError as e:  # optional dependency
     raise ImportError('dino_rs.sklearn needs scikit-learn: pip install "dino-rs[notebook]"') from e
 
 from ._dino_rs import DINO, ArrayDataset, MultiCropAugmenter, MultiCropLoader
-from .config import DEFAULTS
+from .config import DEFAULTS, FIELDS
 from .trainer import Trainer
 
 __all__ = ["DINOEmbedder"]
@@ -255,20 +255,7 @@ freeze_last_layer
         trainer = Trainer(
             model,
             loader,
-            epochs=self.epochs,
-            lr=self.lr,
-            min_lr=self.min_lr,
-            warmup_epochs=self.warmup_epochs,
-            weight_decay=self.weight_decay,
-            weight_decay_end=self.weight_decay_end,
-            momentum_teacher=self.momentum_teacher,
-            teacher_temp=self.teacher_temp,
-            warmup_teacher_temp=self.warmup_teacher_temp,
-            warmup_teacher_temp_epochs=self.warmup_teacher_temp_epochs,
-            student_temp=self.student_temp,
-            center_momentum=self.center_momentum,
-            clip_grad=self.clip_grad,
-            freeze_last_layer=self.freeze_last_layer,
+            **{name: getattr(self, name) for name in FIELDS},
             progress=self.progress,
             dtype=self.dtype,
         )
