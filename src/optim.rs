@@ -95,13 +95,13 @@ impl AdamW {
                 }
             })
             .collect();
-        if crate::ops::adamw_foreach(&items)? {
+        if crate::ops::adamw_foreach(&items)?.is_some() {
             return Ok(());
         }
         drop(items);
         for (i, g, step) in updates {
             let s = &mut self.slots[i];
-            if crate::ops::adamw_update(s.var.as_tensor(), &s.m, &s.v, g, step)? {
+            if crate::ops::adamw_update(s.var.as_tensor(), &s.m, &s.v, g, step)?.is_some() {
                 continue;
             }
             let p = (s.var.as_tensor() * step.decay)?;
@@ -156,7 +156,7 @@ pub fn clip_gradients(grads: &mut HashMap<String, Tensor>, clip: f64) -> Result<
             // In place below: a gradient laid out otherwise gets a copy of its own first.
             *g = g.contiguous()?;
         }
-        if crate::ops::clip_foreach(&grads.values().collect::<Vec<_>>(), clip)? {
+        if crate::ops::clip_foreach(&grads.values().collect::<Vec<_>>(), clip)?.is_some() {
             return Ok(());
         }
     }

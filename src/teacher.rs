@@ -16,11 +16,11 @@ pub fn ema_update(teacher: &ParamStore, student: &ParamStore, momentum: f64) -> 
         })
         .collect::<Result<Vec<_>>>()?;
     let tensors: Vec<_> = pairs.iter().map(|(t, s)| (t.as_tensor(), s.as_tensor())).collect();
-    if crate::ops::ema_foreach(&tensors, momentum)? {
+    if crate::ops::ema_foreach(&tensors, momentum)?.is_some() {
         return Ok(());
     }
     for (t, s) in &pairs {
-        if crate::ops::ema_update(t.as_tensor(), s.as_tensor(), momentum)? {
+        if crate::ops::ema_update(t.as_tensor(), s.as_tensor(), momentum)?.is_some() {
             continue;
         }
         let updated = ((t.as_tensor() * momentum)? + (s.as_tensor() * (1.0 - momentum))?)?;

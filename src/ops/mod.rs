@@ -4,6 +4,15 @@
 //! chunk) on the dino_rs pool, and the backward recomputes what it needs instead of keeping it.
 //! On other devices or dtypes the composed versions are used (candle's fused `layer_norm` and
 //! `softmax_last_dim` have no backward: docs/design.md, Gradients).
+//!
+//! Layout: one folder per op (`mod.rs` the public entry and the fused CPU kernel, `portable.rs`
+//! the kernels for CUDA and the other dtypes), the CUDA sources in `cuda/`, the switches in
+//! [`OpsPolicy`].
+//!
+//! One convention for a path that may not apply: a faster path returns `Result<Option<T>>`
+//! (`T = ()` for the in-place updates), `Ok(None)` meaning "not for these inputs, device or
+//! policy; nothing was done", and its caller falls back to the next path. An `Err` always means
+//! the path applied and failed, so a fallback never hides a fault.
 
 /// Runs `$f::<T>` on the contiguous slices of the CPU storages `$s` (all of one float dtype T),
 /// then on the `$extra` arguments, and wraps the `Vec<T>` it returns as a storage of that dtype.

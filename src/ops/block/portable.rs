@@ -204,7 +204,7 @@ impl BlockNode {
         let z2 = layer_norm::layer_norm_to(&x1, &p32.p[Norm2Weight], &p32.p[Norm2Bias], self.eps, Some(self.low))?;
         let fc1 = linear_portable::linear_rows(&z2.reshape((rows, c))?, &pl.p[Fc1Weight], None)?;
         drop(z2);
-        let hidden = gelu_portable::bias_gelu(&fc1, &pl.p[Fc1Bias])?;
+        let hidden = gelu_applied(gelu_portable::bias_gelu(&fc1, &pl.p[Fc1Bias])?)?;
         let saved = Saved {
             low,
             qkv,
@@ -251,7 +251,7 @@ impl BlockNode {
 
         // MLP branch: y = x1 + mask₂ · fc2(gelu(fc1(norm2(x1)))).
         let g2 = residual_portable::branch_grad(g, low, self.mask(1).as_ref())?.reshape((rows, c))?;
-        let hidden = gelu_portable::bias_gelu(&s.fc1, &pl.p[Fc1Bias])?;
+        let hidden = gelu_applied(gelu_portable::bias_gelu(&s.fc1, &pl.p[Fc1Bias])?)?;
         let (dh, dfc2_w) = linear_portable::grads(&hidden, &pl.p[Fc2Weight], &g2, true)?;
         drop(hidden);
         let dfc2_b = bias_grad(&g2)?;
@@ -293,6 +293,12 @@ impl BlockNode {
         ];
         Ok((dx, crate::ops::block::pack::flat_f32(&grads)?))
     }
+}
+
+/// The block node is only chosen where its kernels apply ([`transformer_block`]'s checks), so a
+/// GELU that does not is a bug, reported rather than papered over by a slower path.
+fn gelu_applied(t: Option<Tensor>) -> Result<Tensor> {
+    t.ok_or_else(|| candle_core::Error::Msg("transformer block: the GELU kernel does not take these inputs".into()))
 }
 
 fn required(t: Option<Tensor>) -> Result<Tensor> {

@@ -79,8 +79,8 @@ pub fn bias_gelu(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
     if !fused(x) {
         // The bias belongs to a linear layer: under autocast it is added in bf16, as nn.Linear's.
         let bias = super::autocast::lower(bias)?;
-        if crate::ops::gelu::portable::applies(x, &bias) {
-            return crate::ops::gelu::portable::bias_gelu(x, &bias);
+        if let Some(y) = crate::ops::gelu::portable::bias_gelu(x, &bias)? {
+            return Ok(y);
         }
         return gelu_erf(&x.broadcast_add(&bias)?);
     }

@@ -11,15 +11,18 @@ const FRAC_1_SQRT_2: f64 = std::f64::consts::FRAC_1_SQRT_2;
 const FRAC_1_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
 
 /// Whether [`bias_gelu`] takes `x` and `bias`: the same float dtype, f32 or bf16 off the CPU.
-pub fn applies(x: &Tensor, bias: &Tensor) -> bool {
+fn applies(x: &Tensor, bias: &Tensor) -> bool {
     let float = matches!(x.dtype(), DType::F32 | DType::BF16)
         || (x.device().is_cpu() && matches!(x.dtype(), DType::F64 | DType::F16));
     float && x.dtype() == bias.dtype() && bias.rank() == 1 && x.dims().last() == Some(&bias.elem_count())
 }
 
-/// `gelu_erf(x + bias)` over the last dimension; see [`applies`].
-pub fn bias_gelu(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op2(&bias.contiguous()?, BiasGeluAny)
+/// `gelu_erf(x + bias)` over the last dimension; `None` where [`applies`] says no.
+pub fn bias_gelu(x: &Tensor, bias: &Tensor) -> Result<Option<Tensor>> {
+    if !applies(x, bias) {
+        return Ok(None);
+    }
+    x.contiguous()?.apply_op2(&bias.contiguous()?, BiasGeluAny).map(Some)
 }
 
 /// x + b rounded to `T` first (nn.Linear adds its bias in the layer's dtype), then in f64.

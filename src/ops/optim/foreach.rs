@@ -6,10 +6,10 @@
 //!
 //! Each kernel block takes one chunk of one tensor; the host lists the chunks ([`chunk_table`]) and
 //! the tensors' device pointers and per-tensor scalars, and uploads both tables once per call.
-//! Elsewhere (the CPU, other dtypes, `DINO_RS_COMPOSED_OPS=1`) each function returns false and the
+//! Elsewhere (the CPU, other dtypes, `DINO_RS_COMPOSED_OPS=1`) each function returns `None` and the
 //! caller updates parameter by parameter.
 
-// Without the `cuda` feature every function here returns false before it reaches a kernel.
+// Without the `cuda` feature every function here returns `None` before it reaches a kernel.
 #![cfg_attr(not(feature = "cuda"), allow(unused_variables, dead_code))]
 
 use candle_core::{Result, Tensor};
@@ -29,11 +29,11 @@ fn applies<'a>(tensors: impl IntoIterator<Item = &'a Tensor>) -> bool {
         })
 }
 
-/// AdamW on every item, in place. False (nothing changed) where the kernels do not apply; then the
+/// AdamW on every item, in place. `None` (nothing changed) where the kernels do not apply; then the
 /// caller updates each parameter on its own.
-pub fn adamw_foreach(items: &[AdamWItem<'_>]) -> Result<bool> {
+pub fn adamw_foreach(items: &[AdamWItem<'_>]) -> Result<Option<()>> {
     if items.is_empty() || !applies(items.iter().flat_map(|i| [i.param, i.m, i.v, i.grad])) {
-        return Ok(false);
+        return Ok(None);
     }
     let s0 = items[0].step;
     if items
@@ -47,32 +47,32 @@ pub fn adamw_foreach(items: &[AdamWItem<'_>]) -> Result<bool> {
     }
     #[cfg(feature = "cuda")]
     cuda::adamw(items, s0)?;
-    Ok(true)
+    Ok(Some(()))
 }
 
-/// θ_t ← m·θ_t + (1 − m)·θ_s for every `(teacher, student)` pair, in place; false where the
+/// θ_t ← m·θ_t + (1 − m)·θ_s for every `(teacher, student)` pair, in place; `None` where the
 /// kernels do not apply.
-pub fn ema_foreach(pairs: &[(&Tensor, &Tensor)], momentum: f64) -> Result<bool> {
+pub fn ema_foreach(pairs: &[(&Tensor, &Tensor)], momentum: f64) -> Result<Option<()>> {
     if pairs.is_empty() || !applies(pairs.iter().flat_map(|&(t, s)| [t, s])) {
-        return Ok(false);
+        return Ok(None);
     }
     for (t, s) in pairs {
         same_len(t, &[s], "ema")?;
     }
     #[cfg(feature = "cuda")]
     cuda::ema(pairs, momentum)?;
-    Ok(true)
+    Ok(Some(()))
 }
 
 /// DINO's per-parameter clipping of every gradient in place (`g · clip/(‖g‖ + 1e-6)` where that
-/// factor is below 1), with nothing read back; false where the kernels do not apply.
-pub fn clip_foreach(grads: &[&Tensor], clip: f64) -> Result<bool> {
+/// factor is below 1), with nothing read back; `None` where the kernels do not apply.
+pub fn clip_foreach(grads: &[&Tensor], clip: f64) -> Result<Option<()>> {
     if grads.is_empty() || !applies(grads.iter().copied()) {
-        return Ok(false);
+        return Ok(None);
     }
     #[cfg(feature = "cuda")]
     cuda::clip(grads, clip)?;
-    Ok(true)
+    Ok(Some(()))
 }
 
 fn same_len(t: &Tensor, others: &[&Tensor], op: &str) -> Result<()> {
@@ -201,9 +201,9 @@ mod tests {
             grad: &p,
             step,
         };
-        assert!(!adamw_foreach(&[item])?);
-        assert!(!ema_foreach(&[(&p, &p)], 0.9)?);
-        assert!(!clip_foreach(&[&p], 1.0)?);
+        assert!(adamw_foreach(&[item])?.is_none());
+        assert!(ema_foreach(&[(&p, &p)], 0.9)?.is_none());
+        assert!(clip_foreach(&[&p], 1.0)?.is_none());
         assert_eq!(p.to_vec1::<f32>()?, vec![1.0; 4], "nothing changed");
         Ok(())
     }

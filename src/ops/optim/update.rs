@@ -21,10 +21,10 @@ fn f32_slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout, op: &str) -> Result<&'a 
 }
 
 /// AdamW on `param` with Adam moments `m`, `v` and gradient `grad`, all updated in place. Returns
-/// false (and changes nothing) where the kernels do not apply (see [`fused`]).
-pub fn adamw_update(param: &Tensor, m: &Tensor, v: &Tensor, grad: &Tensor, s: AdamWStep) -> Result<bool> {
+/// `None` (and changes nothing) where the kernels do not apply (see [`fused`]).
+pub fn adamw_update(param: &Tensor, m: &Tensor, v: &Tensor, grad: &Tensor, s: AdamWStep) -> Result<Option<()>> {
     if !(fused(param) && fused(grad)) {
-        return Ok(false);
+        return Ok(None);
     }
     let grad = grad.contiguous()?;
     m.inplace_op2(
@@ -41,16 +41,16 @@ pub fn adamw_update(param: &Tensor, m: &Tensor, v: &Tensor, grad: &Tensor, s: Ad
         },
     )?;
     param.inplace_op3(m, v, &AdamWParam(s))?;
-    Ok(true)
+    Ok(Some(()))
 }
 
-/// θ_t ← m·θ_t + (1 − m)·θ_s in place; false where the fused kernels do not apply.
-pub fn ema_update(teacher: &Tensor, student: &Tensor, momentum: f64) -> Result<bool> {
+/// θ_t ← m·θ_t + (1 − m)·θ_s in place; `None` where the fused kernels do not apply.
+pub fn ema_update(teacher: &Tensor, student: &Tensor, momentum: f64) -> Result<Option<()>> {
     if !(fused(teacher) && fused(student)) {
-        return Ok(false);
+        return Ok(None);
     }
     teacher.inplace_op2(&student.contiguous()?, &Ema { momentum })?;
-    Ok(true)
+    Ok(Some(()))
 }
 
 fn par_update(dst: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync) {

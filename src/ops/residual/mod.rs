@@ -35,8 +35,8 @@ pub fn residual(x: &Tensor, branch: &Tensor, scale: Option<&[f32]>) -> Result<Te
 /// [`residual`] off the fused CPU path, with the per-sample scales already a (B,) tensor on `x`'s
 /// device (one upload for every block of a forward pass).
 pub fn residual_with_mask(x: &Tensor, branch: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-    if crate::ops::residual::portable::applies(x, branch, mask) {
-        return crate::ops::residual::portable::residual(x, branch, mask);
+    if let Some(y) = crate::ops::residual::portable::residual(x, branch, mask)? {
+        return Ok(y);
     }
     // Under autocast the branch ends in a bf16 matmul and the stream is f32: the sum takes the
     // wider dtype, as PyTorch's type promotion does.

@@ -12,7 +12,7 @@ use crate::ops::contiguous;
 
 /// Whether [`residual`] takes these: the same shape; the stream f32 (or f64 on the CPU); the
 /// branch f32 or bf16 (any float on the CPU); the mask f32 (f64 with an f64 stream), one per sample.
-pub fn applies(x: &Tensor, branch: &Tensor, mask: Option<&Tensor>) -> bool {
+fn applies(x: &Tensor, branch: &Tensor, mask: Option<&Tensor>) -> bool {
     let cpu = x.device().is_cpu();
     let stream = x.dtype() == DType::F32 || (cpu && x.dtype() == DType::F64);
     let branch_ok = matches!(branch.dtype(), DType::F32 | DType::BF16)
@@ -23,13 +23,17 @@ pub fn applies(x: &Tensor, branch: &Tensor, mask: Option<&Tensor>) -> bool {
     stream && branch_ok && mask_ok && x.shape() == branch.shape() && x.elem_count() > 0
 }
 
-/// `x + branch · mask[sample]` (or `x + branch`) in `x`'s dtype; see [`applies`].
-pub fn residual(x: &Tensor, branch: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+/// `x + branch · mask[sample]` (or `x + branch`) in `x`'s dtype; `None` where [`applies`] says no.
+pub fn residual(x: &Tensor, branch: &Tensor, mask: Option<&Tensor>) -> Result<Option<Tensor>> {
+    if !applies(x, branch, mask) {
+        return Ok(None);
+    }
     let (x, branch) = (x.contiguous()?, branch.contiguous()?);
     match mask {
         Some(m) => x.apply_op3(&branch, &m.contiguous()?, ResidualMasked),
         None => x.apply_op2(&branch, Residual),
     }
+    .map(Some)
 }
 
 /// The values of a CPU storage as f64.
