@@ -3,10 +3,12 @@ features with the same model at initialisation and with raw pixels.
 
     python examples/fashion_mnist.py --train 5000 --epochs 24
 
-Needs Debian's dataset-fashion-mnist (or --root pointing at the four idx .gz files). The recipe is
-docs/recipe.md's for small data: patch 7, dim 64, depth 4, heads 4; head 256/64 -> 256; 2x28 + 4x14 px
-crops; teacher momentum 0.99; teacher temperature 0.01 (0.02 drifted to the uniform output here). It is
-``python -m dino_rs demo`` on the full Fashion-MNIST files, with the subset sizes as flags.
+Reads Fashion-MNIST where dr.fashion_mnist finds it ($FASHION_MNIST_ROOT, Debian's dataset-fashion-mnist,
+or a download of about 30 MB, once, into dr.hub.cache_dir()), or from --root holding the four idx .gz
+files. The recipe is docs/recipe.md's for small data: patch 7, dim 64, depth 4, heads 4; head 256/64 ->
+256; 2x28 + 4x14 px crops; teacher momentum 0.99; teacher temperature 0.01 (0.02 drifted to the uniform
+output here). It is ``python -m dino_rs demo`` on the full Fashion-MNIST files, with the subset sizes
+as flags.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=4e-3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--root", default=dr.datasets.FASHION_MNIST_DIR)
+    ap.add_argument("--root", default=None, help="folder of the four idx .gz files (default: dr.fashion_mnist's search)")
     args = ap.parse_args()
 
     x, y = dr.fashion_mnist("train", args.root)

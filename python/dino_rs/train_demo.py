@@ -18,18 +18,16 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from ._dino_rs import DINO, ArrayDataset, ImageFolder, MultiCropAugmenter, MultiCropLoader, _write_png
+from .datasets import fashion_mnist_demo
 from .evaluation import knn_accuracy
 from .trainer import Trainer
 
 PathLike = Union[str, "os.PathLike[str]"]
-
-DEMO_DATA = Path(__file__).with_name("data") / "fashion_mnist_demo.npz"
 
 #: The demo's model and recipe (docs/recipe.md, Small data on a CPU), for 28-pixel images.
 RECIPE: Dict[str, Any] = dict(
@@ -57,8 +55,9 @@ RECIPE: Dict[str, Any] = dict(
 def demo_data() -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The embedded Fashion-MNIST subset: uint8 (5000, 28, 28) train and (1000, 28, 28) test images
     with int64 labels (Zalando Research, MIT licence; see ``dino_rs/data/LICENSE.txt``)."""
-    with np.load(DEMO_DATA) as f:
-        return f["x_train"], f["y_train"].astype(np.int64), f["x_test"], f["y_test"].astype(np.int64)
+    x, y = fashion_mnist_demo("train")
+    xt, yt = fashion_mnist_demo("test")
+    return x, y, xt, yt
 
 
 def _split_folder(ds: ImageFolder, test_fraction: float, seed: int) -> Tuple[list, np.ndarray, list, np.ndarray]:
