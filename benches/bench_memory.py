@@ -1,6 +1,7 @@
 """Peak memory of a bf16 mixed-precision DINO training step, dino_rs against PyTorch autocast, on the CPU.
 
     python benches/bench_memory.py            # needs torch and dino_rs in the same Python
+    python benches/bench_memory.py --frameworks torch-f32,dino_rs-f32   # the f32 CPU path
 
 Off the fused f32 CPU kernels dino_rs runs the path a GPU runs (candle ops, dino_rs's portable ops;
 on CUDA some of them are kernels, which keep the same tensors). What that path keeps for the
@@ -36,6 +37,8 @@ from bench_gpu import RECIPE, VITS16, inputs, trainer_for  # noqa: E402
 CONFIG = dict(VITS16, name="vits16-depth4-b8", depth=4, batch_size=8, n_local=4, out_dim=4096, hidden_dim=1024,
               bottleneck_dim=256)
 FRAMEWORKS = ["torch-bf16", "torch-bf16-sdpa", "dino_rs-bf16"]
+# Not run by default: the f32 step (dino_rs's fused CPU kernels and block node, PyTorch without autocast).
+F32_FRAMEWORKS = ["torch-f32", "dino_rs-f32"]
 # dino_rs allocates with mimalloc, which by default keeps freed pages a while before returning
 # them: peak RSS then varies by 100 MiB and more from run to run. Returned at once, it repeats
 # within a few MiB (and the steps are slower; the times here are not the point).
@@ -52,7 +55,8 @@ def child(framework: str, threads: int, steps: int, out_dim: int, depth: int, ba
 
         torch.set_num_threads(threads)
         dino_torch.Attention.use_sdpa = framework.endswith("-sdpa")
-        step, _ = dino_torch.build_iteration(c, epochs, 1, inputs(c), device="cpu", autocast_dtype=torch.bfloat16)
+        autocast = None if framework.endswith("-f32") else torch.bfloat16
+        step, _ = dino_torch.build_iteration(c, epochs, 1, inputs(c), device="cpu", autocast_dtype=autocast)
     else:
         import dino_rs as dr
 
@@ -60,7 +64,8 @@ def child(framework: str, threads: int, steps: int, out_dim: int, depth: int, ba
         model = dr.DINO(patch_size=c["patch_size"], img_size=c["global_size"], embed_dim=c["embed_dim"],
                         depth=c["depth"], num_heads=c["num_heads"], out_dim=c["out_dim"], hidden_dim=c["hidden_dim"],
                         bottleneck_dim=c["bottleneck_dim"], norm_last_layer=c["norm_last_layer"],
-                        drop_path_rate=c["drop_path_rate"], device="cpu", seed=c["model_seed"], dtype="bfloat16")
+                        drop_path_rate=c["drop_path_rate"], device="cpu", seed=c["model_seed"],
+                        dtype="float32" if framework.endswith("-f32") else "bfloat16")
         import numpy as np
 
         pixels = np.zeros((c["batch_size"], c["global_size"], c["global_size"], 3), dtype=np.uint8)
@@ -101,7 +106,7 @@ def main() -> None:
     c = {**CONFIG, "depth": args.depth, "batch_size": args.batch_size}
     print(f"config: batch {c['batch_size']}, {c['n_global']}x{c['global_size']} + {c['n_local']}x"
           f"{c['local_size']} px, dim {c['embed_dim']}, {c['num_heads']} heads, depth {c['depth']}, out_dim "
-          f"{args.out_dim}; bf16 autocast on the CPU, {args.threads} threads, 1 warm-up + {args.steps} steps",
+          f"{args.out_dim}; on the CPU (the precision is in each framework's name), {args.threads} threads, 1 warm-up + {args.steps} steps",
           flush=True)
     results = []
     for fw in args.frameworks.split(","):

@@ -11,9 +11,12 @@
 //! data, so the results are the same bit for bit.
 //!
 //! Kept for the backward pass, when something needs a gradient outside [`super::no_grad`]: qkv,
-//! the attention probabilities, the attention output, the first residual sum and the MLP's
-//! hidden layer before and after the GELU (what PyTorch keeps). The two LayerNorm outputs are
-//! recomputed from their inputs. A backward pass that finds nothing kept reruns the forward pass.
+//! the attention probabilities, the attention output, the first residual sum and fc1's output
+//! before its bias: the same tensors as the node of the other devices and dtypes
+//! ([`portable`]). The two LayerNorm outputs and the GELU's output, which PyTorch keeps, are
+//! recomputed from their inputs (an element- or row-wise pass each, against the backward's
+//! matmuls); the GELU's alone is 4·C floats a token a block. A backward pass that finds nothing
+//! kept reruns the forward pass.
 
 pub mod pack;
 pub(super) mod portable;
@@ -186,7 +189,6 @@ struct Saved {
     y1: Vec<f32>,
     /// fc1's output before its bias and the GELU.
     fc1: Vec<f32>,
-    hidden: Vec<f32>,
 }
 
 struct Block<'a> {
@@ -244,6 +246,7 @@ impl<'a> Block<'a> {
         let fc1 = rows_forward(&layer_norm::forward(&y1, n2w, n2b, eps), fc1_w, None, rows, c, hidden);
         let h = gelu::bias_gelu_forward(&fc1, fc1_b);
         let fc2 = rows_forward(&h, fc2_w, Some(fc2_b), rows, hidden, c);
+        drop(h);
         let y2 = residual::add_scaled(&y1, &fc2, self.b, self.keep(1));
         let saved = save.then_some(Saved {
             qkv,
@@ -251,7 +254,6 @@ impl<'a> Block<'a> {
             attn_out,
             y1,
             fc1,
-            hidden: h,
         });
         Ok((y2, saved))
     }
@@ -270,7 +272,9 @@ impl<'a> Block<'a> {
         let gb = self.branch_grad(1, g);
         column_sums(&gb, dfc2_b);
         // SAFETY (all `matmul` calls): each destination is a parameter's own (rows × cols) slice.
-        unsafe { matmul(c, hidden, rows, &gb, true, &s.hidden, false, dfc2_w.as_mut_ptr(), false) };
+        let h = gelu::bias_gelu_forward(&s.fc1, fc1_b);
+        unsafe { matmul(c, hidden, rows, &gb, true, &h, false, dfc2_w.as_mut_ptr(), false) };
+        drop(h);
         let dh = matmul_new(rows, hidden, c, &gb, false, fc2_w, false);
         drop(gb);
         let mut da = vec![0f32; rows * hidden];
