@@ -21,6 +21,12 @@ pub fn save(path: &Path, tensors: &[(String, Tensor)], meta: &serde_json::Value)
         .collect::<Result<Vec<_>>>()?;
     let bytes = safetensors::serialize(contiguous.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata))
         .map_err(|e| Error::checkpoint(path, format!("cannot serialise: {e}")))?;
+    write_atomic(path, &bytes)
+}
+
+/// Writes `bytes` to `path` through a temporary file renamed into place: a reader sees the old
+/// file or the new one, never a part.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
@@ -34,7 +40,7 @@ pub fn save(path: &Path, tensors: &[(String, Tensor)], meta: &serde_json::Value)
     let write = || -> std::io::Result<()> {
         use std::io::Write;
         let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&bytes)?;
+        f.write_all(bytes)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
         // The rename itself is only durable (power loss, not just a killed process) once the
@@ -143,7 +149,7 @@ fn catch_quietly<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
 
 /// Weights from a `.pth` (PyTorch pickle) or safetensors file, by content.
 pub fn load_weights(path: &Path) -> Result<HashMap<String, Tensor>> {
-    let mut head = [0u8; 4];
+    let mut head = [0u8; 9];
     let file_len;
     {
         use std::io::Read;
@@ -154,8 +160,12 @@ pub fn load_weights(path: &Path) -> Result<HashMap<String, Tensor>> {
             return Err(Error::checkpoint(path, "empty file, not a checkpoint"));
         }
     }
+    // safetensors: an 8-byte little-endian header length, then the JSON header. Checked first: its
+    // first byte is the length's low byte, which can be anything (0x80 included).
+    let header_len = u64::from_le_bytes(head[..8].try_into().unwrap_or_default());
+    let safetensors = head[8] == b'{' && header_len.checked_add(8).is_some_and(|end| end <= file_len);
     // torch.save writes a zip archive ("PK\x03\x04"); legacy pickles start with 0x80.
-    if head.starts_with(b"PK") || head[0] == 0x80 {
+    if !safetensors && (head.starts_with(b"PK") || head[0] == 0x80) {
         // The first error: later keys mostly add "key ... not found".
         let mut first_err = None;
         for key in [
@@ -173,6 +183,26 @@ pub fn load_weights(path: &Path) -> Result<HashMap<String, Tensor>> {
                 }
             }
         }
+        // A first-try failure in the zip layer, not the pickle: see `rewritten_archive`.
+        if first_err
+            .as_deref()
+            .is_some_and(|e| e.contains("Invalid Central Directory header"))
+        {
+            if let Ok(copy) = rewritten_archive(path) {
+                let found = [
+                    None,
+                    Some("teacher"),
+                    Some("state_dict"),
+                    Some("model"),
+                    Some("student"),
+                ]
+                .into_iter()
+                .find_map(|key| read_pth(&copy.0, file_len, key).ok().filter(|v| !v.is_empty()));
+                if let Some(v) = found {
+                    return Ok(v.into_iter().collect());
+                }
+            }
+        }
         let why = first_err.unwrap_or_else(|| "no tensors found".to_string());
         return Err(Error::checkpoint(
             path,
@@ -180,4 +210,49 @@ pub fn load_weights(path: &Path) -> Result<HashMap<String, Tensor>> {
         ));
     }
     Ok(load(path)?.0)
+}
+
+/// A temporary file, removed when dropped.
+struct TempFile(std::path::PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// `path`'s torch archive rewritten so that the zip crate (which candle's loader uses) reads it.
+///
+/// The crate takes the central directory to end where the end-of-archive record begins, but
+/// torch's archives have zip64 records (76 bytes) in between. Where the first central entry is
+/// itself 76 bytes long (a `.pth` whose file stem has 21 characters: torch names the entries
+/// after it), that guess lands on the second entry, every offset is read 76 bytes off, and the
+/// valid file is refused. Read at the offsets the file states, and written again under another
+/// root folder name (entries stored, as torch stores them), it loads. Costs a copy, and is only
+/// tried when the first read failed that way.
+fn rewritten_archive(path: &Path) -> std::result::Result<TempFile, String> {
+    use zip::read::{ArchiveOffset, Config};
+    let err = |e: &dyn std::fmt::Display| e.to_string();
+    let file = std::fs::File::open(path).map_err(|e| err(&e))?;
+    let config = Config {
+        archive_offset: ArchiveOffset::Known(0),
+    };
+    let mut src = zip::ZipArchive::with_config(config, std::io::BufReader::new(file)).map_err(|e| err(&e))?;
+    static COUNT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = TempFile(std::env::temp_dir().join(format!("dino_rs-rezip-{}-{n}.pth", std::process::id())));
+    let out = std::fs::File::create(&tmp.0).map_err(|e| err(&e))?;
+    let mut w = zip::ZipWriter::new(std::io::BufWriter::new(out));
+    let options = zip::write::SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Stored)
+        .large_file(true);
+    for i in 0..src.len() {
+        let mut entry = src.by_index(i).map_err(|e| err(&e))?;
+        let name = entry.name().map_err(|e| err(&e))?.into_owned();
+        let inner = name.split_once('/').map_or(name.as_str(), |(_, rest)| rest);
+        w.start_file(format!("archive/{inner}"), options).map_err(|e| err(&e))?;
+        std::io::copy(&mut entry, &mut w).map_err(|e| err(&e))?;
+    }
+    w.finish().map_err(|e| err(&e))?;
+    Ok(tmp)
 }
