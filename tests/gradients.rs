@@ -17,7 +17,7 @@ use _dino_rs::model::block::Block;
 use _dino_rs::model::layer_norm::LayerNorm;
 use _dino_rs::model::mlp::Mlp;
 use _dino_rs::model::patch_embed::PatchEmbed;
-use _dino_rs::model::{pos_embed, DinoHead, HeadConfig, ParamStore, VisionTransformer, VitConfig};
+use _dino_rs::model::{pos_embed, DinoHead, Ffn, HeadConfig, ParamStore, VisionTransformer, VitConfig};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Module, Result, Shape, Tensor, Var, D};
 use candle_nn::{VarBuilder, VarMap};
@@ -212,7 +212,7 @@ fn attention_weights() -> Result<()> {
 #[test]
 fn mlp() -> Result<()> {
     let rng = &mut ChaCha8Rng::seed_from_u64(4);
-    let (mlp, vars) = build_f64(rng, |vb| Mlp::new(5, 9, vb))?;
+    let (mlp, vars) = build_f64(rng, |vb| Mlp::new(5, 9, Ffn::Mlp, vb))?;
     let x = randn_var(rng, (2, 3, 5), DType::F64)?;
     check_layer(&|x| mlp.forward(x), x, vars, &[], rng).map(drop)
 }
@@ -235,7 +235,12 @@ fn pos_embed_interpolate() -> Result<()> {
     let pos = randn_var(rng, (1, 16, 5), DType::F32)?;
     let r = randn(rng, (1, 6, 5), 1.0, DType::F64)?;
     let p = pos.as_tensor().clone();
-    let f = || project(&pos_embed::interpolate(&p, 2, 3)?, &r);
+    let f = || {
+        project(
+            &pos_embed::interpolate(&p, 2, 3, pos_embed::PosInterpolation::Offset)?,
+            &r,
+        )
+    };
     let tol = Tol {
         eps: 0.5,
         rtol: 1e-4,
@@ -251,10 +256,64 @@ fn pos_embed_interpolate() -> Result<()> {
 #[test]
 fn block() -> Result<()> {
     let rng = &mut ChaCha8Rng::seed_from_u64(7);
-    let (block, vars) = build_f64(rng, |vb| Block::new(6, 2, 2.0, vb))?;
+    let vit = VitConfig {
+        mlp_ratio: 2.0,
+        ..VitConfig::custom(6, 1, 2, 1, 1)
+    };
+    let (block, vars) = build_f64(rng, |vb| Block::new(&vit, vb))?;
     assert_eq!(vars.len(), 12, "norm1/2, qkv, proj, fc1, fc2: weight and bias each");
     let x = randn_var(rng, (2, 4, 6), DType::F64)?;
     check_layer(&|x| block.forward(x), x, vars, &[], rng).map(drop)
+}
+
+#[test]
+fn swiglu_mlp() -> Result<()> {
+    let rng = &mut ChaCha8Rng::seed_from_u64(11);
+    let (mlp, vars) = build_f64(rng, |vb| Mlp::new(5, 8, Ffn::Swiglu, vb))?;
+    let names: Vec<&str> = vars.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["w12.bias", "w12.weight", "w3.bias", "w3.weight"]);
+    let x = randn_var(rng, (2, 3, 5), DType::F64)?;
+    check_layer(&|x| mlp.forward(x), x, vars, &[], rng).map(drop)
+}
+
+#[test]
+fn dinov2_block() -> Result<()> {
+    // LayerScale on both branches and the SwiGLU MLP (ViT-g's block), layer by layer.
+    let rng = &mut ChaCha8Rng::seed_from_u64(12);
+    let vit = VitConfig {
+        layer_scale: true,
+        ffn: Ffn::Swiglu,
+        ..VitConfig::custom(6, 1, 2, 1, 1)
+    };
+    let (block, vars) = build_f64(rng, |vb| Block::new(&vit, vb))?;
+    assert!(vars.iter().any(|(n, _)| n == "ls1.gamma") && vars.iter().any(|(n, _)| n == "ls2.gamma"));
+    assert_eq!(vars.len(), 14);
+    let x = randn_var(rng, (2, 4, 6), DType::F64)?;
+    check_layer(&|x| block.forward(x), x, vars, &[], rng).map(drop)
+}
+
+#[test]
+fn pos_embed_interpolate_antialias() -> Result<()> {
+    // DINOv2's `_reg` resize, both ways: 4x4 down to 2x3 and up to 5x6.
+    let rng = &mut ChaCha8Rng::seed_from_u64(13);
+    for (h, w) in [(2, 3), (5, 6)] {
+        let pos = randn_var(rng, (1, 16, 5), DType::F32)?;
+        let r = randn(rng, (1, h * w, 5), 1.0, DType::F64)?;
+        let p = pos.as_tensor().clone();
+        let f = || {
+            project(
+                &pos_embed::interpolate(&p, h, w, pos_embed::PosInterpolation::Antialias)?,
+                &r,
+            )
+        };
+        let tol = Tol {
+            eps: 0.5,
+            rtol: 1e-4,
+            atol: 1e-5,
+        };
+        check_entries(&f, &[("pos".into(), pos.clone())], &[], tol, rng)?;
+    }
+    Ok(())
 }
 
 /// |gradient| summed over the patch rows of pos_embed (row 0, the CLS row, is reached without

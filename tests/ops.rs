@@ -553,7 +553,11 @@ fn model_block(
     let vb = candle_nn::VarBuilder::from_tensors(map, DType::F32, &Device::Cpu);
     let c = t[0].dim(2)?;
     let ratio = t[10].elem_count() as f64 / c as f64;
-    let block = _dino_rs::model::block::Block::new(c, heads, ratio, vb)?;
+    let vit = _dino_rs::model::VitConfig {
+        mlp_ratio: ratio,
+        .._dino_rs::model::VitConfig::custom(c, 1, heads, 1, 1)
+    };
+    let block = _dino_rs::model::block::Block::new(&vit, vb)?;
     let masks = keep
         .map(|[a, m]| -> Result<_> {
             Ok(_dino_rs::model::block::DropPathMasks {

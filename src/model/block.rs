@@ -2,6 +2,8 @@
 //! x + drop_path(attn(norm1(x))), then x + drop_path(mlp(norm2(x))). The whole block is one graph
 //! node: [`crate::ops::transformer_block`] on the CPU in f32, [`crate::ops::transformer_block_portable`]
 //! elsewhere when something needs a gradient; otherwise (inference, the teacher) layer by layer.
+//! DINOv2's blocks (LayerScale, SwiGLU) always run layer by layer: they are loaded for features,
+//! and the block nodes take exactly DINO's twelve parameters.
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -10,6 +12,7 @@ use super::attention::Attention;
 use super::layer_norm::LayerNorm;
 use super::linear::Linear;
 use super::mlp::Mlp;
+use super::vit::{VitConfig, LAYER_SCALE_INIT};
 
 pub const LN_EPS: f64 = 1e-6;
 
@@ -19,6 +22,8 @@ pub struct Block {
     attn: Attention,
     norm2: LayerNorm,
     mlp: Mlp,
+    /// LayerScale's `ls1.gamma` and `ls2.gamma` (D,), DINOv2 only.
+    layer_scale: Option<[Tensor; 2]>,
 }
 
 /// Per-sample keep masks (0 or 1/keep_prob) for the two residual branches.
@@ -66,17 +71,29 @@ fn residual_after(
 }
 
 impl Block {
-    pub fn new(dim: usize, num_heads: usize, mlp_ratio: f64, vb: VarBuilder) -> Result<Self> {
+    pub fn new(config: &VitConfig, vb: VarBuilder) -> Result<Self> {
+        let dim = config.embed_dim;
+        let gamma = |name: &str| {
+            let init = candle_nn::Init::Const(LAYER_SCALE_INIT);
+            vb.pp(name).get_with_hints(dim, "gamma", init)
+        };
+        let layer_scale = config
+            .layer_scale
+            .then(|| Ok::<_, candle_core::Error>([gamma("ls1")?, gamma("ls2")?]));
         Ok(Self {
             norm1: LayerNorm::new(dim, LN_EPS, vb.pp("norm1"))?,
-            attn: Attention::new(dim, num_heads, vb.pp("attn"))?,
+            attn: Attention::new(dim, config.num_heads, vb.pp("attn"))?,
             norm2: LayerNorm::new(dim, LN_EPS, vb.pp("norm2"))?,
-            mlp: Mlp::new(dim, (dim as f64 * mlp_ratio) as usize, vb.pp("mlp"))?,
+            mlp: Mlp::new(dim, config.mlp_hidden(), config.ffn, vb.pp("mlp"))?,
+            layer_scale: layer_scale.transpose()?,
         })
     }
 
     pub fn forward_masked(&self, x: &Tensor, masks: Option<&DropPathMasks>) -> Result<Tensor> {
         let (heads, eps) = (self.attn.num_heads(), self.norm1.eps());
+        if let Some(gammas) = &self.layer_scale {
+            return self.forward_scaled(x, masks, gammas);
+        }
         if let Some(params) = self.params() {
             if crate::ops::fused(x) {
                 let keep = masks.map_or([None, None], |m| [Some(m.attn.as_slice()), Some(m.mlp.as_slice())]);
@@ -108,10 +125,25 @@ impl Block {
         residual_after(&x, self.mlp.fc2(), &hidden, masks, 1)
     }
 
-    /// The parameters in [`crate::ops::BLOCK_PARAMS`] order (None if a linear layer has no bias).
+    /// DINOv2's block: each branch scaled per channel before its residual add.
+    fn forward_scaled(&self, x: &Tensor, masks: Option<&DropPathMasks>, gammas: &[Tensor; 2]) -> Result<Tensor> {
+        let scaled = |branch: Tensor, gamma: &Tensor| {
+            // As PyTorch's `x * gamma` under autocast: the wider dtype.
+            let gamma = crate::ops::autocast::promote_to(&branch, gamma)?;
+            let branch = crate::ops::autocast::promote_to(&gamma, &branch)?;
+            branch.broadcast_mul(&gamma)
+        };
+        let attended = self.attn.attend(&self.norm1.forward_lowered(x)?)?;
+        let x = residual(x, scaled(self.attn.proj().forward(&attended)?, &gammas[0])?, masks, 0)?;
+        let mlp = self.mlp.forward(&self.norm2.forward_lowered(&x)?)?;
+        residual(&x, scaled(mlp, &gammas[1])?, masks, 1)
+    }
+
+    /// The parameters in [`crate::ops::BLOCK_PARAMS`] order (None if a linear layer has no bias,
+    /// or the MLP is not DINO's).
     fn params(&self) -> Option<[&Tensor; 12]> {
         let (qkv, proj) = (self.attn.qkv(), self.attn.proj());
-        let (fc1, fc2) = (self.mlp.fc1(), self.mlp.fc2());
+        let (fc1, fc2) = (self.mlp.fc1()?, self.mlp.fc2());
         Some([
             self.norm1.weight(),
             self.norm1.bias(),

@@ -1,6 +1,11 @@
 //! The Vision Transformer backbone of DINO (the official `vision_transformer.py`): conv patch
 //! embedding, CLS token, learned position embedding resized per crop size, pre-norm blocks with
 //! stochastic depth, final LayerNorm; the output is the CLS token.
+//!
+//! The same module is DINOv2's backbone (its `DinoVisionTransformer`, inference as its hub
+//! models run): optional register tokens between the CLS token and the patches, LayerScale on
+//! both residual branches, and a SwiGLU MLP (ViT-g). Its position embedding is resized exactly as
+//! DINO's (bicubic, scale factor with the 0.1 offset, no antialiasing), so one code path serves both.
 
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
@@ -10,7 +15,7 @@ use super::block::{Block, DropPathMasks, LN_EPS};
 use super::layer_norm::LayerNorm;
 use super::linear::TRUNC_NORMAL_STD;
 use super::patch_embed::PatchEmbed;
-use super::pos_embed;
+use super::pos_embed::{self, PosInterpolation};
 
 /// Upper bounds [`VitConfig::validate`] accepts (far above the official ViT-B/8: 224, 768, 12).
 pub const MAX_IMG_SIZE: usize = 1 << 16;
@@ -28,6 +33,55 @@ pub struct VitConfig {
     pub num_heads: usize,
     pub mlp_ratio: f64,
     pub drop_path_rate: f64,
+    /// DINOv2's register tokens, between the CLS token and the patches (0: none, as in DINO).
+    #[serde(default)]
+    pub num_register_tokens: usize,
+    /// DINOv2's LayerScale (`ls1.gamma`, `ls2.gamma`): a learned per-channel scale on each
+    /// residual branch, initialised to [`LAYER_SCALE_INIT`].
+    #[serde(default)]
+    pub layer_scale: bool,
+    #[serde(default)]
+    pub ffn: Ffn,
+    #[serde(default)]
+    pub family: Family,
+    /// How the position grid is resized for other crop sizes: DINOv2's `_reg` models are antialiased.
+    #[serde(default)]
+    pub pos_interpolation: PosInterpolation,
+}
+
+/// DINOv2's LayerScale initial value (its `layerscale` configuration).
+pub const LAYER_SCALE_INIT: f64 = 1e-5;
+
+/// The MLP of each block.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Ffn {
+    /// fc1 → exact GELU → fc2 (DINO; DINOv2 ViT-S/B/L).
+    #[default]
+    Mlp,
+    /// DINOv2's fused SwiGLU (ViT-g): `w12` → silu(first half) · second half → `w3`, its width
+    /// `mlp_ratio·D·2/3` rounded up to a multiple of 8.
+    Swiglu,
+}
+
+/// Which published family a backbone follows where they differ outside the weights: the
+/// evaluation transform's crop (DINO: the training size; DINOv2: 224 from 256 whatever the
+/// 518-pixel position grid) and the names written by `export_backbone`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    #[default]
+    Dino,
+    Dinov2,
+}
+
+impl Family {
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Dino => "dino",
+            Family::Dinov2 => "dinov2",
+        }
+    }
 }
 
 impl VitConfig {
@@ -53,7 +107,35 @@ impl VitConfig {
             num_heads,
             mlp_ratio: 4.0,
             drop_path_rate: 0.0,
+            num_register_tokens: 0,
+            layer_scale: false,
+            ffn: Ffn::Mlp,
+            family: Family::Dino,
+            pos_interpolation: PosInterpolation::Offset,
         }
+    }
+
+    /// The MLP's hidden width (DINOv2's rule for SwiGLU).
+    pub fn mlp_hidden(&self) -> usize {
+        let hidden = (self.embed_dim as f64 * self.mlp_ratio) as usize;
+        match self.ffn {
+            Ffn::Mlp => hidden,
+            Ffn::Swiglu => (hidden * 2 / 3).div_ceil(8) * 8,
+        }
+    }
+
+    /// The crop size of the evaluation transform (resize the short side to 256/224 of it, centre
+    /// crop): each family's official one.
+    pub fn eval_size(&self) -> usize {
+        match self.family {
+            Family::Dino => self.img_size,
+            Family::Dinov2 => 224usize.div_ceil(self.patch_size) * self.patch_size,
+        }
+    }
+
+    /// Tokens before the patches: CLS and the registers.
+    pub fn num_prefix_tokens(&self) -> usize {
+        1 + self.num_register_tokens
     }
     pub fn vit_tiny(patch_size: usize) -> Self {
         Self::custom(192, 12, 3, patch_size, 224)
@@ -109,6 +191,12 @@ impl VitConfig {
                 )
             },
         )?;
+        ensure(self.num_register_tokens <= 1024, || {
+            format!(
+                "num_register_tokens must be at most 1024, got {}",
+                self.num_register_tokens
+            )
+        })?;
         ensure(self.in_chans == 3, || {
             format!("in_chans must be 3 (RGB crops), got {}", self.in_chans)
         })?;
@@ -129,6 +217,7 @@ pub struct VisionTransformer {
     patch_embed: PatchEmbed,
     cls_token: Tensor,
     pos_embed: Tensor,
+    register_tokens: Option<Tensor>,
     blocks: Vec<Block>,
     norm: LayerNorm,
     config: VitConfig,
@@ -144,14 +233,22 @@ impl VisionTransformer {
         };
         let pos_embed = vb.get_with_hints((1, config.num_patches() + 1, d), "pos_embed", tn)?;
         let cls_token = vb.get_with_hints((1, 1, d), "cls_token", tn)?;
+        // DINOv2 initialises registers N(0, 1e-6); a loaded model brings its own.
+        let register_tokens = (config.num_register_tokens > 0)
+            .then(|| {
+                let init = Init::Randn { mean: 0.0, stdev: 1e-6 };
+                vb.get_with_hints((1, config.num_register_tokens, d), "register_tokens", init)
+            })
+            .transpose()?;
         let blocks = (0..config.depth)
-            .map(|i| Block::new(d, config.num_heads, config.mlp_ratio, vb.pp(format!("blocks.{i}"))))
+            .map(|i| Block::new(config, vb.pp(format!("blocks.{i}"))))
             .collect::<Result<Vec<_>>>()?;
         let norm = LayerNorm::new(d, LN_EPS, vb.pp("norm"))?;
         Ok(Self {
             patch_embed,
             cls_token,
             pos_embed,
+            register_tokens,
             blocks,
             norm,
             config: config.clone(),
@@ -168,10 +265,17 @@ impl VisionTransformer {
         let n = self.pos_embed.dim(1)? - 1;
         let cls = self.pos_embed.narrow(1, 0, 1)?;
         let patches = self.pos_embed.narrow(1, 1, n)?;
-        Tensor::cat(&[&cls, &pos_embed::interpolate(&patches, h / p, w / p)?], 1)
+        Tensor::cat(
+            &[
+                &cls,
+                &pos_embed::interpolate(&patches, h / p, w / p, self.config.pos_interpolation)?,
+            ],
+            1,
+        )
     }
 
-    /// Tokens before the first block: CLS + patch embeddings + position embedding.
+    /// Tokens before the first block: CLS + patch embeddings + position embedding, then the
+    /// registers (if any) inserted after the CLS token, which get no position embedding.
     pub fn prepare_tokens(&self, x: &Tensor) -> Result<Tensor> {
         let (b, _, h, w) = x.dims4()?;
         self.config
@@ -187,11 +291,32 @@ impl VisionTransformer {
         // The position embedding is a bias over (token, channel) shared by the batch: the fused
         // add sums its gradient over the images in parallel.
         let pos = self.interpolate_pos_encoding(h, w)?.reshape(n * d)?;
-        crate::ops::add_bias(&tokens.reshape((b, n * d))?, &pos)?.reshape((b, n, d))
+        let tokens = crate::ops::add_bias(&tokens.reshape((b, n * d))?, &pos)?.reshape((b, n, d))?;
+        match &self.register_tokens {
+            None => Ok(tokens),
+            Some(r) => {
+                let r = r.broadcast_as((b, r.dim(1)?, d))?.to_dtype(tokens.dtype())?;
+                Tensor::cat(&[&tokens.narrow(1, 0, 1)?, &r, &tokens.narrow(1, 1, n - 1)?], 1)
+            }
+        }
     }
 
     /// CLS features `(B, D)`. With `rng`, stochastic depth is applied (training the student).
     pub fn forward_t<R: Rng + ?Sized>(&self, x: &Tensor, rng: Option<&mut R>) -> Result<Tensor> {
+        let tokens = self.blocks_forward(x, rng)?;
+        // LayerNorm is per token: normalising only the CLS token gives the official output.
+        self.norm.forward(&tokens.narrow(1, 0, 1)?)?.squeeze(1)
+    }
+
+    /// Every token after the final LayerNorm, `(B, 1 + registers + patches, D)` (DINOv2's
+    /// `x_norm_clstoken`, `x_norm_regtokens` and `x_norm_patchtokens` in one), eval mode.
+    pub fn forward_tokens(&self, x: &Tensor) -> Result<Tensor> {
+        self.norm
+            .forward(&self.blocks_forward::<rand_chacha::ChaCha8Rng>(x, None)?)
+    }
+
+    /// The stream after the last block.
+    fn blocks_forward<R: Rng + ?Sized>(&self, x: &Tensor, rng: Option<&mut R>) -> Result<Tensor> {
         let mut tokens = self.prepare_tokens(x)?;
         let b = tokens.dim(0)?;
         let mut masks: Vec<Option<DropPathMasks>> = match rng {
@@ -206,8 +331,7 @@ impl VisionTransformer {
         for (i, block) in self.blocks.iter().enumerate() {
             tokens = block.forward_masked(&tokens, masks.get(i).and_then(|m| m.as_ref()))?;
         }
-        // LayerNorm is per token: normalising only the CLS token gives the official output.
-        self.norm.forward(&tokens.narrow(1, 0, 1)?)?.squeeze(1)
+        Ok(tokens)
     }
 
     /// Stochastic-depth rate of block `i`: linear from 0 to `drop_path_rate` (torch.linspace).
@@ -249,8 +373,11 @@ impl VisionTransformer {
         let p = self.config.patch_size;
         let attn = self.last_self_attention(x)?;
         let heads = attn.dim(1)?;
-        let n = attn.dim(D::Minus1)? - 1;
-        attn.narrow(2, 0, 1)?.narrow(3, 1, n)?.reshape((b, heads, h / p, w / p))
+        let prefix = self.config.num_prefix_tokens();
+        let n = attn.dim(D::Minus1)? - prefix;
+        attn.narrow(2, 0, 1)?
+            .narrow(3, prefix, n)?
+            .reshape((b, heads, h / p, w / p))
     }
 }
 

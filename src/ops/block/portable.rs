@@ -415,12 +415,11 @@ mod tests {
             .zip(&params)
             .map(|(name, p)| (name.to_string(), p.as_tensor().clone()))
             .collect();
-        let block = Block::new(
-            c,
-            heads,
-            hidden as f64 / c as f64,
-            candle_nn::VarBuilder::from_tensors(map, DType::F32, &Device::Cpu),
-        )?;
+        let vit = crate::model::VitConfig {
+            mlp_ratio: hidden as f64 / c as f64,
+            ..crate::model::VitConfig::custom(c, 1, heads, 1, 1)
+        };
+        let block = Block::new(&vit, candle_nn::VarBuilder::from_tensors(map, DType::F32, &Device::Cpu))?;
         let x = Var::from_tensor(&rand(&mut rng, &[b, n, c], 0.0)?)?;
         let r = rand(&mut rng, &[b, n, c], 0.0)?;
         let keep = [vec![1.25f32, 0.0, 1.25], vec![0.0f32, 2.0, 2.0]];
