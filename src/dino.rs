@@ -9,7 +9,40 @@ use serde_json::json;
 
 use crate::checkpoint;
 use crate::error::{Error, Result};
-use crate::model::{HeadConfig, MultiCropWrapper, ParamStore, VitConfig};
+use crate::model::layout::{self, Layout};
+use crate::model::{Family, Ffn, HeadConfig, MultiCropWrapper, ParamStore, VitConfig};
+
+/// Which features [`Dino::features_of`] gives per image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Features {
+    /// The final-norm CLS token, `(D,)`: DINO's k-NN and linear evaluation input.
+    Cls,
+    /// The final-norm patch tokens, `(patches, D)`, registers left out: for segmentation and retrieval.
+    Patch,
+    /// The CLS token and the mean patch token, `(2·D,)`: DINOv2's linear evaluation input.
+    ClsAvgpool,
+}
+
+impl Features {
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "cls" => Some(Self::Cls),
+            "patch" => Some(Self::Patch),
+            "cls+avgpool" => Some(Self::ClsAvgpool),
+            _ => None,
+        }
+    }
+
+    /// The shape per image of an `h`×`w` crop.
+    pub fn shape(self, vit: &VitConfig, h: usize, w: usize) -> Vec<usize> {
+        let d = vit.embed_dim;
+        match self {
+            Self::Cls => vec![d],
+            Self::Patch => vec![(h / vit.patch_size) * (w / vit.patch_size), d],
+            Self::ClsAvgpool => vec![2 * d],
+        }
+    }
+}
 
 /// Student and EMA teacher (same architecture; the teacher has no stochastic depth).
 pub struct Dino {
@@ -113,7 +146,46 @@ impl Dino {
 
     /// CLS features `(N, D)` of normalised crops, eval mode (no stochastic depth).
     pub fn features(&self, crops: &Tensor, teacher: bool) -> Result<Tensor> {
+        self.features_of(crops, teacher, Features::Cls)
+    }
+
+    /// The features `kind` names of normalised crops, eval mode: `(N, D)` CLS tokens,
+    /// `(N, patches, D)` patch tokens, or `(N, 2·D)` CLS and mean patch token side by side.
+    pub fn features_of(&self, crops: &Tensor, teacher: bool, kind: Features) -> Result<Tensor> {
         self.check_crops(crops)?;
+        let (_, _, h, w) = crops.dims4()?;
+        let n = crops.dim(0)?;
+        if n == 0 {
+            let mut shape = vec![0];
+            shape.extend(kind.shape(&self.vit, h, w));
+            return Ok(Tensor::zeros(shape, DType::F32, &self.device)?);
+        }
+        if kind == Features::Cls {
+            return self.cls_features(crops, teacher);
+        }
+        let prefix = self.vit.num_prefix_tokens();
+        let patches = (h / self.vit.patch_size) * (w / self.vit.patch_size);
+        crate::parallel::install(|| {
+            crate::ops::no_grad(|| {
+                crate::ops::autocast::autocast(self.dtype, || {
+                    let tokens = self
+                        .wrapper(teacher)
+                        .backbone
+                        .forward_tokens(crops)?
+                        .detach()
+                        .to_dtype(DType::F32)?;
+                    let patch = tokens.narrow(1, prefix, patches)?;
+                    Ok(match kind {
+                        Features::Patch => patch.contiguous()?,
+                        // DINOv2's linear evaluation input: the CLS token, then the patches' mean.
+                        _ => Tensor::cat(&[&tokens.narrow(1, 0, 1)?.squeeze(1)?, &patch.mean(1)?], 1)?,
+                    })
+                })
+            })
+        })
+    }
+
+    fn cls_features(&self, crops: &Tensor, teacher: bool) -> Result<Tensor> {
         // On the dino_rs pool: gemm then splits work over its threads, not rayon's global pool
         // (which, among other things, a fork()ed child inherits without threads).
         crate::parallel::install(|| {
@@ -239,9 +311,11 @@ impl Dino {
         Ok(dino)
     }
 
-    /// The teacher backbone with the official key names (`cls_token`, `blocks.0.attn.qkv.weight`,
-    /// ...), loadable by the official `vision_transformer.py` and timm.
-    pub fn export_backbone(&self, path: &Path) -> Result<()> {
+    /// The teacher backbone in a published key layout ([`crate::model::layout`]), as safetensors:
+    /// `official` (the facebookresearch names; also timm's for DINO), `timm`, or `hf`
+    /// (transformers' ViTModel / Dinov2Model). For `hf`, `path` is a folder that receives
+    /// `model.safetensors` and `config.json`, as `save_pretrained` writes them.
+    pub fn export_backbone(&self, path: &Path, layout: Layout) -> Result<()> {
         let tensors: Vec<(String, Tensor)> = self
             .teacher_store
             .vars()
@@ -251,54 +325,124 @@ impl Dino {
                     .map(|s| (s.to_string(), v.as_tensor().clone()))
             })
             .collect();
-        checkpoint::save(path, &tensors, &json!({"format": "dino_rs.backbone", "vit": self.vit}))
+        let tensors = layout::from_official(tensors, layout, &self.vit)?;
+        let meta = json!({"format": "dino_rs.backbone", "vit": self.vit, "layout": layout.name()});
+        if layout != Layout::Hf {
+            return checkpoint::save(path, &tensors, &meta);
+        }
+        std::fs::create_dir_all(path).map_err(|e| Error::io(path, e))?;
+        let config =
+            serde_json::to_vec_pretty(&layout::hf_config(&self.vit)).map_err(|e| Error::invalid(e.to_string()))?;
+        checkpoint::write_atomic(&path.join("config.json"), &config)?;
+        checkpoint::save(&path.join("model.safetensors"), &tensors, &meta)
     }
 
-    /// A backbone from official DINO weights (`.pth` state dict or full training checkpoint, or
-    /// safetensors with the same keys). The architecture is read off the tensor shapes; heads
-    /// default to embed_dim / 64 as in every official model.
+    /// A backbone from published weights in any layout [`layout::to_official`] reads: official
+    /// DINO or DINOv2 `.pth` (bare or a training checkpoint), timm, or transformers (a
+    /// `model.safetensors` / `pytorch_model.bin` file, or the folder holding it and its
+    /// `config.json`), or safetensors written by [`Dino::export_backbone`]. The architecture
+    /// is read off the tensors; heads come from `num_heads`, else the file's configuration, else
+    /// embed_dim / 64 as in every published model.
     pub fn load_backbone(path: &Path, num_heads: Option<usize>, device: &Device) -> Result<Self> {
-        let raw = checkpoint::load_weights(path)?;
+        let (file, config_heads) = weights_file(path)?;
+        let raw = checkpoint::load_weights(&file)?;
         // Our own exports record the architecture; the shapes cannot tell the number of heads.
-        let saved_heads = checkpoint::load(path)
+        let saved_heads = checkpoint::load(&file)
             .ok()
-            .and_then(|(_, meta)| meta["vit"]["num_heads"].as_u64());
-        let num_heads = num_heads.or(saved_heads.map(|h| h as usize));
-        let mut w: HashMap<String, Tensor> = HashMap::new();
-        for (k, t) in raw {
-            let k = k.strip_prefix("module.").unwrap_or(&k);
-            let k = k.strip_prefix("backbone.").unwrap_or(k);
-            if !k.starts_with("head.") {
-                w.insert(format!("backbone.{k}"), t.to_dtype(DType::F32)?.to_device(device)?);
-            }
-        }
-        let bad = |m: String| Error::checkpoint(path, m);
-        let need = |k: &str| {
-            w.get(&format!("backbone.{k}"))
-                .ok_or_else(|| bad(format!("missing key {k}: not a DINO ViT backbone")))
-        };
-        let pe = need("patch_embed.proj.weight")?.dims().to_vec();
-        let pos = need("pos_embed")?.dims().to_vec();
-        need("cls_token")?;
-        // pos_embed holds the CLS position and at least one patch position.
-        if pe.len() != 4 || pos.len() != 3 || pos[1] < 2 || pe[2] != pe[3] {
-            return Err(bad(format!(
-                "unexpected shapes patch_embed.proj.weight {pe:?}, pos_embed {pos:?}"
-            )));
-        }
-        let (embed_dim, patch) = (pe[0], pe[2]);
-        let grid = ((pos[1] - 1) as f64).sqrt() as usize;
-        let depth = (0..)
-            .take_while(|i| w.contains_key(&format!("backbone.blocks.{i}.norm1.weight")))
-            .count();
-        let heads = num_heads.unwrap_or((embed_dim / 64).max(1));
-        let vit = VitConfig::custom(embed_dim, depth, heads, patch, grid * patch);
-        vit.validate()?;
+            .and_then(|(_, meta)| meta["vit"]["num_heads"].as_u64())
+            .map(|h| h as usize);
+        let num_heads = num_heads.or(config_heads).or(saved_heads);
+        let bad = |m: String| Error::checkpoint(&file, m);
+        let (_, mut w) = layout::to_official(raw).map_err(|e| bad(format!("not a ViT backbone: {e}")))?;
+        let vit = infer_vit(&w, num_heads).map_err(bad)?;
+        vit.validate()
+            .map_err(|e| bad(format!("not a usable ViT backbone: {e}")))?;
+        let w = w
+            .drain()
+            .map(|(k, t)| Ok((format!("backbone.{k}"), t.to_dtype(DType::F32)?.to_device(device)?)))
+            .collect::<CResult<HashMap<_, _>>>()?;
         let dino =
             Self::new(vit, None, 0, Some(w), device).map_err(|e| bad(format!("not a usable ViT backbone: {e}")))?;
         if let Some(name) = dino.student_store.unused().first() {
-            return Err(bad(format!("unexpected weight {name}: not a plain DINO ViT backbone")));
+            return Err(bad(format!(
+                "unexpected weight {name}: not a DINO or DINOv2 ViT backbone"
+            )));
         }
         Ok(dino)
     }
+}
+
+/// The weights file for `path` (a transformers folder: its `model.safetensors` or
+/// `pytorch_model.bin`), and the number of heads a transformers `config.json` beside it names.
+fn weights_file(path: &Path) -> Result<(std::path::PathBuf, Option<usize>)> {
+    let dir = if path.is_dir() { Some(path) } else { None };
+    let file = match dir {
+        Some(d) => ["model.safetensors", "pytorch_model.bin"]
+            .iter()
+            .map(|n| d.join(n))
+            .find(|f| f.is_file())
+            .ok_or_else(|| Error::checkpoint(path, "a folder without model.safetensors or pytorch_model.bin"))?,
+        None => path.to_path_buf(),
+    };
+    let config = file.with_file_name("config.json");
+    let heads = match std::fs::read(&config) {
+        Ok(bytes) => {
+            let v: serde_json::Value = serde_json::from_slice(&bytes)
+                .map_err(|e| Error::checkpoint(&config, format!("not a JSON configuration: {e}")))?;
+            v["num_attention_heads"].as_u64().map(|h| h as usize)
+        }
+        Err(_) => None,
+    };
+    Ok((file, heads))
+}
+
+/// The backbone's architecture, read off its (official-named) tensors.
+fn infer_vit(w: &HashMap<String, Tensor>, num_heads: Option<usize>) -> std::result::Result<VitConfig, String> {
+    let need = |k: &str| {
+        w.get(k)
+            .map(|t| t.dims().to_vec())
+            .ok_or_else(|| format!("missing key {k}: not a DINO or DINOv2 ViT backbone"))
+    };
+    let pe = need("patch_embed.proj.weight")?;
+    let pos = need("pos_embed")?;
+    need("cls_token")?;
+    // pos_embed holds the CLS position and a square grid of patch positions.
+    let grid = pos.get(1).map(|&n| ((n.max(1) - 1) as f64).sqrt().round() as usize);
+    if pe.len() != 4 || pos.len() != 3 || pe[2] != pe[3] || grid.is_none_or(|g| g == 0 || g * g + 1 != pos[1]) {
+        return Err(format!(
+            "unexpected shapes patch_embed.proj.weight {pe:?}, pos_embed {pos:?}"
+        ));
+    }
+    let (embed_dim, patch, grid) = (pe[0], pe[2], grid.unwrap_or(1));
+    let depth = (0..)
+        .take_while(|i| w.contains_key(&format!("blocks.{i}.norm1.weight")))
+        .count();
+    let heads = num_heads.unwrap_or((embed_dim / 64).max(1));
+    let mut vit = VitConfig::custom(embed_dim, depth, heads, patch, grid * patch);
+    vit.num_register_tokens = match w.get("register_tokens") {
+        Some(r) => r.dims().get(1).copied().ok_or("register_tokens must be (1, R, D)")?,
+        None => 0,
+    };
+    vit.layer_scale = w.contains_key("blocks.0.ls1.gamma");
+    // Every DINOv2 backbone has LayerScale; DINO's have none.
+    if vit.layer_scale || vit.num_register_tokens > 0 {
+        vit.family = Family::Dinov2;
+    }
+    // DINOv2's hub builds its `_reg` models with an antialiased, offset-free resize.
+    if vit.num_register_tokens > 0 {
+        vit.pos_interpolation = crate::model::pos_embed::PosInterpolation::Antialias;
+    }
+    if let Some(w12) = w.get("blocks.0.mlp.w12.weight") {
+        vit.ffn = Ffn::Swiglu;
+        let want = w12.dims().first().copied().unwrap_or(0) / 2;
+        if vit.mlp_hidden() != want {
+            return Err(format!(
+                "a SwiGLU width of {want} is not DINOv2's for embed_dim {embed_dim} and mlp_ratio 4 ({})",
+                vit.mlp_hidden()
+            ));
+        }
+    } else if let Some(fc1) = w.get("blocks.0.mlp.fc1.weight") {
+        vit.mlp_ratio = fc1.dims().first().copied().unwrap_or(0) as f64 / embed_dim as f64;
+    }
+    Ok(vit)
 }

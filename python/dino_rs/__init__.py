@@ -55,6 +55,7 @@ from .datasets import fashion_mnist
 from .demo import bundled_photos, multicrop_grid
 from .evaluation import knn_accuracy, linear_probe
 from .plot import plot_attention, plot_history
+from .pretrained import from_pretrained, pretrained_models
 from .trainer import Trainer
 
 __all__ = [
@@ -74,6 +75,7 @@ __all__ = [
     "cuda_error",
     "cuda_is_available",
     "fashion_mnist",
+    "from_pretrained",
     "get_num_threads",
     "knn_accuracy",
     "linear_probe",
@@ -81,5 +83,6 @@ __all__ = [
     "multicrop_grid",
     "plot_attention",
     "plot_history",
+    "pretrained_models",
     "set_num_threads",
 ]

@@ -35,6 +35,7 @@ _Path = Union[str, "os.PathLike[str]"]
 _Image = Union[_Path, npt.ArrayLike]
 _Batch = Union[npt.NDArray[np.uint8], Sequence[_Image]]
 _F32 = npt.NDArray[np.float32]
+_Features = Literal["cls", "patch", "cls+avgpool"]
 
 def set_num_threads(n: int) -> None:
     """Sets the number of threads dino_rs computes on (default: DINO_RS_NUM_THREADS, else all cores)."""
@@ -195,20 +196,39 @@ class DINO:
         nlayers: int = 3,
         dtype: Literal["float32", "bfloat16"] = "float32",
     ) -> "DINO": ...
-    def forward_backbone(self, crops: npt.NDArray[np.float32], teacher: bool = True, batch_size: int = 256) -> _F32:
-        """CLS features (N, embed_dim) of normalised crops (N, 3, H, W)."""
+    def forward_backbone(
+        self,
+        crops: npt.NDArray[np.float32],
+        teacher: bool = True,
+        batch_size: int = 256,
+        features: _Features = "cls",
+    ) -> _F32:
+        """Features of normalised crops (N, 3, H, W): "cls" (N, embed_dim), "patch"
+        (N, patches, embed_dim) or "cls+avgpool" (N, 2 * embed_dim)."""
     def attention(self, crops: npt.NDArray[np.float32], teacher: bool = True) -> _F32:
         """Last-block CLS->patch attention (N, heads, H/p, W/p)."""
     def embed(
-        self, images: Union[_Batch, ImageFolder, ArrayDataset], batch_size: int = 128, progress: Optional[bool] = None
+        self,
+        images: Union[_Batch, ImageFolder, ArrayDataset],
+        batch_size: int = 128,
+        progress: Optional[bool] = None,
+        features: _Features = "cls",
     ) -> _F32:
-        """Teacher CLS features (N, embed_dim) with DINO's eval transform; a tqdm bar with
-        ``progress=True`` (default: for more than four batches, when tqdm is installed)."""
+        """Teacher features with the family's eval transform (resize to 256/224 of the crop,
+        centre crop: DINO's training size, DINOv2's 224): "cls" (N, embed_dim), "patch"
+        (N, patches, embed_dim) or "cls+avgpool" (N, 2 * embed_dim, DINOv2's linear evaluation
+        input); a tqdm bar with ``progress=True`` (default: for more than four batches, when tqdm
+        is installed)."""
     def save(self, path: _Path) -> None: ...
     @staticmethod
     def load(path: _Path, device: str = "auto", dtype: Literal["float32", "bfloat16"] = "float32") -> "DINO": ...
-    def export_backbone(self, path: _Path) -> None:
-        """The teacher backbone as safetensors with the official DINO key names."""
+    def export_backbone(self, path: _Path, layout: Literal["official", "timm", "hf"] = "official") -> None:
+        """The teacher backbone as safetensors in a published key layout; "hf" writes a folder
+        with model.safetensors and config.json."""
+    @property
+    def family(self) -> Literal["dino", "dinov2"]: ...
+    @property
+    def num_register_tokens(self) -> int: ...
     @property
     def embed_dim(self) -> int: ...
     @property
@@ -235,7 +255,9 @@ def load_backbone(
     device: str = "auto",
     dtype: Literal["float32", "bfloat16"] = "float32",
 ) -> DINO:
-    """A backbone from official DINO weights (.pth or safetensors), read without torch."""
+    """A DINO or DINOv2 backbone from published weights, read without torch: official .pth
+    (bare or a training checkpoint), timm or transformers files (or a transformers folder), or
+    export_backbone's safetensors."""
 
 @final
 class DINOLoss:

@@ -308,14 +308,19 @@ def add_embed_command(sub: "argparse._SubParsersAction[argparse.ArgumentParser]"
         "embed",
         help="teacher features of a folder of images, as .npy (+ .json of paths and labels)",
         description="Embeds every image under --data with a trained model and writes float32 features "
-        "(N, embed_dim) to --output (.npy) and the image paths, labels and classes, in the same order, "
+        "(N, embed_dim; see --features) to --output (.npy) and the image paths, labels and classes, in the same order, "
         "to the same name with .json.",
     )
     p.add_argument("--checkpoint", required=True,
-                   help="DINO.save file, trainer checkpoint, `train` output folder, or backbone (.pth / safetensors)")
+                   help="DINO.save file, trainer checkpoint, `train` output folder, backbone (official .pth, timm "
+                   "or transformers files or folder), or a published model's name (dinov2_vits14, ...: "
+                   "downloaded once)")
     p.add_argument("--data", "--data_path", dest="data", required=True, metavar="DIR", help="folder of images (recursive)")
     p.add_argument("--output", default="features.npy", help="features file (default features.npy)")
     p.add_argument("--batch_size", type=int, default=128, help="images per forward pass (default 128)")
+    p.add_argument("--features", default="cls", choices=["cls", "patch", "cls+avgpool"],
+                   help="cls: (N, D); patch: (N, patches, D); cls+avgpool: (N, 2D), DINOv2's linear-evaluation "
+                   "input (default cls)")
     p.add_argument("--num_heads", type=int, default=None, help="heads of a backbone file (default embed_dim // 64)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
@@ -335,6 +340,8 @@ def load_model(path: str, num_heads: Optional[int] = None, device: str = "auto",
     import dino_rs as dr
 
     p = Path(path)
+    if not p.exists() and path in {m["name"] for m in dr.pretrained_models()}:
+        return dr.from_pretrained(path, device=device, dtype=dtype)
     if p.is_dir():
         for name in (MODEL_FILE, LATEST_CHECKPOINT):
             if (p / name).is_file():
@@ -370,7 +377,7 @@ def run_embed(args: argparse.Namespace) -> int:
         dr.set_num_threads(args.num_workers)
     model = load_model(args.checkpoint, args.num_heads, args.device, args.dtype)
     dataset = dr.ImageFolder(data)
-    feats = np.asarray(model.embed(dataset, batch_size=args.batch_size), dtype=np.float32)
+    feats = np.asarray(model.embed(dataset, batch_size=args.batch_size, features=args.features), dtype=np.float32)
     out = Path(args.output)
     if out.parent != Path(""):
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -12,8 +12,9 @@ use super::data::{dataset_of, PyArrayDataset, PyImageFolder};
 use super::numpy::{batch_inputs, f32_array, f32_tensor, ImageInput};
 use crate::augment::eval::EvalTransform;
 use crate::config::{DEFAULT_MAX_PIXELS, IMAGENET_MEAN, IMAGENET_STD};
-use crate::dino::Dino;
+use crate::dino::{Dino, Features};
 use crate::error::{Error, Result};
+use crate::model::layout::Layout;
 use crate::model::{HeadConfig, VitConfig};
 use crate::parallel;
 
@@ -82,7 +83,7 @@ pub struct PyDino {
 
 impl PyDino {
     fn eval_transform(&self) -> EvalTransform {
-        EvalTransform::new(self.inner.vit.img_size as u32, IMAGENET_MEAN, IMAGENET_STD)
+        EvalTransform::new(self.inner.vit.eval_size() as u32, IMAGENET_MEAN, IMAGENET_STD)
     }
 
     /// Features of images decoded and eval-transformed in chunks of `batch_size` (GIL released).
@@ -92,6 +93,7 @@ impl PyDino {
         load: &(dyn Fn(usize) -> Result<image::RgbImage> + Sync),
         start: usize,
         end: usize,
+        kind: Features,
     ) -> Result<Vec<f32>> {
         let t = self.eval_transform();
         let s = t.size as usize;
@@ -106,7 +108,11 @@ impl PyDino {
                 })
         })?;
         let crops = Tensor::from_vec(pixels, (end - start, 3, s, s), &self.inner.device)?;
-        Ok(self.inner.features(&crops, true)?.flatten_all()?.to_vec1::<f32>()?)
+        Ok(self
+            .inner
+            .features_of(&crops, true, kind)?
+            .flatten_all()?
+            .to_vec1::<f32>()?)
     }
 
     /// All `n` images batch by batch, the GIL released for each batch and taken back in between to
@@ -118,13 +124,14 @@ impl PyDino {
         n: usize,
         batch_size: usize,
         progress: Option<bool>,
+        kind: Features,
     ) -> PyResult<Vec<f32>> {
         let bar = progress_bar(py, n, batch_size, progress)?;
         let mut out = Vec::with_capacity(n * self.inner.vit.embed_dim);
         let run = (|| -> PyResult<()> {
             for start in (0..n).step_by(batch_size) {
                 let end = (start + batch_size).min(n);
-                out.extend(py.detach(|| self.embed_range(load, start, end))?);
+                out.extend(py.detach(|| self.embed_range(load, start, end, kind))?);
                 if let Some(b) = &bar {
                     b.call_method1("update", (end - start,))?;
                 }
@@ -249,18 +256,21 @@ impl PyDino {
         })
     }
 
-    /// CLS features (N, embed_dim) of normalised float32 crops (N, 3, H, W); teacher by default.
-    #[pyo3(signature = (crops, teacher=true, batch_size=256))]
+    /// Features of normalised float32 crops (N, 3, H, W); teacher by default. `features`: "cls"
+    /// (N, embed_dim), "patch" (N, patches, embed_dim) or "cls+avgpool" (N, 2·embed_dim).
+    #[pyo3(signature = (crops, teacher=true, batch_size=256, features="cls"))]
     fn forward_backbone<'py>(
         &self,
         py: Python<'py>,
         crops: &Bound<'py, PyAny>,
         teacher: bool,
         batch_size: usize,
+        features: &str,
     ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
         if batch_size == 0 {
             return Err(PyValueError::new_err("batch_size must be at least 1"));
         }
+        let kind = parse_features(features)?;
         let x = f32_tensor(crops, "crops", &self.inner.device)?;
         let input = x.clone();
         let dino = self.inner.clone();
@@ -271,14 +281,10 @@ impl PyDino {
             }
             let parts = (0..n)
                 .step_by(batch_size.max(1))
-                .map(|s| dino.features(&x.narrow(0, s, batch_size.min(n - s))?, teacher))
+                .map(|s| dino.features_of(&x.narrow(0, s, batch_size.min(n - s))?, teacher, kind))
                 .collect::<Result<Vec<_>>>()?;
             if parts.is_empty() {
-                return Ok(Tensor::zeros(
-                    (0, dino.vit.embed_dim),
-                    candle_core::DType::F32,
-                    &dino.device,
-                )?);
+                return dino.features_of(&x, teacher, kind);
             }
             Ok(Tensor::cat(&parts, 0)?)
         })?;
@@ -306,22 +312,27 @@ impl PyDino {
     /// img_size, bicubic; centre crop; normalise). `images`: uint8 array batch, list of arrays or
     /// paths, an ImageFolder or an ArrayDataset. `progress`: a tqdm bar (True / False; default:
     /// when there are more than four batches and tqdm is installed). Ctrl-C stops between batches.
-    #[pyo3(signature = (images, batch_size=128, progress=None))]
+    #[pyo3(signature = (images, batch_size=128, progress=None, features="cls"))]
     fn embed<'py>(
         &self,
         py: Python<'py>,
         images: &Bound<'py, PyAny>,
         batch_size: usize,
         progress: Option<bool>,
+        features: &str,
     ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
         if batch_size == 0 {
             return Err(PyValueError::new_err("batch_size must be at least 1"));
         }
-        let d = self.inner.vit.embed_dim;
+        let kind = parse_features(features)?;
+        let size = self.inner.vit.eval_size();
         let (data, n) = if images.cast::<PyImageFolder>().is_ok() || images.cast::<PyArrayDataset>().is_ok() {
             let ds = dataset_of(images)?;
             let n = ds.len();
-            (self.embed_images(py, &|i| ds.load(i), n, batch_size, progress)?, n)
+            (
+                self.embed_images(py, &|i| ds.load(i), n, batch_size, progress, kind)?,
+                n,
+            )
         } else {
             let inputs: Vec<std::sync::Mutex<Option<ImageInput>>> = batch_inputs(images)?
                 .into_iter()
@@ -336,9 +347,11 @@ impl PyDino {
                     .expect("each image is loaded once");
                 input.load(DEFAULT_MAX_PIXELS)
             };
-            (self.embed_images(py, &load, n, batch_size, progress)?, n)
+            (self.embed_images(py, &load, n, batch_size, progress, kind)?, n)
         };
-        f32_array(py, data, &[n, d])
+        let mut shape = vec![n];
+        shape.extend(kind.shape(&self.inner.vit, size, size));
+        f32_array(py, data, &shape)
     }
 
     /// Saves student, teacher and configuration to a safetensors file.
@@ -359,9 +372,27 @@ impl PyDino {
         })
     }
 
-    /// Writes the teacher backbone as safetensors with the official DINO key names.
-    fn export_backbone(&self, py: Python<'_>, path: std::path::PathBuf) -> PyResult<()> {
-        Ok(py.detach(|| self.inner.export_backbone(&path))?)
+    /// Writes the teacher backbone as safetensors in a published key layout: "official"
+    /// (facebookresearch's names, which timm's DINO models share), "timm", or "hf" (a folder
+    /// with transformers' model.safetensors and config.json).
+    #[pyo3(signature = (path, layout="official"))]
+    fn export_backbone(&self, py: Python<'_>, path: std::path::PathBuf, layout: &str) -> PyResult<()> {
+        let layout = Layout::parse(layout).ok_or_else(|| {
+            PyValueError::new_err(format!("layout must be 'official', 'timm' or 'hf', got {layout:?}"))
+        })?;
+        Ok(py.detach(|| self.inner.export_backbone(&path, layout))?)
+    }
+
+    /// "dino" or "dinov2": which published family the backbone's architecture follows.
+    #[getter]
+    fn family(&self) -> &'static str {
+        self.inner.vit.family.name()
+    }
+
+    /// DINOv2's register tokens (0 for DINO).
+    #[getter]
+    fn num_register_tokens(&self) -> usize {
+        self.inner.vit.num_register_tokens
     }
 
     #[getter]
@@ -438,5 +469,13 @@ pub fn load_backbone(
     Ok(PyDino {
         inner: Arc::new(dino),
         seed: 0,
+    })
+}
+
+fn parse_features(name: &str) -> PyResult<Features> {
+    Features::parse(name).ok_or_else(|| {
+        PyValueError::new_err(format!(
+            "features must be 'cls', 'patch' or 'cls+avgpool', got {name:?}"
+        ))
     })
 }
