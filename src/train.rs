@@ -682,6 +682,7 @@ mod tests {
                 bottleneck_dim: 16,
                 nlayers: 3,
                 norm_last_layer,
+                init: Default::default(),
             };
             let mut dino = Dino::new(vit, Some(head), 3, None, &Device::Cpu).map_err(candle_core::Error::wrap)?;
             dino.dtype = dtype;

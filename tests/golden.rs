@@ -58,6 +58,7 @@ impl Golden {
             bottleneck_dim: self.u("bottleneck_dim"),
             nlayers: self.u("nlayers"),
             norm_last_layer: true,
+            init: Default::default(),
         }
     }
     fn dino(&self) -> std::sync::Arc<Dino> {

@@ -194,7 +194,7 @@ fn layer_norm() -> Result<()> {
 #[test]
 fn attention_output() -> Result<()> {
     let rng = &mut ChaCha8Rng::seed_from_u64(2);
-    let (attn, vars) = build_f64(rng, |vb| Attention::new(6, 2, vb))?;
+    let (attn, vars) = build_f64(rng, |vb| Attention::new(6, 2, Default::default(), vb))?;
     let x = randn_var(rng, (2, 4, 6), DType::F64)?;
     check_layer(&|x| attn.forward(x), x, vars, &[], rng).map(drop)
 }
@@ -203,7 +203,7 @@ fn attention_output() -> Result<()> {
 fn attention_weights() -> Result<()> {
     // The attention map depends on q and k only: `proj` must get no gradient from it.
     let rng = &mut ChaCha8Rng::seed_from_u64(3);
-    let (attn, vars) = build_f64(rng, |vb| Attention::new(6, 2, vb))?;
+    let (attn, vars) = build_f64(rng, |vb| Attention::new(6, 2, Default::default(), vb))?;
     let x = randn_var(rng, (2, 4, 6), DType::F64)?;
     let f = |x: &Tensor| Ok(attn.forward_with_attention(x)?.1);
     check_layer(&f, x, vars, &["proj.weight", "proj.bias"], rng).map(drop)
@@ -212,7 +212,7 @@ fn attention_weights() -> Result<()> {
 #[test]
 fn mlp() -> Result<()> {
     let rng = &mut ChaCha8Rng::seed_from_u64(4);
-    let (mlp, vars) = build_f64(rng, |vb| Mlp::new(5, 9, Ffn::Mlp, vb))?;
+    let (mlp, vars) = build_f64(rng, |vb| Mlp::new(5, 9, Ffn::Mlp, Default::default(), vb))?;
     let x = randn_var(rng, (2, 3, 5), DType::F64)?;
     check_layer(&|x| mlp.forward(x), x, vars, &[], rng).map(drop)
 }
@@ -269,7 +269,7 @@ fn block() -> Result<()> {
 #[test]
 fn swiglu_mlp() -> Result<()> {
     let rng = &mut ChaCha8Rng::seed_from_u64(11);
-    let (mlp, vars) = build_f64(rng, |vb| Mlp::new(5, 8, Ffn::Swiglu, vb))?;
+    let (mlp, vars) = build_f64(rng, |vb| Mlp::new(5, 8, Ffn::Swiglu, Default::default(), vb))?;
     let names: Vec<&str> = vars.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(names, ["w12.bias", "w12.weight", "w3.bias", "w3.weight"]);
     let x = randn_var(rng, (2, 3, 5), DType::F64)?;
@@ -374,6 +374,7 @@ fn dino_head() -> Result<()> {
         bottleneck_dim: 5,
         nlayers: 3,
         norm_last_layer: false,
+        init: Default::default(),
     };
     let (head, vars) = build_f64(rng, |vb| DinoHead::new(&cfg, vb))?;
     let names: Vec<&str> = vars.iter().map(|(n, _)| n.as_str()).collect();

@@ -195,7 +195,11 @@ class DINO:
         num_heads: Optional[int] = None,
         nlayers: int = 3,
         dtype: Literal["float32", "bfloat16"] = "float32",
-    ) -> "DINO": ...
+        init: Literal["dino", "torch"] = "dino",
+    ) -> "DINO":
+        """``init``: how the linear layers start: "dino" (the official N(0, 0.02) weights, zero
+        biases) or "torch" (PyTorch's nn.Linear default, U(+-1/sqrt(fan_in)), which learns on
+        small data)."""
     def forward_backbone(
         self,
         crops: npt.NDArray[np.float32],

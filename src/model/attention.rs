@@ -7,7 +7,7 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::linear::{linear, Linear};
+use super::linear::{linear, Linear, LinearInit};
 
 #[derive(Debug, Clone)]
 pub struct Attention {
@@ -18,11 +18,11 @@ pub struct Attention {
 }
 
 impl Attention {
-    pub fn new(dim: usize, num_heads: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(dim: usize, num_heads: usize, init: LinearInit, vb: VarBuilder) -> Result<Self> {
         let head_dim = dim / num_heads;
         Ok(Self {
-            qkv: linear(dim, 3 * dim, true, vb.pp("qkv"))?,
-            proj: linear(dim, dim, true, vb.pp("proj"))?,
+            qkv: linear(dim, 3 * dim, true, init, vb.pp("qkv"))?,
+            proj: linear(dim, dim, true, init, vb.pp("proj"))?,
             num_heads,
             scale: (head_dim as f64).powf(-0.5),
         })

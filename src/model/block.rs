@@ -82,9 +82,9 @@ impl Block {
             .then(|| Ok::<_, candle_core::Error>([gamma("ls1")?, gamma("ls2")?]));
         Ok(Self {
             norm1: LayerNorm::new(dim, LN_EPS, vb.pp("norm1"))?,
-            attn: Attention::new(dim, config.num_heads, vb.pp("attn"))?,
+            attn: Attention::new(dim, config.num_heads, config.init, vb.pp("attn"))?,
             norm2: LayerNorm::new(dim, LN_EPS, vb.pp("norm2"))?,
-            mlp: Mlp::new(dim, config.mlp_hidden(), config.ffn, vb.pp("mlp"))?,
+            mlp: Mlp::new(dim, config.mlp_hidden(), config.ffn, config.init, vb.pp("mlp"))?,
             layer_scale: layer_scale.transpose()?,
         })
     }

@@ -5,7 +5,7 @@
 use candle_core::{DType, Module, Result, Tensor, Var, D};
 use candle_nn::{Init, VarBuilder};
 
-use super::linear::{linear, Linear};
+use super::linear::{linear, Linear, LinearInit};
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct HeadConfig {
@@ -15,6 +15,8 @@ pub struct HeadConfig {
     pub bottleneck_dim: usize,
     pub nlayers: usize,
     pub norm_last_layer: bool,
+    #[serde(default)]
+    pub init: LinearInit,
 }
 
 /// Upper bounds [`HeadConfig::validate`] accepts (the official head: 3 layers, width 2048, 65536 out).
@@ -44,6 +46,7 @@ impl HeadConfig {
             bottleneck_dim: 256,
             nlayers: 3,
             norm_last_layer: true,
+            init: LinearInit::Dino,
         }
     }
 }
@@ -68,14 +71,20 @@ impl DinoHead {
         let vm = vb.pp("mlp");
         let mut mlp = Vec::with_capacity(nlayers);
         if nlayers == 1 {
-            mlp.push(linear(c.in_dim, c.bottleneck_dim, true, vm.pp("0"))?);
+            mlp.push(linear(c.in_dim, c.bottleneck_dim, true, c.init, vm.pp("0"))?);
         } else {
             // Sequential indices skip the GELUs: 0, 2, 4, ...
-            mlp.push(linear(c.in_dim, c.hidden_dim, true, vm.pp("0"))?);
+            mlp.push(linear(c.in_dim, c.hidden_dim, true, c.init, vm.pp("0"))?);
             for i in 1..nlayers - 1 {
-                mlp.push(linear(c.hidden_dim, c.hidden_dim, true, vm.pp(2 * i))?);
+                mlp.push(linear(c.hidden_dim, c.hidden_dim, true, c.init, vm.pp(2 * i))?);
             }
-            mlp.push(linear(c.hidden_dim, c.bottleneck_dim, true, vm.pp(2 * (nlayers - 1)))?);
+            mlp.push(linear(
+                c.hidden_dim,
+                c.bottleneck_dim,
+                true,
+                c.init,
+                vm.pp(2 * (nlayers - 1)),
+            )?);
         }
         let vl = vb.pp("last_layer");
         // nn.Linear's default init (the official code leaves the last layer to it).

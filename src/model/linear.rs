@@ -27,17 +27,54 @@ impl Linear {
     }
 }
 
-pub fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
-    let weight = vb.get_with_hints(
-        (out_dim, in_dim),
-        "weight",
-        Init::Randn {
-            mean: 0.0,
-            stdev: TRUNC_NORMAL_STD,
-        },
-    )?;
+/// How a new model's linear layers start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LinearInit {
+    /// DINO's `_init_weights`: weights N(0, 0.02) (its truncation at ±2 never bites), biases 0.
+    #[default]
+    Dino,
+    /// PyTorch's `nn.Linear` default, which DINO overrides: weights and biases U(±1/√fan_in).
+    /// Much larger weights for narrow layers (±0.125 at width 64 against 0.02); on small data
+    /// it is the start that learns (docs/recipe.md).
+    Torch,
+}
+
+impl LinearInit {
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "dino" => Some(Self::Dino),
+            "torch" => Some(Self::Torch),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Dino => "dino",
+            Self::Torch => "torch",
+        }
+    }
+}
+
+pub fn linear(in_dim: usize, out_dim: usize, bias: bool, init: LinearInit, vb: VarBuilder) -> Result<Linear> {
+    let bound = 1.0 / (in_dim.max(1) as f64).sqrt();
+    let (w_init, b_init) = match init {
+        LinearInit::Dino => (
+            Init::Randn {
+                mean: 0.0,
+                stdev: TRUNC_NORMAL_STD,
+            },
+            Init::Const(0.0),
+        ),
+        LinearInit::Torch => (
+            Init::Uniform { lo: -bound, up: bound },
+            Init::Uniform { lo: -bound, up: bound },
+        ),
+    };
+    let weight = vb.get_with_hints((out_dim, in_dim), "weight", w_init)?;
     let bias = if bias {
-        Some(vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?)
+        Some(vb.get_with_hints(out_dim, "bias", b_init)?)
     } else {
         None
     };

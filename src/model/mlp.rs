@@ -4,7 +4,7 @@
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
-use super::linear::{linear, Linear};
+use super::linear::{linear, Linear, LinearInit};
 use super::vit::Ffn;
 
 #[derive(Debug, Clone)]
@@ -17,15 +17,15 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    pub fn new(dim: usize, hidden: usize, ffn: Ffn, vb: VarBuilder) -> Result<Self> {
+    pub fn new(dim: usize, hidden: usize, ffn: Ffn, init: LinearInit, vb: VarBuilder) -> Result<Self> {
         let (inner, out) = match ffn {
             Ffn::Mlp => (
-                linear(dim, hidden, true, vb.pp("fc1"))?,
-                linear(hidden, dim, true, vb.pp("fc2"))?,
+                linear(dim, hidden, true, init, vb.pp("fc1"))?,
+                linear(hidden, dim, true, init, vb.pp("fc2"))?,
             ),
             Ffn::Swiglu => (
-                linear(dim, 2 * hidden, true, vb.pp("w12"))?,
-                linear(hidden, dim, true, vb.pp("w3"))?,
+                linear(dim, 2 * hidden, true, init, vb.pp("w12"))?,
+                linear(hidden, dim, true, init, vb.pp("w3"))?,
             ),
         };
         Ok(Self { inner, out, ffn })

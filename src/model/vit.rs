@@ -13,7 +13,7 @@ use rand::Rng;
 
 use super::block::{Block, DropPathMasks, LN_EPS};
 use super::layer_norm::LayerNorm;
-use super::linear::TRUNC_NORMAL_STD;
+use super::linear::{LinearInit, TRUNC_NORMAL_STD};
 use super::patch_embed::PatchEmbed;
 use super::pos_embed::{self, PosInterpolation};
 
@@ -47,6 +47,9 @@ pub struct VitConfig {
     /// How the position grid is resized for other crop sizes: DINOv2's `_reg` models are antialiased.
     #[serde(default)]
     pub pos_interpolation: PosInterpolation,
+    /// How a new model's linear layers start (DINO's scheme or PyTorch's default).
+    #[serde(default)]
+    pub init: LinearInit,
 }
 
 /// DINOv2's LayerScale initial value (its `layerscale` configuration).
@@ -112,6 +115,7 @@ impl VitConfig {
             ffn: Ffn::Mlp,
             family: Family::Dino,
             pos_interpolation: PosInterpolation::Offset,
+            init: LinearInit::Dino,
         }
     }
 

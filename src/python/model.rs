@@ -15,6 +15,7 @@ use crate::config::{DEFAULT_MAX_PIXELS, IMAGENET_MEAN, IMAGENET_STD};
 use crate::dino::{Dino, Features};
 use crate::error::{Error, Result};
 use crate::model::layout::Layout;
+use crate::model::linear::LinearInit;
 use crate::model::{HeadConfig, VitConfig};
 use crate::parallel;
 
@@ -199,7 +200,7 @@ impl PyDino {
     #[new]
     #[pyo3(signature = (arch="vit_small", patch_size=16, img_size=224, out_dim=65536, hidden_dim=2048,
         bottleneck_dim=256, norm_last_layer=true, drop_path_rate=0.1, device="auto", seed=0,
-        embed_dim=None, depth=None, num_heads=None, nlayers=3, dtype="float32"))]
+        embed_dim=None, depth=None, num_heads=None, nlayers=3, dtype="float32", init="dino"))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -218,8 +219,11 @@ impl PyDino {
         num_heads: Option<usize>,
         nlayers: usize,
         dtype: &str,
+        init: &str,
     ) -> PyResult<Self> {
         let dtype = parse_dtype(dtype)?;
+        let init = LinearInit::parse(init)
+            .ok_or_else(|| PyValueError::new_err(format!("init must be 'dino' or 'torch', got {init:?}")))?;
         let mut vit = VitConfig::preset(arch, patch_size).ok_or_else(|| {
             PyValueError::new_err(format!(
                 "arch must be 'vit_tiny', 'vit_small' or 'vit_base', got {arch:?}"
@@ -230,6 +234,7 @@ impl PyDino {
         vit.embed_dim = embed_dim.unwrap_or(vit.embed_dim);
         vit.depth = depth.unwrap_or(vit.depth);
         vit.num_heads = num_heads.unwrap_or(vit.num_heads);
+        vit.init = init;
         vit.validate()?;
         if out_dim == 0 || hidden_dim == 0 || bottleneck_dim == 0 || nlayers == 0 {
             return Err(PyValueError::new_err(
@@ -243,6 +248,7 @@ impl PyDino {
             bottleneck_dim,
             nlayers,
             norm_last_layer,
+            init,
         };
         head.validate()?;
         let device = parse_device(device)?;

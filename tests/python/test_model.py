@@ -827,3 +827,32 @@ def test_cosine_scheduler_keywords_and_errors():
     assert dr.cosine_scheduler(1.0, 0.0, 0, 5).shape == (0,)
     with pytest.raises(ValueError, match="warmup_epochs"):
         dr.cosine_scheduler(1.0, 0.0, 2, 5, warmup_epochs=3)
+
+
+def test_init_scheme_sets_how_linear_layers_start(tmp_path):
+    # torch: nn.Linear's default U(+-1/sqrt(fan_in)); dino: N(0, 0.02) weights and zero biases.
+    import json as _json
+
+    def weights(init):
+        m = dr.DINO(arch="vit_tiny", patch_size=7, img_size=28, embed_dim=64, depth=1, num_heads=4, out_dim=32,
+                    hidden_dim=32, bottleneck_dim=16, device="cpu", init=init)
+        path = tmp_path / f"{init}.safetensors"
+        m.export_backbone(path)
+        data = path.read_bytes()
+        n = int.from_bytes(data[:8], "little")
+        header = _json.loads(data[8:8 + n])
+        out = {}
+        for k in ("blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc1.bias"):
+            a, b = header[k]["data_offsets"]
+            out[k] = np.frombuffer(data[8 + n + a:8 + n + b], np.float32)
+        return m, out
+
+    m, t = weights("torch")
+    assert m.config["vit"]["init"] == "torch" and m.config["head"]["init"] == "torch"
+    bound = 1 / np.sqrt(64)
+    for v in t.values():
+        assert np.abs(v).max() <= bound and np.abs(v).max() > 0.9 * bound
+    _, d = weights("dino")
+    assert 0.015 < d["blocks.0.mlp.fc1.weight"].std() < 0.025 and not d["blocks.0.mlp.fc1.bias"].any()
+    with pytest.raises(ValueError, match="init must be"):
+        dr.DINO(device="cpu", init="xavier")
