@@ -17,6 +17,7 @@ Overrides (all optional):
     train:  Trainer(...) kwargs (lr, min_lr, warmup_epochs, weight_decay, weight_decay_end,
             momentum_teacher, teacher_temp, warmup_teacher_temp, warmup_teacher_temp_epochs,
             student_temp, center_momentum, clip_grad, freeze_last_layer)
+    probe_max_iter (lbfgs iterations of the linear probe, default 1000: it can take ~50 s),
     epochs, seed, batch_size, eval_every, max_train_seconds (stop the run past this many seconds
     of training; it is then recorded as stopped, with its curve so far), full_data (train on the
     60k Fashion-MNIST set instead of the 5k subset; k-NN bank and probe still on the 5k subset).
@@ -74,10 +75,11 @@ def resolve(over: Dict[str, Any]) -> Dict[str, Any]:
                batch_size=int(over.get("batch_size", RECIPE["batch_size"])),
                eval_every=int(over.get("eval_every", 2)),
                max_train_seconds=over.get("max_train_seconds"),
-               full_data=bool(over.get("full_data", False)))
+               full_data=bool(over.get("full_data", False)),
+               probe_max_iter=int(over.get("probe_max_iter", 1000)))
     cfg["train"]["warmup_epochs"] = min(cfg["train"].get("warmup_epochs", 2), cfg["epochs"])
     unknown = set(over) - {"model", "aug", "train", "epochs", "seed", "batch_size", "eval_every",
-                           "max_train_seconds", "full_data"}
+                           "max_train_seconds", "full_data", "probe_max_iter"}
     if unknown:
         raise ValueError(f"unknown override keys {sorted(unknown)}")
     return cfg
@@ -198,7 +200,10 @@ def run(args) -> None:
         try:
             x, y, xt, yt = demo_data()
             m = trainer.model
-            rec["linear_probe"] = dino_rs.linear_probe(m.embed(x, progress=False), y, m.embed(xt, progress=False), yt)
+            t = time.perf_counter()
+            rec["linear_probe"] = dino_rs.linear_probe(m.embed(x, progress=False), y, m.embed(xt, progress=False), yt,
+                                                       max_iter=cfg["probe_max_iter"])
+            rec["probe_seconds"] = time.perf_counter() - t
         except BaseException as e:  # noqa: BLE001
             rec["linear_probe_error"] = repr(e)
     rec["total_seconds"] = time.perf_counter() - t_start
