@@ -71,6 +71,25 @@ impl DinoLoss {
         crate::ops::dino_cross_entropy(student_out, &q, self.ncrops, self.student_temp)
     }
 
+    /// The teacher's targets `q = softmax((t − c)/τ)` over a batch, as the two measures the DINO
+    /// paper explains collapse with: their mean entropy (nats; ln K for uniform targets, the
+    /// collapse centering alone drives to) and their mean largest probability (1 when one
+    /// dimension takes everything, the collapse sharpening alone drives to). Taken with the centre
+    /// the loss used, before [`DinoLoss::update_center`]. The loss is the mean cross-entropy
+    /// H(q) + KL(q‖p) over the same targets, so KL(teacher ‖ student) = loss − entropy.
+    /// Returns `[entropy, max_prob]` read back together.
+    pub fn teacher_stats(&self, teacher_out: &Tensor, epoch: usize) -> Result<[f64; 2]> {
+        let z = (at_least_f32(teacher_out)?.broadcast_sub(&self.center)? / self.teacher_temp(epoch))?;
+        let z = z.broadcast_sub(&z.max_keepdim(1)?)?;
+        // Σ exp(z − max): its inverse is the largest probability.
+        let sum = z.exp()?.sum_keepdim(1)?;
+        let log_q = z.broadcast_sub(&sum.log()?)?;
+        let entropy = (log_q.exp()? * &log_q)?.sum(1)?.neg()?.mean(0)?;
+        let max_prob = sum.recip()?.mean_all()?;
+        let v = Tensor::stack(&[entropy, max_prob], 0)?.to_vec1::<f32>()?;
+        Ok([v[0] as f64, v[1] as f64])
+    }
+
     /// center ← m·center + (1 − m)·mean(teacher_out over the batch).
     pub fn update_center(&mut self, teacher_out: &Tensor) -> Result<()> {
         let batch_center = at_least_f32(&teacher_out.detach())?.sum_keepdim(0)? / teacher_out.dim(0)? as f64;
@@ -83,5 +102,90 @@ impl DinoLoss {
         let loss = self.loss(student_out, teacher_out, epoch)?;
         self.update_center(teacher_out)?;
         Ok(loss)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    fn loss(k: usize, ncrops: usize) -> DinoLoss {
+        DinoLoss::new(k, ncrops, 0.04, 0.04, 0, 1, 0.1, 0.9, &Device::Cpu).unwrap()
+    }
+
+    /// Entropy and largest probability of softmax(row / τ), in f64.
+    fn reference(rows: &[Vec<f64>], tau: f64) -> (f64, f64, Vec<Vec<f64>>) {
+        let (mut h, mut pmax, mut qs) = (0.0, 0.0, Vec::new());
+        for r in rows {
+            let m = r.iter().cloned().fold(f64::MIN, f64::max);
+            let e: Vec<f64> = r.iter().map(|v| ((v - m) / tau).exp()).collect();
+            let s: f64 = e.iter().sum();
+            let q: Vec<f64> = e.iter().map(|v| v / s).collect();
+            h -= q.iter().filter(|&&p| p > 0.0).map(|p| p * p.ln()).sum::<f64>();
+            pmax += q.iter().cloned().fold(0.0, f64::max);
+            qs.push(q);
+        }
+        let n = rows.len() as f64;
+        (h / n, pmax / n, qs)
+    }
+
+    #[test]
+    fn teacher_stats_are_the_targets_entropy_and_largest_probability() -> Result<()> {
+        let (b, k) = (3, 7);
+        let rows: Vec<Vec<f64>> = (0..2 * b)
+            .map(|i| (0..k).map(|j| ((i * k + j) as f64 * 0.731).sin() * 0.1).collect())
+            .collect();
+        let flat: Vec<f32> = rows.iter().flatten().map(|&v| v as f32).collect();
+        let t = Tensor::from_vec(flat, (2 * b, k), &Device::Cpu)?;
+        let l = loss(k, 2);
+        let [h, pmax] = l.teacher_stats(&t, 0)?;
+        let (want_h, want_pmax, qs) = reference(&rows, 0.04);
+        assert!(
+            (h - want_h).abs() < 1e-5 && (pmax - want_pmax).abs() < 1e-6,
+            "{h} {want_h} {pmax} {want_pmax}"
+        );
+        // loss − entropy is KL(q ‖ p), here with the student's p = softmax(s / 0.1) explicit.
+        let s_rows: Vec<Vec<f64>> = (0..2 * b)
+            .map(|i| (0..k).map(|j| ((i + 3 * j) as f64 * 0.37).cos() * 0.3).collect())
+            .collect();
+        let s_flat: Vec<f32> = s_rows.iter().flatten().map(|&v| v as f32).collect();
+        let s = Tensor::from_vec(s_flat, (2 * b, k), &Device::Cpu)?;
+        let value = l.loss(&s, &t, 0)?.to_scalar::<f32>()? as f64;
+        let (_, _, ps) = reference(&s_rows, 0.1);
+        // Pairs (teacher view, other student view), as the loss takes them.
+        let (mut kl, mut pairs) = (0.0, 0.0);
+        for tv in 0..2 {
+            for sv in (0..2).filter(|&v| v != tv) {
+                for i in 0..b {
+                    let (q, p) = (&qs[tv * b + i], &ps[sv * b + i]);
+                    kl += q.iter().zip(p).map(|(q, p)| q * (q.ln() - p.ln())).sum::<f64>();
+                }
+                pairs += b as f64;
+            }
+        }
+        assert!(
+            ((value - h) - kl / pairs).abs() < 1e-4,
+            "{} vs {}",
+            value - h,
+            kl / pairs
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn the_two_collapses_read_as_the_paper_says() -> Result<()> {
+        let k = 16;
+        // Uniform: every output equal (what centering alone drives to): entropy ln K, max 1/K.
+        let [h, pmax] = loss(k, 2).teacher_stats(&Tensor::ones((4, k), DType::F32, &Device::Cpu)?, 0)?;
+        assert!((h - (k as f64).ln()).abs() < 1e-5 && (pmax - 1.0 / k as f64).abs() < 1e-6);
+        // One dimension dominates (sharpening alone): entropy 0, max 1.
+        let mut v = vec![0f32; 4 * k];
+        for r in 0..4 {
+            v[r * k + 5] = 10.0;
+        }
+        let [h, pmax] = loss(k, 2).teacher_stats(&Tensor::from_vec(v, (4, k), &Device::Cpu)?, 0)?;
+        assert!(h < 1e-6 && (pmax - 1.0).abs() < 1e-6, "{h} {pmax}");
+        Ok(())
     }
 }

@@ -234,8 +234,18 @@ pub struct StepStats {
     pub wd: f64,
     pub momentum: f64,
     pub teacher_temp: f64,
+    /// The teacher targets' mean entropy and largest probability ([`DinoLoss::teacher_stats`]).
+    pub teacher_entropy: f64,
+    pub teacher_max_prob: f64,
     /// Seconds per phase ([`crate::profile::PHASES`]) when [`DinoTrainer::profile`] is on; else empty.
     pub phases: Vec<(&'static str, f64)>,
+}
+
+impl StepStats {
+    /// KL(teacher ‖ student) in nats: the loss less the targets' entropy.
+    pub fn teacher_student_kl(&self) -> f64 {
+        self.loss - self.teacher_entropy
+    }
 }
 
 /// Gradients of one iteration, ready to be applied.
@@ -244,6 +254,8 @@ pub struct Computed {
     pub loss: f64,
     pub teacher_out: Tensor,
     pub epoch: usize,
+    /// [`DinoLoss::teacher_stats`] of this iteration's targets.
+    pub teacher: [f64; 2],
     /// The phases timed so far, when profiling.
     pub clock: Option<Clock>,
 }
@@ -349,6 +361,7 @@ impl DinoTrainer {
         mark(&mut clock, "student_forward")?;
         let loss = self.loss.loss(&student_out, &teacher_out, epoch)?;
         let value = loss.to_scalar::<f32>()? as f64;
+        let teacher_stats = self.loss.teacher_stats(&teacher_out, epoch)?;
         mark(&mut clock, "loss")?;
         if !value.is_finite() {
             return Ok(Err(NonFiniteLoss {
@@ -394,6 +407,7 @@ impl DinoTrainer {
             loss: value,
             teacher_out,
             epoch,
+            teacher: teacher_stats,
             clock,
         }))
     }
@@ -406,6 +420,7 @@ impl DinoTrainer {
             loss,
             teacher_out,
             epoch,
+            teacher,
             mut clock,
         } = computed;
         let (lr, wd, m) = (
@@ -431,6 +446,8 @@ impl DinoTrainer {
             wd,
             momentum: m,
             teacher_temp: self.loss.teacher_temp(epoch),
+            teacher_entropy: teacher[0],
+            teacher_max_prob: teacher[1],
             phases: clock.map(|c| c.phases).unwrap_or_default(),
         })
     }
@@ -457,6 +474,11 @@ pub struct EpochStats {
     pub steps: usize,
     /// The mean loss of the epoch's steps (NaN when there were none).
     pub loss: f64,
+    /// Means over the steps of the teacher targets' entropy, KL(teacher ‖ student) and largest
+    /// probability (NaN when there were no steps).
+    pub teacher_entropy: f64,
+    pub teacher_student_kl: f64,
+    pub teacher_max_prob: f64,
     /// The last step's stats (its schedules' values).
     pub last: Option<StepStats>,
     /// Mean seconds per phase when profiling, "data" (waiting for the loader, then the upload)
@@ -492,6 +514,7 @@ impl DinoTrainer {
         let mut skip = self.iteration.saturating_sub(epoch as usize * niter).min(niter);
         let mut it = loader.iter_epoch_as::<T>(epoch);
         let (mut sum, mut steps, mut last) = (0.0, 0, None);
+        let (mut entropy, mut max_prob) = (0.0, 0.0);
         let (mut times, mut profiled): (Vec<(&'static str, f64)>, usize) = (Vec::new(), 0);
         let mut waited = Duration::ZERO;
         loop {
@@ -531,13 +554,19 @@ impl DinoTrainer {
                 profiled += 1;
             }
             sum += stats.loss;
+            entropy += stats.teacher_entropy;
+            max_prob += stats.teacher_max_prob;
             steps += 1;
             hooks.stepped(&stats)?;
             last = Some(stats);
         }
+        let mean = |total: f64| if steps > 0 { total / steps as f64 } else { f64::NAN };
         Ok(EpochStats {
             steps,
-            loss: if steps > 0 { sum / steps as f64 } else { f64::NAN },
+            loss: mean(sum),
+            teacher_entropy: mean(entropy),
+            teacher_student_kl: mean(sum - entropy),
+            teacher_max_prob: mean(max_prob),
             last,
             phases: times.into_iter().map(|(p, t)| (p, t / profiled as f64)).collect(),
             seconds: start.elapsed().as_secs_f64(),

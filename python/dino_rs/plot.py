@@ -90,7 +90,8 @@ def plot_history(
         top-5 when present) at the epochs that were evaluated.
     ax : matplotlib Axes or sequence of Axes, optional
         ``None`` (default): a new figure with the panels side by side: loss, learning rate,
-        teacher temperature and, when present, k-NN accuracy. One Axes: the loss on it and, when
+        teacher temperature and, when present, k-NN accuracy, then the collapse measures
+        (``teacher_entropy`` with ``teacher_student_kl``, and ``teacher_max_prob``). One Axes: the loss on it and, when
         present, the k-NN top-1 accuracy on a twin y-axis (a compact form for dashboards). A
         sequence of Axes: one per panel, in the order above.
 
@@ -128,6 +129,13 @@ def plot_history(
         if knn5[0]:
             curves["top-5"] = knn5
         panels.append(("k-NN accuracy (%)", curves))
+    entropy = _series(records, "teacher_entropy")
+    if entropy[0]:
+        # The DINO paper's collapse measures: both curves reach 0 KL in a collapse, the entropy at
+        # ln K (uniform) or 0 (one dimension).
+        panels.append(("teacher targets (nats)",
+                       {"entropy": entropy, "KL(teacher || student)": _series(records, "teacher_student_kl")}))
+        panels.append(("teacher's largest probability", {"max prob": _series(records, "teacher_max_prob")}))
 
     from matplotlib.ticker import MaxNLocator
 

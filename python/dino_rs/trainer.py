@@ -37,6 +37,34 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, leave=False)
 
 
+
+#: KL(teacher ‖ student) below this (nats) means the student has nothing left to learn from the teacher.
+COLLAPSE_KL = 0.01
+
+
+def collapse_kind(stats: Dict[str, Any], out_dim: int) -> Optional[str]:
+    """The kind of collapse an epoch's measures show, as a message naming what to change; ``None``
+    when there is none. The DINO paper's two kinds: in both the student matches the teacher
+    (KL(teacher ‖ student) goes to 0), with targets that are uniform (entropy at ln K: centering
+    dominates) or on one dimension (entropy at 0: sharpening dominates)."""
+    h, kl = stats.get("teacher_entropy"), stats.get("teacher_student_kl")
+    if h is None or kl is None or not (math.isfinite(h) and math.isfinite(kl)) or kl > COLLAPSE_KL:
+        return None
+    ln_k = math.log(out_dim)
+    if h > 0.99 * ln_k:
+        return (
+            f"uniform collapse: the teacher's targets are uniform (entropy {h:.3f} nats, ln K = {ln_k:.3f}) "
+            f"and the student copies them (KL {kl:.4f}); centering outweighs sharpening: lower teacher_temp "
+            "(or warmup_teacher_temp), or raise center_momentum"
+        )
+    if h < 0.01 * ln_k:
+        return (
+            f"one-dimension collapse: the teacher puts everything on one output (entropy {h:.4f} nats, largest "
+            f"probability {stats.get('teacher_max_prob', float('nan')):.3f}) and the student copies it (KL {kl:.4f}); "
+            "sharpening outweighs centering: raise teacher_temp, or lower center_momentum"
+        )
+    return None
+
 class Trainer:
     """Trains a :class:`dino_rs.DINO` model on a :class:`dino_rs.MultiCropLoader` with the official
     DINO recipe (every default as in ``main_dino.py``).
@@ -242,18 +270,19 @@ clip_grad, freeze_last_layer
             done.append(stats)
             self.history.append(stats)
             if self.progress and bar is None:
-                print(f"epoch {epoch + 1}/{target}: loss {stats['loss']:.4f}, lr {stats.get('lr', 0):.2e}, {stats['seconds']:.1f} s{knn}")
+                measures = ""
+                if "teacher_entropy" in stats:
+                    measures = (f", teacher entropy {stats['teacher_entropy']:.3f}, "
+                                f"KL {stats['teacher_student_kl']:.4f}")
+                print(f"epoch {epoch + 1}/{target}: loss {stats['loss']:.4f}{measures}, lr {stats.get('lr', 0):.2e}, "
+                      f"{stats['seconds']:.1f} s{knn}")
             elif self.progress and knn:
                 _write_line(f"epoch {epoch + 1}/{target}: loss {stats['loss']:.4f}{knn}")
-            if abs(stats["loss"] - math.log(out_dim)) < 1e-3:
+            collapse = collapse_kind(stats, out_dim)
+            if collapse:
                 import warnings
 
-                warnings.warn(
-                    f"epoch {epoch + 1}: loss {stats['loss']:.4f} sits at ln(out_dim) = {math.log(out_dim):.4f}: "
-                    "the output is uniform (collapse); lower teacher_temp or check the learning rate",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+                warnings.warn(f"epoch {epoch + 1}: {collapse}", RuntimeWarning, stacklevel=2)
             self._checkpoint(epoch + 1, target)
         return done
 

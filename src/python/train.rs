@@ -30,6 +30,9 @@ fn stats_dict<'py>(py: Python<'py>, s: &StepStats) -> PyResult<Bound<'py, PyDict
     d.set_item("wd", s.wd)?;
     d.set_item("momentum", s.momentum)?;
     d.set_item("teacher_temp", s.teacher_temp)?;
+    d.set_item("teacher_entropy", s.teacher_entropy)?;
+    d.set_item("teacher_student_kl", s.teacher_student_kl())?;
+    d.set_item("teacher_max_prob", s.teacher_max_prob)?;
     for (phase, seconds) in &s.phases {
         d.set_item(format!("time_{phase}"), seconds)?;
     }
@@ -225,6 +228,9 @@ impl PyTrainer {
         d.set_item("epoch", epoch)?;
         d.set_item("steps", stats.steps)?;
         d.set_item("loss", stats.loss)?;
+        d.set_item("teacher_entropy", stats.teacher_entropy)?;
+        d.set_item("teacher_student_kl", stats.teacher_student_kl)?;
+        d.set_item("teacher_max_prob", stats.teacher_max_prob)?;
         if let Some(s) = stats.last {
             d.set_item("lr", s.lr)?;
             d.set_item("wd", s.wd)?;

@@ -22,8 +22,9 @@ BATCH = 8
 NITER = N_IMAGES // BATCH  # 4 iterations per epoch (drop_last)
 TRAIN = dict(epochs=2, warmup_epochs=1, progress=False)
 
-STEP_KEYS = {"loss", "lr", "wd", "momentum", "teacher_temp", "iteration", "epoch"}
-EPOCH_KEYS = {"epoch", "loss", "lr", "wd", "momentum", "teacher_temp", "seconds"}
+MEASURES = {"teacher_entropy", "teacher_student_kl", "teacher_max_prob"}
+STEP_KEYS = {"loss", "lr", "wd", "momentum", "teacher_temp", "iteration", "epoch"} | MEASURES
+EPOCH_KEYS = {"epoch", "loss", "lr", "wd", "momentum", "teacher_temp", "seconds"} | MEASURES
 
 
 def overflowing_crops(model: dr.DINO, like: np.ndarray, tmp_path) -> np.ndarray:
@@ -205,6 +206,12 @@ def test_fit_two_epochs(loader, probe, capfd):
         assert h["epoch"] == i + 1
         assert math.isfinite(h["loss"]) and h["loss"] > 0
         assert h["seconds"] >= 0
+        # The collapse measures, in nats: entropy in [0, ln K], KL = loss - entropy >= 0.
+        k = m.out_dim
+        assert 0 <= h["teacher_entropy"] <= math.log(k) + 1e-4
+        assert 1 / k - 1e-6 <= h["teacher_max_prob"] <= 1
+        assert h["teacher_student_kl"] == pytest.approx(h["loss"] - h["teacher_entropy"], abs=1e-6)
+        assert h["teacher_student_kl"] > -1e-4
     assert t.epoch == 2 and t.iteration == 2 * NITER
     assert t.history == hist
     # the last values reported are those of the last iteration of each epoch
@@ -546,3 +553,27 @@ def test_training_is_the_same_bit_for_bit_on_one_or_two_threads():
         dr.set_num_threads(before)
     assert runs[0][0] == runs[1][0]
     assert np.array_equal(runs[0][1], runs[1][1])
+
+
+def test_collapse_warnings_name_the_kind_and_the_fix():
+    from dino_rs.trainer import collapse_kind
+
+    k = 256
+    uniform = {"teacher_entropy": math.log(k) - 1e-4, "teacher_student_kl": 1e-4, "teacher_max_prob": 1 / k}
+    assert "uniform collapse" in collapse_kind(uniform, k) and "lower teacher_temp" in collapse_kind(uniform, k)
+    one = {"teacher_entropy": 1e-3, "teacher_student_kl": 1e-3, "teacher_max_prob": 0.9995}
+    assert "one-dimension collapse" in collapse_kind(one, k) and "raise teacher_temp" in collapse_kind(one, k)
+    # Sharp but diverse targets the student has not matched yet: learning, not collapse.
+    assert collapse_kind({"teacher_entropy": 1e-3, "teacher_student_kl": 2.0, "teacher_max_prob": 0.99}, k) is None
+    assert collapse_kind({"teacher_entropy": 3.0, "teacher_student_kl": 1e-3, "teacher_max_prob": 0.2}, k) is None
+    assert collapse_kind({"loss": 1.0}, k) is None
+
+
+def test_a_uniform_collapse_is_warned_about(images):
+    # A teacher temperature far above the student's makes the targets flat: centering wins.
+    m = tiny()
+    t = dr.Trainer(m, make_loader(images), epochs=8, warmup_epochs=1, progress=False, teacher_temp=10.0,
+                   warmup_teacher_temp=10.0, lr=0.3)
+    with pytest.warns(RuntimeWarning, match="uniform collapse"):
+        hist = t.fit()
+    assert hist[-1]["teacher_entropy"] > 0.99 * math.log(m.out_dim)

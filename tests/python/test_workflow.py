@@ -159,8 +159,12 @@ def test_plot_history_of_a_real_run(images):
     t = dr.Trainer(tiny(), make_loader(images), epochs=2, warmup_epochs=1, progress=False)
     hist = t.fit()
     fig = dr.plot_history(hist)
-    assert len(fig.axes) == 3
+    # loss, lr, teacher temperature, then the collapse measures: entropy with KL, largest probability.
+    assert len(fig.axes) == 5
     assert _lines(fig.axes[0])[0][1] == [h["loss"] for h in hist]
+    (entropy, kl) = _lines(fig.axes[3])
+    assert entropy[1] == [h["teacher_entropy"] for h in hist] and kl[1] == [h["teacher_student_kl"] for h in hist]
+    assert _lines(fig.axes[4])[0][1] == [h["teacher_max_prob"] for h in hist]
 
 
 @pytest.mark.parametrize(
@@ -595,6 +599,8 @@ def test_cli_train_writes_checkpoints_model_and_log(folder, tmp_path, capsys):
                                        "checkpoint0002.safetensors", "log.txt", "model.safetensors"]
     log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
     assert [e["epoch"] for e in log] == [1, 2]
+    # The collapse measures reach the log, as the rest of the history does.
+    assert all({"teacher_entropy", "teacher_student_kl", "teacher_max_prob"} <= set(e) for e in log)
     model = dr.DINO.load(out / "model.safetensors", device="cpu")
     assert (model.embed_dim, model.depth, model.num_heads, model.patch_size, model.img_size, model.out_dim) == \
         (16, 1, 2, 4, 16, 32)
