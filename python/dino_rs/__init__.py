@@ -50,7 +50,7 @@ from ._dino_rs import (  # noqa: E402
 )
 from ._errors import ImageError
 from .config import TrainConfig
-from . import hub
+from . import hub, recipes
 from .datasets import fashion_mnist
 from .demo import bundled_photos, multicrop_grid
 from .evaluation import knn_accuracy, linear_probe

@@ -32,7 +32,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, cast
 
 from .config import DEFAULTS, FIELDS
 
@@ -75,7 +75,8 @@ def add_demo_command(sub: "argparse._SubParsersAction[argparse.ArgumentParser]")
     demo.add_argument("--output", default=None, help="PNG file to write (default dino_rs_attention.png, or dino_rs_views.png with --views)")
     demo.add_argument("--data", default=None, help="an image folder to train on instead of the bundled images")
     demo.add_argument("--img_size", type=int, default=None, help="image size for --data (default 64)")
-    demo.add_argument("--epochs", type=int, default=24, help="training epochs (default 24, ~4 minutes on 2 cores)")
+    demo.add_argument("--epochs", type=int, default=None,
+                      help="training epochs (default: the small-data recipe's, 24 for the bundled images)")
     demo.add_argument("--no_progress", action="store_true", help="no progress bar")
     demo.add_argument("--views", action="store_true", help="only write the multi-crop views of the bundled photos")
     demo.add_argument("--images", nargs="*", help="with --views: image files to use instead of the bundled photos")
@@ -93,7 +94,7 @@ def run_demo(args: argparse.Namespace) -> int:
         return 0
     if args.images:
         raise CliError("--images goes with --views; to train on your images use --data DIR")
-    if args.epochs < 1:
+    if args.epochs is not None and args.epochs < 1:
         raise CliError(f"--epochs must be at least 1, got {args.epochs}")
     from .train_demo import run_training
 
@@ -197,6 +198,12 @@ def add_train_command(sub: "argparse._SubParsersAction[argparse.ArgumentParser]"
     x.add_argument("--resume", default=None, metavar="PATH",
                    help="resume from this checkpoint file or folder instead of OUTPUT_DIR/checkpoint.safetensors")
     x.add_argument("--no_progress", action="store_true", help="no progress bar, one line per epoch")
+    x.add_argument("--recipe", default="official", choices=["official", "small"],
+                   help="official: main_dino.py's defaults; small: dino_rs.recipes.small_data for a few thousand "
+                   "small images (its model, crops, schedule and init at --img_size, default 64); flags given "
+                   "explicitly still win (default official)")
+    x.add_argument("--init", default="dino", choices=["dino", "torch"],
+                   help="how the linear layers start: DINO's N(0, 0.02) or PyTorch's default (default dino)")
     p.set_defaults(run=run_train)
 
 
@@ -272,6 +279,7 @@ def run_train(args: argparse.Namespace) -> int:
             depth=args.depth,
             num_heads=args.num_heads,
             dtype=args.dtype or "float32",
+            init=args.init,
         )
         trainer = dr.Trainer(
             model,
@@ -411,6 +419,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def recipe_defaults(args: argparse.Namespace) -> Dict[str, Any]:
+    """``dino-rs train --recipe small``: :func:`dino_rs.recipes.small_data` for the data folder's
+    image count at ``--img_size`` (default 64), as defaults of the train flags (so that flags
+    given explicitly win)."""
+    import dino_rs as dr
+
+    size = args.img_size or 64
+    r = dr.recipes.small_data(len(dr.ImageFolder(_data_folder(args.data_path))), size)
+    m, a, t = r["model"], r["augmenter"], r["trainer"]
+    flags = {k: m[k] for k in ("patch_size", "embed_dim", "depth", "num_heads", "out_dim", "hidden_dim",
+                               "bottleneck_dim", "drop_path_rate", "init", "img_size")}
+    flags.update(global_size=a["global_size"], local_size=a["local_size"], local_crops_number=a["n_local"],
+                 batch_size_per_gpu=r["loader"]["batch_size"], **t)
+    return flags
+
+
+def _train_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return cast(argparse.ArgumentParser, sub.choices["train"])
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``dino-rs`` / ``python -m dino_rs``; returns the exit status."""
     parser = build_parser()
@@ -418,6 +447,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from ._errors import ImageError
 
     try:
+        if args.command == "train" and args.recipe != "official":
+            # Parsed again with the recipe's values as the defaults: explicit flags keep theirs. The
+            # warm-up is the recipe's unless given, but never longer than the epochs trained.
+            defaults = recipe_defaults(args)
+            warmup = defaults.pop("warmup_epochs")
+            _train_parser(parser).set_defaults(**defaults)
+            args = parser.parse_args(argv)
+            if args.warmup_epochs is None:
+                args.warmup_epochs = min(warmup, args.epochs)
         return int(args.run(args))
     except CliError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

@@ -33,6 +33,11 @@ def test_demo_reports_knn_and_writes_attention_png(tmp_path):
     text = proc.stdout
     assert "raw pixels 79.4%" in text  # k-NN of the bundled pixels: fixed data, fixed protocol
     assert "DINO teacher at init" in text and "after 1 epoch " in text
+    # The linear probe follows the k-NN and timing lines, for the same three.
+    lines = text.strip().splitlines()
+    k = next(i for i, line in enumerate(lines) if line.startswith("k-NN top-1 ("))
+    assert lines[k + 1].startswith("training took ") and lines[k + 2].startswith("linear probe top-1 (")
+    assert "raw pixels" in lines[k + 2] and "after 1 epoch " in lines[k + 2]
     img = np.asarray(Image.open(out))
     # six images, each with the picture plus one heat map per head (4 heads)
     assert img.ndim == 3 and img.shape[0] > 6 * 100 and img.shape[1] > 5 * 100
@@ -47,7 +52,8 @@ def test_demo_on_a_folder(tmp_path):
             Image.fromarray(a).save(tmp_path / "data" / c / f"{i}.png")
     result = train_demo.run_training(
         tmp_path / "att.png", data=tmp_path / "data", epochs=1, progress=False, img_size=16,
-        recipe=dict(batch_size=8, embed_dim=16, depth=1, num_heads=2, out_dim=32, hidden_dim=32, bottleneck_dim=8),
+        recipe=dict(loader=dict(batch_size=8),
+                    model=dict(embed_dim=16, depth=1, num_heads=2, out_dim=32, hidden_dim=32, bottleneck_dim=8)),
     )
     # 20% of each class held out: 4 test images; the classes differ in brightness only
     assert set(result) >= {"init", "trained", "history", "seconds"} and "raw" not in result

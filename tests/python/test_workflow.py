@@ -730,3 +730,36 @@ def test_embed_progress_bar(images, capfd):
     err = capfd.readouterr().err
     assert "embed:" in err and f"/{len(images)}" in err  # tqdm bar over the images (cleared at the end)
     np.testing.assert_array_equal(quiet, shown)
+
+
+def test_cli_train_recipe_small_takes_the_recipe_and_explicit_flags_win(folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--data", str(folder), "--output_dir", str(out), "--recipe", "small", "--img_size", "16",
+            "--epochs", "1", "--batch_size_per_gpu", "4", "--device", "cpu", "--no_progress"]
+    assert cli.main(args) == 0
+    model = dr.DINO.load(out / "model.safetensors", device="cpu")
+    r = dr.recipes.small_data(len(dr.ImageFolder(folder)), 16)
+    cfg = model.config
+    assert (model.embed_dim, model.depth, model.patch_size, model.img_size, model.out_dim) == (
+        r["model"]["embed_dim"], r["model"]["depth"], r["model"]["patch_size"], 16, r["model"]["out_dim"])
+    assert cfg["vit"]["init"] == "torch" and cfg["vit"]["drop_path_rate"] == 0.0
+    log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    assert len(log) == 1  # --epochs 1 given explicitly, not the recipe's
+    assert log[0]["teacher_temp"] == pytest.approx(r["trainer"]["teacher_temp"])
+
+
+def test_recipes_small_data_scales_with_the_data():
+    r = dr.recipes.small_data(5000, 28)
+    assert r["model"]["patch_size"] == 7 and r["augmenter"] == dict(global_size=28, local_size=14, n_local=4)
+    assert r["trainer"]["epochs"] == 24 and r["model"]["init"] == "torch"
+    assert dr.recipes.small_data(50_000, 28)["trainer"]["epochs"] == 4
+    assert dr.recipes.small_data(1000, 28)["trainer"]["epochs"] == 120
+    assert dr.recipes.small_data(10, 64)["loader"]["batch_size"] == 10
+    for bad in ((0, 28), (100, 4), (1.5, 28)):
+        with pytest.raises(ValueError):
+            dr.recipes.small_data(*bad)
+    # Every section is accepted by the class it is for.
+    m = dr.DINO(**dict(r["model"], device="cpu"))
+    aug = dr.MultiCropAugmenter(**r["augmenter"])
+    loader = dr.MultiCropLoader(np.zeros((8, 28, 28, 3), np.uint8), aug, **dict(r["loader"], batch_size=4))
+    dr.Trainer(m, loader, **r["trainer"], progress=False)
