@@ -118,17 +118,39 @@ def baseline(args) -> None:
     print(json.dumps(rec, indent=1, default=float))
 
 
-def run(args) -> None:
+def package_info() -> Dict[str, Any]:
+    """Which dino_rs this process runs (path, extension's mtime and hash): the tree is edited live."""
+    import hashlib
+
     import dino_rs
-    from dino_rs.train_demo import demo_data
+
+    so = next(Path(dino_rs.__file__).parent.glob("_dino_rs*.so"), None)
+    info: Dict[str, Any] = dict(path=str(Path(dino_rs.__file__).parent))
+    if so is not None:
+        info["so_mtime"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(so.stat().st_mtime))
+        info["so_sha256"] = hashlib.sha256(so.read_bytes()).hexdigest()[:16]
+    return info
+
+
+def run(args) -> None:
+    over = json.loads(args.overrides) if args.overrides else {}
+    try:
+        import dino_rs
+        from dino_rs.train_demo import demo_data
+    except BaseException as e:  # noqa: BLE001  (the package is rebuilt by others while we run)
+        append(dict(run_id=time.strftime("%m%d-%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:4],
+                    label=args.label, kind="train", overrides=over, commit=git_commit(), status="crashed",
+                    error="import dino_rs: " + "".join(traceback.format_exception_only(type(e), e)).strip(),
+                    started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), train_seconds=0.0,
+                    total_seconds=0.0, loss_per_epoch=[], knn_curve=[], final_loss=None, config=dict(epochs=over.get("epochs"))))
+        raise
 
     dino_rs.set_num_threads(2)
-    over = json.loads(args.overrides) if args.overrides else {}
     cfg = resolve(over)
     t_start = time.perf_counter()
     rec: Dict[str, Any] = dict(run_id=time.strftime("%m%d-%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:4],
                                label=args.label, kind="train", overrides=over, config=cfg, commit=git_commit(),
-                               threads=dino_rs.get_num_threads(),
+                               threads=dino_rs.get_num_threads(), package=package_info(),
                                started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                status="running", error=None)
     curve, losses, epoch_seconds = [], [], []
