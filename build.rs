@@ -12,8 +12,15 @@ fn main() {
     println!("cargo:rerun-if-changed={KERNEL_DIR}");
     println!("cargo:rerun-if-env-changed=NVCC");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
+    println!("cargo:rerun-if-env-changed=CUDARC_CUDA_VERSION");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
+    }
+    // For dino_rs.build_info(): what this CUDA build targets.
+    let arch_for_info = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "80".into());
+    println!("cargo:rustc-env=DINO_RS_CUDA_COMPUTE_CAP={arch_for_info}");
+    if let Ok(v) = std::env::var("CUDARC_CUDA_VERSION") {
+        println!("cargo:rustc-env=DINO_RS_CUDA_VERSION={v}");
     }
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let nvcc = std::env::var("NVCC").unwrap_or_else(|_| "nvcc".into());

@@ -23,6 +23,7 @@ __all__ = [
     "get_num_threads",
     "cuda_is_available",
     "cuda_error",
+    "build_info",
     "_write_png",
     "_kernel_parity",
     "_train_config",
@@ -46,6 +47,9 @@ def get_num_threads() -> int:
 def cuda_is_available() -> bool:
     """Whether this build has CUDA support and a CUDA device can be opened."""
 
+def build_info() -> dict[str, Any]:
+    """Which build is installed ("cpu" or "cuda"), the CUDA version and compute capability a
+    CUDA build targets, and the CPU features detected at run time."""
 def cuda_error() -> Optional[str]:
     """Why no CUDA device can be used, or None when one opens: a CPU-only build, no driver library,
     no device, a driver too old for the build, ... (what ``cuda_is_available()`` answers False for)."""

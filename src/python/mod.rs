@@ -22,6 +22,32 @@ fn get_num_threads() -> usize {
     crate::parallel::num_threads()
 }
 
+/// Which build is installed: `build` ("cpu" or "cuda"), the CUDA version and compute capability a
+/// CUDA build targets (None in a CPU build), and the CPU features detected at run time, which pick
+/// the matmul and fused-op kernels (AVX-512 where present, else AVX2, else portable code).
+#[pyfunction]
+fn build_info(py: Python<'_>) -> PyResult<Bound<'_, pyo3::types::PyDict>> {
+    let d = pyo3::types::PyDict::new(py);
+    d.set_item("version", env!("CARGO_PKG_VERSION"))?;
+    d.set_item("build", if cfg!(feature = "cuda") { "cuda" } else { "cpu" })?;
+    // CUDARC_CUDA_VERSION is e.g. 13000: major·1000 + minor·10.
+    let cuda_version = option_env!("DINO_RS_CUDA_VERSION")
+        .and_then(|v| v.parse::<u32>().ok())
+        .map(|v| format!("{}.{}", v / 1000, v % 1000 / 10));
+    d.set_item("cuda_version", cuda_version)?;
+    d.set_item("cuda_compute_capability", option_env!("DINO_RS_CUDA_COMPUTE_CAP"))?;
+    let features = pyo3::types::PyDict::new(py);
+    #[cfg(target_arch = "x86_64")]
+    {
+        features.set_item("avx2", std::is_x86_feature_detected!("avx2"))?;
+        features.set_item("fma", std::is_x86_feature_detected!("fma"))?;
+        features.set_item("avx512f", std::is_x86_feature_detected!("avx512f"))?;
+    }
+    d.set_item("cpu_arch", std::env::consts::ARCH)?;
+    d.set_item("cpu_features", features)?;
+    Ok(d)
+}
+
 /// Whether this build has CUDA support and a CUDA device can be opened.
 #[pyfunction]
 fn cuda_is_available() -> bool {
@@ -93,6 +119,7 @@ fn _dino_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_is_available, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_error, m)?)?;
+    m.add_function(wrap_pyfunction!(build_info, m)?)?;
     m.add_function(wrap_pyfunction!(_write_png, m)?)?;
     m.add_function(wrap_pyfunction!(_kernel_parity, m)?)?;
     m.add_function(wrap_pyfunction!(train::_train_config, m)?)?;

@@ -225,3 +225,21 @@ def test_py_typed_marker_installed():
 def test_extension_module_is_compiled():
     ext = dino_rs._dino_rs
     assert Path(ext.__file__).suffix in (".so", ".pyd")
+
+
+def test_build_info_says_which_build_is_installed():
+    import dino_rs as dr
+
+    info = dr.build_info()
+    assert info["version"] == dr.__version__
+    # A build without the cuda feature says so in cuda_error(); a CUDA build names what it targets.
+    cpu_only = (dr.cuda_error() or "").startswith("this build of dino_rs has no CUDA support")
+    assert info["build"] == ("cpu" if cpu_only else "cuda")
+    if info["build"] == "cpu":
+        assert info["cuda_version"] is None and info["cuda_compute_capability"] is None
+    else:
+        assert re.fullmatch(r"\d+\.\d+", info["cuda_version"]) and info["cuda_compute_capability"].isdigit()
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if info["cpu_arch"] == "x86_64" and flags:
+        for name in ("avx2", "avx512f"):
+            assert info["cpu_features"][name] == (f" {name} " in flags.replace("\n", " ")), name
