@@ -77,6 +77,7 @@ def test_presets(arch, dims):
         "bottleneck_dim": 8,
         "nlayers": 3,
         "norm_last_layer": True,
+        "init": "dino",
     }
 
 
