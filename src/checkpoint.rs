@@ -141,6 +141,28 @@ fn read_pth(path: &Path, file_len: u64, key: Option<&str>) -> std::result::Resul
     Ok(tensors)
 }
 
+/// The tensors of a `.pth`: its top-level dict, else the first of the entries training checkpoints
+/// keep them under. The error is the first one met: later keys mostly add "key ... not found".
+fn read_pth_any(path: &Path, file_len: u64) -> std::result::Result<Vec<(String, Tensor)>, String> {
+    let mut first_err = None;
+    for key in [
+        None,
+        Some("teacher"),
+        Some("state_dict"),
+        Some("model"),
+        Some("student"),
+    ] {
+        match read_pth(path, file_len, key) {
+            Ok(v) if !v.is_empty() => return Ok(v),
+            Ok(_) => {}
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    Err(first_err.unwrap_or_else(|| "no tensors found".to_string()))
+}
+
 /// `f()` with a panic in candle's pickle reader turned into an error (see [`crate::panic`]): there
 /// the panic is the dependency's way of rejecting a malformed file.
 fn catch_quietly<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
@@ -166,48 +188,18 @@ pub fn load_weights(path: &Path) -> Result<HashMap<String, Tensor>> {
     let safetensors = head[8] == b'{' && header_len.checked_add(8).is_some_and(|end| end <= file_len);
     // torch.save writes a zip archive ("PK\x03\x04"); legacy pickles start with 0x80.
     if !safetensors && (head.starts_with(b"PK") || head[0] == 0x80) {
-        // The first error: later keys mostly add "key ... not found".
-        let mut first_err = None;
-        for key in [
-            None,
-            Some("teacher"),
-            Some("state_dict"),
-            Some("model"),
-            Some("student"),
-        ] {
-            match read_pth(path, file_len, key) {
-                Ok(v) if !v.is_empty() => return Ok(v.into_iter().collect()),
-                Ok(_) => {}
-                Err(e) => {
-                    first_err.get_or_insert(e);
-                }
+        let read = read_pth_any(path, file_len).or_else(|why| {
+            // A failure in the zip layer, not the pickle: see `rewritten_archive`.
+            if !why.contains("Invalid Central Directory header") {
+                return Err(why);
             }
-        }
-        // A first-try failure in the zip layer, not the pickle: see `rewritten_archive`.
-        if first_err
-            .as_deref()
-            .is_some_and(|e| e.contains("Invalid Central Directory header"))
-        {
-            if let Ok(copy) = rewritten_archive(path) {
-                let found = [
-                    None,
-                    Some("teacher"),
-                    Some("state_dict"),
-                    Some("model"),
-                    Some("student"),
-                ]
-                .into_iter()
-                .find_map(|key| read_pth(&copy.0, file_len, key).ok().filter(|v| !v.is_empty()));
-                if let Some(v) = found {
-                    return Ok(v.into_iter().collect());
-                }
-            }
-        }
-        let why = first_err.unwrap_or_else(|| "no tensors found".to_string());
-        return Err(Error::checkpoint(
-            path,
-            format!("cannot read PyTorch checkpoint ({why})"),
-        ));
+            let copy = rewritten_archive(path).map_err(|_| why.clone())?;
+            let len = std::fs::metadata(&copy.0).map_or(file_len, |m| m.len());
+            read_pth_any(&copy.0, len).map_err(|_| why)
+        });
+        return read
+            .map(|v| v.into_iter().collect())
+            .map_err(|why| Error::checkpoint(path, format!("cannot read PyTorch checkpoint ({why})")));
     }
     Ok(load(path)?.0)
 }
