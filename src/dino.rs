@@ -160,44 +160,28 @@ impl Dino {
             shape.extend(kind.shape(&self.vit, h, w));
             return Ok(Tensor::zeros(shape, DType::F32, &self.device)?);
         }
+        let backbone = &self.wrapper(teacher).backbone;
         if kind == Features::Cls {
-            return self.cls_features(crops, teacher);
+            return self.infer(|| backbone.forward_t::<rand_chacha::ChaCha8Rng>(crops, None));
         }
         let prefix = self.vit.num_prefix_tokens();
         let patches = (h / self.vit.patch_size) * (w / self.vit.patch_size);
-        crate::parallel::install(|| {
-            crate::ops::no_grad(|| {
-                crate::ops::autocast::autocast(self.dtype, || {
-                    let tokens = self
-                        .wrapper(teacher)
-                        .backbone
-                        .forward_tokens(crops)?
-                        .detach()
-                        .to_dtype(DType::F32)?;
-                    let patch = tokens.narrow(1, prefix, patches)?;
-                    Ok(match kind {
-                        Features::Patch => patch.contiguous()?,
-                        // DINOv2's linear evaluation input: the CLS token, then the patches' mean.
-                        _ => Tensor::cat(&[&tokens.narrow(1, 0, 1)?.squeeze(1)?, &patch.mean(1)?], 1)?,
-                    })
-                })
-            })
+        let tokens = self.infer(|| backbone.forward_tokens(crops))?;
+        let patch = tokens.narrow(1, prefix, patches)?;
+        Ok(match kind {
+            Features::Patch => patch.contiguous()?,
+            // DINOv2's linear evaluation input: the CLS token, then the patches' mean.
+            _ => Tensor::cat(&[&tokens.narrow(1, 0, 1)?.squeeze(1)?, &patch.mean(1)?], 1)?,
         })
     }
 
-    fn cls_features(&self, crops: &Tensor, teacher: bool) -> Result<Tensor> {
-        // On the dino_rs pool: gemm then splits work over its threads, not rayon's global pool
-        // (which, among other things, a fork()ed child inherits without threads).
+    /// `f`'s output as f32 and detached, computed as inference: on the dino_rs pool (gemm then
+    /// splits work over its threads, not rayon's global pool, which among other things a fork()ed
+    /// child inherits without threads), keeping nothing for a backward pass, in the inference dtype.
+    fn infer(&self, f: impl Fn() -> CResult<Tensor> + Send + Sync) -> Result<Tensor> {
         crate::parallel::install(|| {
             crate::ops::no_grad(|| {
-                crate::ops::autocast::autocast(self.dtype, || {
-                    Ok(self
-                        .wrapper(teacher)
-                        .backbone
-                        .forward_t::<rand_chacha::ChaCha8Rng>(crops, None)?
-                        .detach()
-                        .to_dtype(DType::F32)?)
-                })
+                crate::ops::autocast::autocast(self.dtype, || Ok(f()?.detach().to_dtype(DType::F32)?))
             })
         })
     }
@@ -214,18 +198,7 @@ impl Dino {
                 &self.device,
             )?);
         }
-        crate::parallel::install(|| {
-            crate::ops::no_grad(|| {
-                crate::ops::autocast::autocast(self.dtype, || {
-                    Ok(self
-                        .wrapper(teacher)
-                        .backbone
-                        .cls_attention_maps(crops)?
-                        .detach()
-                        .to_dtype(DType::F32)?)
-                })
-            })
-        })
+        self.infer(|| self.wrapper(teacher).backbone.cls_attention_maps(crops))
     }
 
     fn meta(&self) -> serde_json::Value {
