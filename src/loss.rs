@@ -77,8 +77,9 @@ impl DinoLoss {
     /// dimension takes everything, the collapse sharpening alone drives to). Taken with the centre
     /// the loss used, before [`DinoLoss::update_center`]. The loss is the mean cross-entropy
     /// H(q) + KL(q‖p) over the same targets, so KL(teacher ‖ student) = loss − entropy.
-    /// Returns `[entropy, max_prob]` read back together.
-    pub fn teacher_stats(&self, teacher_out: &Tensor, epoch: usize) -> Result<[f64; 2]> {
+    /// Returns `[entropy, max_prob]` as an f32 tensor on the device, for the caller to read back
+    /// with whatever else it reads (the trainer: with the loss, one synchronisation a step).
+    pub fn teacher_stats(&self, teacher_out: &Tensor, epoch: usize) -> Result<Tensor> {
         let z = (at_least_f32(teacher_out)?.broadcast_sub(&self.center)? / self.teacher_temp(epoch))?;
         let z = z.broadcast_sub(&z.max_keepdim(1)?)?;
         // Σ exp(z − max): its inverse is the largest probability.
@@ -86,8 +87,7 @@ impl DinoLoss {
         let log_q = z.broadcast_sub(&sum.log()?)?;
         let entropy = (log_q.exp()? * &log_q)?.sum(1)?.neg()?.mean(0)?;
         let max_prob = sum.recip()?.mean_all()?;
-        let v = Tensor::stack(&[entropy, max_prob], 0)?.to_vec1::<f32>()?;
-        Ok([v[0] as f64, v[1] as f64])
+        Tensor::stack(&[entropy, max_prob], 0)
     }
 
     /// center ← m·center + (1 − m)·mean(teacher_out over the batch).
@@ -112,6 +112,11 @@ mod tests {
 
     fn loss(k: usize, ncrops: usize) -> DinoLoss {
         DinoLoss::new(k, ncrops, 0.04, 0.04, 0, 1, 0.1, 0.9, &Device::Cpu).unwrap()
+    }
+
+    fn stats(l: &DinoLoss, t: &Tensor) -> Result<[f64; 2]> {
+        let v = l.teacher_stats(t, 0)?.to_vec1::<f32>()?;
+        Ok([v[0] as f64, v[1] as f64])
     }
 
     /// Entropy and largest probability of softmax(row / τ), in f64.
@@ -139,7 +144,7 @@ mod tests {
         let flat: Vec<f32> = rows.iter().flatten().map(|&v| v as f32).collect();
         let t = Tensor::from_vec(flat, (2 * b, k), &Device::Cpu)?;
         let l = loss(k, 2);
-        let [h, pmax] = l.teacher_stats(&t, 0)?;
+        let [h, pmax] = stats(&l, &t)?;
         let (want_h, want_pmax, qs) = reference(&rows, 0.04);
         assert!(
             (h - want_h).abs() < 1e-5 && (pmax - want_pmax).abs() < 1e-6,
@@ -177,14 +182,14 @@ mod tests {
     fn the_two_collapses_read_as_the_paper_says() -> Result<()> {
         let k = 16;
         // Uniform: every output equal (what centering alone drives to): entropy ln K, max 1/K.
-        let [h, pmax] = loss(k, 2).teacher_stats(&Tensor::ones((4, k), DType::F32, &Device::Cpu)?, 0)?;
+        let [h, pmax] = stats(&loss(k, 2), &Tensor::ones((4, k), DType::F32, &Device::Cpu)?)?;
         assert!((h - (k as f64).ln()).abs() < 1e-5 && (pmax - 1.0 / k as f64).abs() < 1e-6);
         // One dimension dominates (sharpening alone): entropy 0, max 1.
         let mut v = vec![0f32; 4 * k];
         for r in 0..4 {
             v[r * k + 5] = 10.0;
         }
-        let [h, pmax] = loss(k, 2).teacher_stats(&Tensor::from_vec(v, (4, k), &Device::Cpu)?, 0)?;
+        let [h, pmax] = stats(&loss(k, 2), &Tensor::from_vec(v, (4, k), &Device::Cpu)?)?;
         assert!(h < 1e-6 && (pmax - 1.0).abs() < 1e-6, "{h} {pmax}");
         Ok(())
     }

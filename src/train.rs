@@ -360,8 +360,10 @@ impl DinoTrainer {
         let student_out = student_out.to_dtype(DType::F32)?;
         mark(&mut clock, "student_forward")?;
         let loss = self.loss.loss(&student_out, &teacher_out, epoch)?;
-        let value = loss.to_scalar::<f32>()? as f64;
-        let teacher_stats = self.loss.teacher_stats(&teacher_out, epoch)?;
+        // The loss and the teacher's measures read back together: one synchronisation.
+        let stats = self.loss.teacher_stats(&teacher_out, epoch)?;
+        let read = Tensor::cat(&[&loss.reshape(1)?, &stats], 0)?.to_vec1::<f32>()?;
+        let (value, teacher_stats) = (read[0] as f64, [read[1] as f64, read[2] as f64]);
         mark(&mut clock, "loss")?;
         if !value.is_finite() {
             return Ok(Err(NonFiniteLoss {
