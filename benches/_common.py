@@ -181,3 +181,15 @@ def write_results(path: Path, section: str, start_mark: str, end_mark: str) -> N
     else:
         text = (text.rstrip() + "\n\n" if text.strip() else "# Benchmark results\n\n") + block + "\n"
     path.write_text(text)
+
+
+def results_footer(verdicts, other_max: float, stale: str | None) -> list:
+    """The lines every RESULTS.md section ends with: the verdicts, then notes on contention and on
+    an extension older than the checkout."""
+    lines = [f"- {v}" for v in verdicts]
+    if other_max >= CONTENDED:
+        lines += ["", f"Note: other processes used up to {other_max:.2f} cores during a measurement; "
+                  "the affected numbers are pessimistic."]
+    if stale:
+        lines += ["", "Note: " + stale + "."]
+    return lines

@@ -71,12 +71,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from _common import (  # noqa: E402
-    CONTENDED,
     format_markdown,
     format_text,
     lscpu,
     machine_line,
     proc_cpu_s,
+    results_footer,
     rss_mib,
     source_state,
     system_busy_s,
@@ -455,12 +455,7 @@ def main() -> None:
         format_markdown(header, rows),
         "",
     ]
-    lines += [f"- {v}" for v in verdicts]
-    if other_max >= CONTENDED:
-        lines += ["", f"Note: other processes used up to {other_max:.2f} cores during a measurement; "
-                  "the affected numbers are pessimistic."]
-    if stale:
-        lines += ["", "Note: " + stale + "."]
+    lines += results_footer(verdicts, other_max, stale)
     write_results(args.results, "\n".join(lines), START_MARK, END_MARK)
     print(f"\nwrote {args.results}")
 

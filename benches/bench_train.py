@@ -78,6 +78,7 @@ from _common import (  # noqa: E402
     format_text,
     machine_line,
     proc_cpu_s,
+    results_footer,
     rss_mib,
     source_state,
     system_busy_s,
@@ -448,12 +449,7 @@ def main() -> None:
         format_markdown(header, rows),
         "",
     ]
-    lines += [f"- {v}" for v in verdicts]
-    if other_max >= CONTENDED:
-        lines += ["", f"Note: other processes used up to {other_max:.2f} cores during a measurement; "
-                  "the affected numbers are pessimistic."]
-    if stale:
-        lines += ["", "Note: " + stale + "."]
+    lines += results_footer(verdicts, other_max, stale)
     write_results(args.results, "\n".join(lines), START_MARK, END_MARK)
     print(f"\nwrote {args.results}")
 

@@ -69,8 +69,8 @@ export RUSTFLAGS="${RUSTFLAGS:-} -L native=$WORK/linkstubs"
 rm -rf "$OUT_DIR"
 # The candle-core patch rewrites Cargo.lock's entry for it (a path instead of crates.io): put the
 # committed lock back afterwards, so the CPU build and CI keep resolving candle from crates.io.
-cp Cargo.lock "$WORK/Cargo.lock.committed"
-trap 'cp "$WORK/Cargo.lock.committed" "$ROOT/Cargo.lock"' EXIT
+cp -p Cargo.lock "$WORK/Cargo.lock.committed"
+trap 'cp -p "$WORK/Cargo.lock.committed" "$ROOT/Cargo.lock"' EXIT
 python3 -m maturin build --release --features python,cuda --strip --auditwheel skip -o "$OUT_DIR" \
     --config "patch.crates-io.candle-core.path=\"$PATCHED\""
 # The GPU machine has no network: scripts/gpu_check.sh unpacks pytest from these (pure Python) wheels
