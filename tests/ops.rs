@@ -574,6 +574,40 @@ fn model_block(
 }
 
 #[test]
+fn dinov2_block_runs_fused_with_layer_scale_folded_in() -> Result<()> {
+    // A LayerScale block on the fused CPU path (γ folded into proj and fc2) against the same block
+    // layer by layer in f64, with and without stochastic depth: output and every gradient, the
+    // two γ included.
+    let mut rng = ChaCha8Rng::seed_from_u64(23);
+    let (b, n, heads, c) = (5usize, 11usize, 2usize, 12usize);
+    let mut inputs = block_inputs(&mut rng, b, n, c, 4 * c)?;
+    inputs.push(randn(&mut rng, &[c], 0.7)?);
+    inputs.push(randn(&mut rng, &[c], 0.7)?);
+    let masks = keep_masks(b);
+    for keep in [None, Some(&masks)] {
+        let run = |t: &[Tensor]| -> Result<Tensor> {
+            let names = ops::BLOCK_PARAMS.iter().copied().chain(["ls1.gamma", "ls2.gamma"]);
+            let map = names.zip(&t[1..]).map(|(k, p)| (k.to_string(), p.clone())).collect();
+            let vb = candle_nn::VarBuilder::from_tensors(map, t[0].dtype(), &Device::Cpu);
+            let vit = _dino_rs::model::VitConfig {
+                layer_scale: true,
+                .._dino_rs::model::VitConfig::custom(c, 1, heads, 1, 1)
+            };
+            let block = _dino_rs::model::block::Block::new(&vit, vb)?;
+            let m = keep.map(|[a, m]| _dino_rs::model::block::DropPathMasks {
+                attn: a.clone(),
+                mlp: m.clone(),
+                on_device: None,
+            });
+            assert_eq!(ops::fused(&t[0]), t[0].dtype() == DType::F32);
+            block.forward_masked(&t[0], m.as_ref())
+        };
+        check(inputs.clone(), run, run, 5e-5)?;
+    }
+    Ok(())
+}
+
+#[test]
 fn portable_transformer_block_equals_its_layers_bit_for_bit() -> Result<()> {
     // Off the fused CPU path (under bf16 autocast here; CUDA's path) the block node runs the
     // per-layer ops in the same order on the same data, forward and backward, so every value and

@@ -2,8 +2,9 @@
 //! x + drop_path(attn(norm1(x))), then x + drop_path(mlp(norm2(x))). The whole block is one graph
 //! node: [`crate::ops::transformer_block`] on the CPU in f32, [`crate::ops::transformer_block_portable`]
 //! elsewhere when something needs a gradient; otherwise (inference, the teacher) layer by layer.
-//! DINOv2's blocks (LayerScale, SwiGLU) always run layer by layer: they are loaded for features,
-//! and the block nodes take exactly DINO's twelve parameters.
+//! DINOv2's LayerScale enters the block nodes folded into `attn.proj` and `mlp.fc2` (see
+//! [`Block::folded_params`]); its SwiGLU blocks (ViT-g) always run layer by layer, since the block
+//! nodes take exactly DINO's twelve parameters.
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -92,6 +93,14 @@ impl Block {
     pub fn forward_masked(&self, x: &Tensor, masks: Option<&DropPathMasks>) -> Result<Tensor> {
         let (heads, eps) = (self.attn.num_heads(), self.norm1.eps());
         if let Some(gammas) = &self.layer_scale {
+            if !crate::ops::fused(x) {
+                return self.forward_scaled(x, masks, gammas);
+            }
+            if let Some(params) = self.folded_params(gammas)? {
+                let keep = masks.map_or([None, None], |m| [Some(m.attn.as_slice()), Some(m.mlp.as_slice())]);
+                let p: [&Tensor; 12] = std::array::from_fn(|i| &params[i]);
+                return crate::ops::transformer_block(x, p, heads, eps, keep);
+            }
             return self.forward_scaled(x, masks, gammas);
         }
         if let Some(params) = self.params() {
@@ -137,6 +146,26 @@ impl Block {
         let x = residual(x, scaled(self.attn.proj().forward(&attended)?, &gammas[0])?, masks, 0)?;
         let mlp = self.mlp.forward(&self.norm2.forward_lowered(&x)?)?;
         residual(&x, scaled(mlp, &gammas[1])?, masks, 1)
+    }
+
+    /// [`Self::params`] with LayerScale folded in: `γ ⊙ (W x + b)` is `(diag(γ) W) x + γ ⊙ b`, so
+    /// scaling the rows of `attn.proj` and `mlp.fc2` and their biases makes a DINOv2 block a DINO
+    /// block, and it runs as one fused node instead of layer by layer (DINOv2 features at DINO's
+    /// speed). Computed on every call from the current tensors: a few D×D products, nothing
+    /// cached that training could make stale, and gradients reach γ through the products. Only on
+    /// the fused CPU f32 path; elsewhere the scaled layer-by-layer block keeps PyTorch's order of
+    /// rounding under autocast.
+    fn folded_params(&self, gammas: &[Tensor; 2]) -> Result<Option<[Tensor; 12]>> {
+        let Some(params) = self.params() else {
+            return Ok(None);
+        };
+        let mut out = params.map(|t| t.clone());
+        use crate::ops::Param::{Fc2Bias, Fc2Weight, ProjBias, ProjWeight};
+        for (gamma, (w, b)) in gammas.iter().zip([(ProjWeight, ProjBias), (Fc2Weight, Fc2Bias)]) {
+            out[w as usize] = params[w].broadcast_mul(&gamma.unsqueeze(1)?)?;
+            out[b as usize] = params[b].mul(gamma)?;
+        }
+        Ok(Some(out))
     }
 
     /// The parameters in [`crate::ops::BLOCK_PARAMS`] order (None if a linear layer has no bias,

@@ -64,6 +64,7 @@ pub use bias::add_bias;
 pub use block::pack;
 pub use block::portable::transformer_block as transformer_block_portable;
 pub use block::{transformer_block, BLOCK_PARAMS};
+pub(crate) use block::Param;
 pub use cross_entropy::{dino_cross_entropy, dino_loss_rows};
 pub use gelu::{bias_gelu, gelu_erf};
 pub use launch::{AdamWItem, AdamWStep};
