@@ -16,7 +16,12 @@ pub fn exp(x: f32) -> f32 {
         * r
         + 0.5;
     let y = p * z + r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) << 23) as u32);
+    // 2^n from the exponent bits. n is a whole number in [-126, 128] (NaN for a NaN x, whose
+    // result is NaN anyway): adding 1.5·2^23 puts it in the low mantissa bits, exactly. `n as i32`
+    // gave the same bits, but its saturating conversion kept the loops that call exp scalar.
+    const SHIFTER: f32 = 12_582_912.0;
+    let biased = (n + SHIFTER).to_bits().wrapping_sub(SHIFTER.to_bits()).wrapping_add(127);
+    let scale = f32::from_bits(biased << 23);
     let out = y * scale;
     if x < -87.336_55 {
         0.0

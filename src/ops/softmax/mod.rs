@@ -31,16 +31,53 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(SoftmaxOp)
 }
 
+/// Σ a·b (Σ a without `b`) over 8 lanes, lane j taking the elements at i ≡ j (mod 8) in order, then
+/// the lanes in order: the order both row kernels have always summed in, written as whole 8-wide
+/// chunks so that the loops vectorise (an `acc[i % 8]` index inside the exp loop kept it scalar,
+/// and softmax was 15% of a DINOv2 forward pass).
+#[inline(always)]
+fn lane_dot(a: &[f32], b: Option<&[f32]>) -> f32 {
+    let mut acc = [0f32; 8];
+    let whole = a.len() / 8 * 8;
+    match b {
+        None => {
+            for c in a[..whole].chunks_exact(8) {
+                for (s, &x) in acc.iter_mut().zip(c) {
+                    *s += x;
+                }
+            }
+        }
+        Some(b) => {
+            for (c, e) in a[..whole].chunks_exact(8).zip(b[..whole].chunks_exact(8)) {
+                for ((s, &x), &y) in acc.iter_mut().zip(c).zip(e) {
+                    *s += x * y;
+                }
+            }
+        }
+    }
+    for (j, s) in acc.iter_mut().enumerate().take(a.len() - whole) {
+        *s += a[whole + j] * b.map_or(1.0, |b| b[whole + j]);
+    }
+    acc.iter().sum()
+}
+
 avx2_multiversion! {
     pub(super) fn rows_forward(x: &[f32], d: usize, y: &mut [f32]) {
         for (xr, yr) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)) {
-            let max = xr.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-            let mut acc = [0f32; 8];
-            for (i, (yv, &xv)) in yr.iter_mut().zip(xr).enumerate() {
-                *yv = math::exp(xv - max);
-                acc[i % 8] += *yv;
+            // Exact in any order. `>` rather than f32::max, which LLVM keeps scalar; both skip NaN
+            // (whose exp then makes the row NaN).
+            let mut m = [f32::NEG_INFINITY; 8];
+            let whole = d / 8 * 8;
+            for c in xr[..whole].chunks_exact(8) {
+                for (l, &v) in m.iter_mut().zip(c) {
+                    *l = if v > *l { v } else { *l };
+                }
             }
-            let inv = 1.0 / acc.iter().sum::<f32>();
+            let max = xr[whole..].iter().chain(&m).fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            for (yv, &xv) in yr.iter_mut().zip(xr) {
+                *yv = math::exp(xv - max);
+            }
+            let inv = 1.0 / lane_dot(yr, None);
             for yv in yr.iter_mut() {
                 *yv *= inv;
             }
@@ -51,11 +88,7 @@ avx2_multiversion! {
 avx2_multiversion! {
     pub(super) fn rows_backward(y: &[f32], g: &[f32], d: usize, dx: &mut [f32]) {
         for ((yr, gr), dxr) in y.chunks_exact(d).zip(g.chunks_exact(d)).zip(dx.chunks_exact_mut(d)) {
-            let mut acc = [0f32; 8];
-            for (i, (&yv, &gv)) in yr.iter().zip(gr).enumerate() {
-                acc[i % 8] += yv * gv;
-            }
-            let dot = acc.iter().sum::<f32>();
+            let dot = lane_dot(yr, Some(gr));
             for ((o, &yv), &gv) in dxr.iter_mut().zip(yr).zip(gr) {
                 *o = yv * (gv - dot);
             }
