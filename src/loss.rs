@@ -1,6 +1,8 @@
 //! The DINO loss (official `DINOLoss`): cross-entropy between the sharpened, centred teacher
 //! distribution of each global view and the student distribution of every other view, averaged
 //! over view pairs and the batch; the centre follows an EMA of the teacher's batch mean.
+//! Optionally the teacher's targets come from DINOv2's Sinkhorn-Knopp centering instead
+//! ([`DinoLoss::sinkhorn_iterations`]).
 
 use candle_core::{Result, Tensor};
 
@@ -15,6 +17,11 @@ pub struct DinoLoss {
     teacher_temps: Vec<f64>,
     /// (1, out_dim), starts at zero.
     pub center: Tensor,
+    /// 0 (the official DINO): the targets are softmax((t − c)/τ) with the EMA centre c. n > 0:
+    /// DINOv2's Sinkhorn-Knopp centering, n iterations (DINOv2 uses 3): exp(t/τ) over the batch's
+    /// teacher outputs scaled, alternately, so that every prototype gets 1/K of the total and every
+    /// sample 1/B; the centre is then neither used nor updated, as in DINOv2.
+    pub sinkhorn_iterations: usize,
 }
 
 impl DinoLoss {
@@ -44,7 +51,20 @@ impl DinoLoss {
                 nepochs,
             ),
             center: Tensor::zeros((1, out_dim), candle_core::DType::F32, device)?,
+            sinkhorn_iterations: 0,
         })
+    }
+
+    /// The teacher's targets for `teacher_out` (2·B, K), detached: softmax((t − c)/τ), or the
+    /// Sinkhorn-Knopp assignment.
+    pub fn targets(&self, teacher_out: &Tensor, epoch: usize) -> Result<Tensor> {
+        let t = at_least_f32(teacher_out)?.detach();
+        let temp = self.teacher_temp(epoch);
+        if self.sinkhorn_iterations > 0 {
+            return sinkhorn_knopp(&t, temp, self.sinkhorn_iterations);
+        }
+        // One kernel where candle's composed softmax was five ops over (2·B, out_dim).
+        crate::ops::softmax_last_dim(&(t.broadcast_sub(&self.center)? / temp)?)
     }
 
     /// The teacher temperature used at `epoch` (the last value past the schedule's end).
@@ -63,11 +83,7 @@ impl DinoLoss {
         crate::ops::dino_loss_rows(self.ncrops, student_out.dims2()?.0, teacher_out.dim(0)?)?;
         // Never in half precision: bf16 logits from a mixed-precision forward are widened first
         // (the student's inside the loss, which then keeps them in bf16 for the backward pass).
-        let teacher_out = &at_least_f32(teacher_out)?;
-        // One kernel where candle's composed softmax was five ops over (2·B, out_dim).
-        let q = crate::ops::softmax_last_dim(
-            &(teacher_out.broadcast_sub(&self.center)? / self.teacher_temp(epoch))?.detach(),
-        )?;
+        let q = self.targets(teacher_out, epoch)?;
         crate::ops::dino_cross_entropy(student_out, &q, self.ncrops, self.student_temp)
     }
 
@@ -80,6 +96,14 @@ impl DinoLoss {
     /// Returns `[entropy, max_prob]` as an f32 tensor on the device, for the caller to read back
     /// with whatever else it reads (the trainer: with the loss, one synchronisation a step).
     pub fn teacher_stats(&self, teacher_out: &Tensor, epoch: usize) -> Result<Tensor> {
+        if self.sinkhorn_iterations > 0 {
+            // The targets themselves (0 · ln 0 taken as 0).
+            let q = self.targets(teacher_out, epoch)?;
+            let log_q = q.maximum(f32::MIN_POSITIVE)?.log()?;
+            let entropy = (&q * log_q)?.sum(1)?.neg()?.mean(0)?;
+            let max_prob = q.max_keepdim(1)?.mean_all()?;
+            return Tensor::stack(&[entropy, max_prob], 0);
+        }
         let z = (at_least_f32(teacher_out)?.broadcast_sub(&self.center)? / self.teacher_temp(epoch))?;
         let z = z.broadcast_sub(&z.max_keepdim(1)?)?;
         // Σ exp(z − max): its inverse is the largest probability.
@@ -92,6 +116,9 @@ impl DinoLoss {
 
     /// center ← m·center + (1 − m)·mean(teacher_out over the batch).
     pub fn update_center(&mut self, teacher_out: &Tensor) -> Result<()> {
+        if self.sinkhorn_iterations > 0 {
+            return Ok(());
+        }
         let batch_center = at_least_f32(&teacher_out.detach())?.sum_keepdim(0)? / teacher_out.dim(0)? as f64;
         self.center = ((&self.center * self.center_momentum)? + (batch_center? * (1.0 - self.center_momentum))?)?;
         Ok(())
@@ -103,6 +130,24 @@ impl DinoLoss {
         self.update_center(teacher_out)?;
         Ok(loss)
     }
+}
+
+/// DINOv2's `sinkhorn_knopp_teacher` on `t` (B, K), one process: Q = exp(t/τ) normalised to sum
+/// 1, then `iterations` times each prototype's column scaled to total 1/K and each sample's row to
+/// 1/B; returned ×B, so each row is a distribution. In f64, and from exp(t/τ − max): the
+/// reference's exp(t/τ) overflows float32 once t/τ passes 88 (logits near 1 at τ = 0.01, which the
+/// small-data recipe uses), and a prototype whose every exp underflows would divide 0 by 0. The
+/// global factor cancels in the first normalisation; a column that still sums to zero stays zero.
+fn sinkhorn_knopp(t: &Tensor, temp: f64, iterations: usize) -> Result<Tensor> {
+    let (b, k) = t.dims2()?;
+    let z = (t.to_dtype(candle_core::DType::F64)? / temp)?;
+    let mut q = z.broadcast_sub(&z.max_keepdim(1)?.max_keepdim(0)?)?.exp()?;
+    q = q.broadcast_div(&q.sum_all()?.reshape((1, 1))?)?;
+    for _ in 0..iterations {
+        q = (q.broadcast_div(&q.sum_keepdim(0)?.maximum(f64::MIN_POSITIVE)?)? / k as f64)?;
+        q = (q.broadcast_div(&q.sum_keepdim(1)?.maximum(f64::MIN_POSITIVE)?)? / b as f64)?;
+    }
+    (q * b as f64)?.to_dtype(t.dtype())
 }
 
 #[cfg(test)]
@@ -175,6 +220,60 @@ mod tests {
             value - h,
             kl / pairs
         );
+        Ok(())
+    }
+
+    /// DINOv2's `sinkhorn_knopp_teacher` as written (no shift by the maximum), in f64.
+    fn sinkhorn_reference(rows: &[Vec<f64>], tau: f64, iterations: usize) -> Vec<Vec<f64>> {
+        let (b, k) = (rows.len(), rows[0].len());
+        let mut q: Vec<Vec<f64>> = rows.iter().map(|r| r.iter().map(|v| (v / tau).exp()).collect()).collect();
+        let total: f64 = q.iter().flatten().sum();
+        q.iter_mut().flatten().for_each(|v| *v /= total);
+        for _ in 0..iterations {
+            for j in 0..k {
+                let col: f64 = q.iter().map(|r| r[j]).sum();
+                q.iter_mut().for_each(|r| r[j] /= col * k as f64);
+            }
+            for r in q.iter_mut() {
+                let row: f64 = r.iter().sum();
+                r.iter_mut().for_each(|v| *v /= row * b as f64);
+            }
+        }
+        q.iter_mut().flatten().for_each(|v| *v *= b as f64);
+        q
+    }
+
+    #[test]
+    fn sinkhorn_knopp_targets_are_dinov2s() -> Result<()> {
+        let (b, k) = (6, 9);
+        let rows: Vec<Vec<f64>> = (0..b)
+            .map(|i| (0..k).map(|j| ((i * k + j) as f64 * 1.37).sin()).collect())
+            .collect();
+        let flat: Vec<f32> = rows.iter().flatten().map(|&v| v as f32).collect();
+        let t = Tensor::from_vec(flat, (b, k), &Device::Cpu)?;
+        let mut l = loss(k, 2);
+        for iterations in [1, 3, 300] {
+            l.sinkhorn_iterations = iterations;
+            let got = l.targets(&t, 0)?.to_vec2::<f32>()?;
+            let rows32: Vec<Vec<f64>> = rows.iter().map(|r| r.iter().map(|&v| v as f32 as f64).collect()).collect();
+            let want = sinkhorn_reference(&rows32, 0.04, iterations);
+            for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
+                assert!((*g as f64 - w).abs() < 1e-6, "{iterations} iterations: {g} vs {w}");
+            }
+            // Every row is a distribution; after many iterations every prototype has B/K of the mass.
+            for r in &got {
+                assert!((r.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+            }
+            if iterations == 300 {
+                for j in 0..k {
+                    let col: f32 = got.iter().map(|r| r[j]).sum();
+                    assert!((col - b as f32 / k as f32).abs() < 1e-4, "prototype {j}: {col}");
+                }
+            }
+        }
+        // The centre is left alone.
+        l.update_center(&t)?;
+        assert_eq!(l.center.abs()?.sum_all()?.to_scalar::<f32>()?, 0.0);
         Ok(())
     }
 

@@ -38,6 +38,10 @@ pub struct TrainConfig {
     pub warmup_teacher_temp_epochs: usize,
     pub student_temp: f64,
     pub center_momentum: f64,
+    /// 0: the official centering; n > 0: DINOv2's Sinkhorn-Knopp targets with n iterations
+    /// ([`DinoLoss::sinkhorn_iterations`]). Absent from checkpoints written before it existed.
+    #[serde(default)]
+    pub sinkhorn_iterations: usize,
     /// Per-parameter gradient-norm clip; 0 disables.
     pub clip_grad: f64,
     pub freeze_last_layer: usize,
@@ -61,6 +65,7 @@ impl Default for TrainConfig {
             warmup_teacher_temp_epochs: 0,
             student_temp: 0.1,
             center_momentum: 0.9,
+            sinkhorn_iterations: 0,
             clip_grad: 3.0,
             freeze_last_layer: 1,
             batch_size: 64,
@@ -86,7 +91,7 @@ impl TrainConfig {
     /// values; the other fields (`batch_size`, `niter_per_ep`, `n_local`) come from the loader.
     /// Python's `dino_rs.TrainConfig`, `Trainer`, `DINOEmbedder` and `dino-rs train` take exactly
     /// these, with these defaults.
-    pub fn recipe(&self) -> [(&'static str, Number); 14] {
+    pub fn recipe(&self) -> [(&'static str, Number); 15] {
         use Number::{Float, Int};
         let int = |v: usize| Int(v as i64);
         [
@@ -102,6 +107,7 @@ impl TrainConfig {
             ("warmup_teacher_temp_epochs", int(self.warmup_teacher_temp_epochs)),
             ("student_temp", Float(self.student_temp)),
             ("center_momentum", Float(self.center_momentum)),
+            ("sinkhorn_iterations", int(self.sinkhorn_iterations)),
             ("clip_grad", Float(self.clip_grad)),
             ("freeze_last_layer", int(self.freeze_last_layer)),
         ]
@@ -131,6 +137,7 @@ impl TrainConfig {
             "warmup_teacher_temp_epochs" => self.warmup_teacher_temp_epochs = count(value)?,
             "student_temp" => self.student_temp = real(value),
             "center_momentum" => self.center_momentum = real(value),
+            "sinkhorn_iterations" => self.sinkhorn_iterations = count(value)?,
             "clip_grad" => self.clip_grad = real(value),
             "freeze_last_layer" => self.freeze_last_layer = count(value)?,
             _ => {
@@ -167,7 +174,7 @@ impl TrainConfig {
         let finite_positive = |t: f64| t > 0.0 && t.is_finite();
         let total = self.epochs.checked_mul(self.niter_per_ep);
         let (epochs, niter) = (self.epochs, self.niter_per_ep);
-        let rules: [(bool, String); 12] = [
+        let rules: [(bool, String); 13] = [
             (epochs > 0, "epochs must be at least 1".into()),
             (self.batch_size > 0, "batch_size must be at least 1".into()),
             (
@@ -206,6 +213,11 @@ impl TrainConfig {
             (
                 (0.0..=1.0).contains(&self.center_momentum),
                 "center_momentum must be in [0, 1]".into(),
+            ),
+            (
+                // Each iteration is two passes over a (batch, out_dim) matrix; DINOv2 uses 3.
+                self.sinkhorn_iterations <= 1000,
+                format!("sinkhorn_iterations must be at most 1000, got {}", self.sinkhorn_iterations),
             ),
             (
                 // An infinite weight decay only makes NaNs.
@@ -301,7 +313,7 @@ impl DinoTrainer {
         let lr_schedule = cosine_scheduler(lr, c.min_lr, c.epochs, c.niter_per_ep, c.warmup_epochs, 0.0);
         let wd_schedule = cosine_scheduler(c.weight_decay, c.weight_decay_end, c.epochs, c.niter_per_ep, 0, 0.0);
         let momentum_schedule = cosine_scheduler(c.momentum_teacher, 1.0, c.epochs, c.niter_per_ep, 0, 0.0);
-        let loss = DinoLoss::new(
+        let mut loss = DinoLoss::new(
             head.out_dim,
             2 + c.n_local,
             c.warmup_teacher_temp,
@@ -312,6 +324,7 @@ impl DinoTrainer {
             c.center_momentum,
             &dino.device,
         )?;
+        loss.sinkhorn_iterations = c.sinkhorn_iterations;
         let optimizer = AdamW::new(dino.trainable())?;
         let rng = ChaCha8Rng::seed_from_u64(crate::augment::multicrop::mix_seed(seed, 0xD1_7A7A));
         Ok(Self {

@@ -269,7 +269,8 @@ def load_backbone(
 
 @final
 class DINOLoss:
-    """The official DINOLoss with centring, on NumPy arrays."""
+    """The official DINOLoss with centring, on NumPy arrays; ``sinkhorn_iterations`` > 0 takes
+    DINOv2's Sinkhorn-Knopp targets instead (the centre then stays zero)."""
 
     def __new__(
         cls,
@@ -281,6 +282,7 @@ class DINOLoss:
         nepochs: int = 100,
         student_temp: float = 0.1,
         center_momentum: float = 0.9,
+        sinkhorn_iterations: int = 0,
     ) -> "DINOLoss": ...
     def __call__(self, student_out: npt.NDArray[np.float32], teacher_out: npt.NDArray[np.float32], epoch: int) -> float: ...
     @property

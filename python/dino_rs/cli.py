@@ -163,6 +163,9 @@ def add_train_command(sub: "argparse._SubParsersAction[argparse.ArgumentParser]"
                    help="final learning rate of the cosine schedule (default %(default)s)")
     o.add_argument("--center_momentum", type=float, default=DEFAULTS.center_momentum,
                    help="EMA momentum of the teacher's centre (default %(default)s; main_dino.py fixes it)")
+    o.add_argument("--sinkhorn_iterations", type=int, default=DEFAULTS.sinkhorn_iterations,
+                   help="0: DINO's centering; n > 0: DINOv2's Sinkhorn-Knopp targets, n iterations "
+                        "(DINOv2 uses 3; default %(default)s)")
     o.add_argument("--optimizer", default="adamw", help="only adamw is supported (default adamw)")
 
     a = p.add_argument_group("multi-crop (main_dino.py)")

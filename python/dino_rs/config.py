@@ -44,6 +44,11 @@ class TrainConfig:
         The student's softmax temperature.
     center_momentum : float
         EMA momentum of the centre subtracted from the teacher's outputs.
+    sinkhorn_iterations : int
+        0 (the official DINO): the teacher's targets are its centred, sharpened softmax. n > 0:
+        DINOv2's Sinkhorn-Knopp centering with n iterations (DINOv2 uses 3): the targets of a batch
+        are scaled so that every output dimension gets an equal share, which keeps the teacher from
+        collapsing without a centre (the centre is then not used). Not part of DINO's recipe.
     clip_grad : float
         Per-parameter gradient-norm clipping; 0 turns it off.
     freeze_last_layer : int
@@ -64,6 +69,7 @@ class TrainConfig:
     warmup_teacher_temp_epochs: int = _CORE["warmup_teacher_temp_epochs"]
     student_temp: float = _CORE["student_temp"]
     center_momentum: float = _CORE["center_momentum"]
+    sinkhorn_iterations: int = _CORE["sinkhorn_iterations"]
     clip_grad: float = _CORE["clip_grad"]
     freeze_last_layer: int = _CORE["freeze_last_layer"]
 

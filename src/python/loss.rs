@@ -20,7 +20,7 @@ pub struct PyDinoLoss {
 impl PyDinoLoss {
     #[new]
     #[pyo3(signature = (out_dim, ncrops, warmup_teacher_temp=0.04, teacher_temp=0.04, warmup_teacher_temp_epochs=0,
-        nepochs=100, student_temp=0.1, center_momentum=0.9))]
+        nepochs=100, student_temp=0.1, center_momentum=0.9, sinkhorn_iterations=0))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         out_dim: usize,
@@ -31,6 +31,7 @@ impl PyDinoLoss {
         nepochs: usize,
         student_temp: f64,
         center_momentum: f64,
+        sinkhorn_iterations: usize,
     ) -> PyResult<Self> {
         for (name, v) in [
             ("warmup_teacher_temp", warmup_teacher_temp),
@@ -46,7 +47,7 @@ impl PyDinoLoss {
                 "center_momentum must be in [0, 1]; out_dim and nepochs positive",
             ));
         }
-        let inner = DinoLoss::new(
+        let mut inner = DinoLoss::new(
             out_dim,
             ncrops,
             warmup_teacher_temp,
@@ -58,6 +59,7 @@ impl PyDinoLoss {
             &Device::Cpu,
         )
         .map_err(|e| PyValueError::new_err(e.to_string()))?;
+        inner.sinkhorn_iterations = sinkhorn_iterations;
         Ok(Self { inner })
     }
 
