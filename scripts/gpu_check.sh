@@ -24,7 +24,7 @@
 #   DINO_RS_GPU_CHECK_PYTHON  the Python to use (default /opt/torch/.venv/bin/python3)
 #   DINO_RS_GPU_CHECK_DEVICE  cuda (default), or cpu: the rehearsal on a CPU machine, which runs every
 #                             part with small configurations (scripts/rehearse_gpu_check.sh)
-#   DINO_RS_GPU_CHECK_WHEEL   the wheel to install (default dist-cuda/dino_rs-*.whl)
+#   DINO_RS_GPU_CHECK_WHEEL   the wheel to install (default dist-cuda/dino_rs_cu13-*.whl)
 #   DINO_RS_GPU_CHECK_WHEELS  pytest's wheels, for a Python without pytest (default dist-cuda/wheels)
 #   GPU_CHECK_TOTAL_S         the time for the whole call (default 240 for `first`, 540 otherwise)
 # Logs go under $OUT when it is set (the device tool brings them back), else /tmp/dino_rs_gpu_check.
@@ -42,7 +42,7 @@ fail() { echo "GPU CHECK FAILED: $*"; exit "${2:-3}"; }
 
 PY="${DINO_RS_GPU_CHECK_PYTHON:-/opt/torch/.venv/bin/python3}"
 [ -x "$PY" ] || fail "no Python at $PY (set DINO_RS_GPU_CHECK_PYTHON)"
-WHEEL="${DINO_RS_GPU_CHECK_WHEEL:-$(ls dist-cuda/dino_rs-*.whl 2>/dev/null | head -1)}"
+WHEEL="${DINO_RS_GPU_CHECK_WHEEL:-$(ls dist-cuda/dino_rs_cu13-*.whl 2>/dev/null | head -1)}"
 [ -n "$WHEEL" ] && [ -f "$WHEEL" ] ||
   fail "no wheel: build dist-cuda/ with scripts/build_cuda_wheel.sh and carry it (or set DINO_RS_GPU_CHECK_WHEEL)"
 

@@ -50,6 +50,7 @@ from ._dino_rs import (  # noqa: E402
     set_num_threads,
 )
 from ._errors import ImageError
+from ._distribution import warn_if_both as _warn_if_both
 from .config import TrainConfig
 from . import hub, recipes
 from .datasets import fashion_mnist
@@ -58,6 +59,8 @@ from .evaluation import knn_accuracy, linear_probe
 from .plot import plot_attention, plot_history
 from .pretrained import from_pretrained, pretrained_models
 from .trainer import Trainer
+
+_warn_if_both(build_info()["build"])
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
