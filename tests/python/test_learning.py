@@ -19,10 +19,13 @@ def test_dino_learns_fashion_mnist(tmp_path):
     curve = [h["knn_top1"] for h in result["history"] if "knn_top1" in h]
     print(f"k-NN init {init:.1f}% -> trained {trained:.1f}% (curve {curve}); losses {np.round(losses, 3)}")
     # The small-data recipe (dino_rs.recipes.small_data), measured on the CI machine kind (2 cores,
-    # benches/recipe_search, run R0): 62.0% -> 72.0% (63.5, 69.1, 70.9, 71.7, 72.3, 72.0 every 4
-    # epochs); raw pixels 79.4%. The official recipe's initialisation gave 59.1% -> 65.3%.
+    # benches/recipe_search, run C4): 62.0% -> 76.2% (70.6, 71.7, 73.1, 74.6, 75.3, 75.7, 76.1,
+    # 76.2, 76.2 every 4 epochs), probe 65.9% -> 79.8%; raw pixels 79.4%. The official recipe's
+    # initialisation gave 59.1% -> 65.3%.
     assert trained >= init + 7.0, (init, trained, curve)
     assert result["probe_trained"] > result["probe_init"], result
-    assert len(losses) == 24 and all(math.isfinite(v) for v in losses)
-    assert losses[-1] < math.log(256) - 2.0, losses  # not the uniform-output collapse (5.55)
+    assert len(losses) == 36 and all(math.isfinite(v) for v in losses)
+    # Not the uniform-output collapse: the teacher's targets well below ln K's entropy (6.93).
+    entropy = result["history"][-1]["teacher_entropy"]
+    assert entropy < math.log(1024) - 1.0, (entropy, losses)
     assert (tmp_path / "att.png").stat().st_size > 0

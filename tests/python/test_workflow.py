@@ -751,9 +751,10 @@ def test_cli_train_recipe_small_takes_the_recipe_and_explicit_flags_win(folder, 
 def test_recipes_small_data_scales_with_the_data():
     r = dr.recipes.small_data(5000, 28)
     assert r["model"]["patch_size"] == 7 and r["augmenter"] == dict(global_size=28, local_size=14, n_local=4)
-    assert r["trainer"]["epochs"] == 24 and r["model"]["init"] == "torch"
+    assert r["trainer"]["epochs"] == 36 and r["model"]["init"] == "torch"
+    assert r["trainer"]["sinkhorn_iterations"] == 3 and r["model"]["out_dim"] == 1024
     assert dr.recipes.small_data(50_000, 28)["trainer"]["epochs"] == 4
-    assert dr.recipes.small_data(1000, 28)["trainer"]["epochs"] == 120
+    assert dr.recipes.small_data(1000, 28)["trainer"]["epochs"] == 180
     assert dr.recipes.small_data(10, 64)["loader"]["batch_size"] == 10
     for bad in ((0, 28), (100, 4), (1.5, 28)):
         with pytest.raises(ValueError):
