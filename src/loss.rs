@@ -226,7 +226,10 @@ mod tests {
     /// DINOv2's `sinkhorn_knopp_teacher` as written (no shift by the maximum), in f64.
     fn sinkhorn_reference(rows: &[Vec<f64>], tau: f64, iterations: usize) -> Vec<Vec<f64>> {
         let (b, k) = (rows.len(), rows[0].len());
-        let mut q: Vec<Vec<f64>> = rows.iter().map(|r| r.iter().map(|v| (v / tau).exp()).collect()).collect();
+        let mut q: Vec<Vec<f64>> = rows
+            .iter()
+            .map(|r| r.iter().map(|v| (v / tau).exp()).collect())
+            .collect();
         let total: f64 = q.iter().flatten().sum();
         q.iter_mut().flatten().for_each(|v| *v /= total);
         for _ in 0..iterations {
@@ -255,7 +258,10 @@ mod tests {
         for iterations in [1, 3, 300] {
             l.sinkhorn_iterations = iterations;
             let got = l.targets(&t, 0)?.to_vec2::<f32>()?;
-            let rows32: Vec<Vec<f64>> = rows.iter().map(|r| r.iter().map(|&v| v as f32 as f64).collect()).collect();
+            let rows32: Vec<Vec<f64>> = rows
+                .iter()
+                .map(|r| r.iter().map(|&v| v as f32 as f64).collect())
+                .collect();
             let want = sinkhorn_reference(&rows32, 0.04, iterations);
             for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
                 assert!((*g as f64 - w).abs() < 1e-6, "{iterations} iterations: {g} vs {w}");

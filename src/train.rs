@@ -217,7 +217,10 @@ impl TrainConfig {
             (
                 // Each iteration is two passes over a (batch, out_dim) matrix; DINOv2 uses 3.
                 self.sinkhorn_iterations <= 1000,
-                format!("sinkhorn_iterations must be at most 1000, got {}", self.sinkhorn_iterations),
+                format!(
+                    "sinkhorn_iterations must be at most 1000, got {}",
+                    self.sinkhorn_iterations
+                ),
             ),
             (
                 // An infinite weight decay only makes NaNs.

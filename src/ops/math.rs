@@ -20,7 +20,10 @@ pub fn exp(x: f32) -> f32 {
     // result is NaN anyway): adding 1.5·2^23 puts it in the low mantissa bits, exactly. `n as i32`
     // gave the same bits, but its saturating conversion kept the loops that call exp scalar.
     const SHIFTER: f32 = 12_582_912.0;
-    let biased = (n + SHIFTER).to_bits().wrapping_sub(SHIFTER.to_bits()).wrapping_add(127);
+    let biased = (n + SHIFTER)
+        .to_bits()
+        .wrapping_sub(SHIFTER.to_bits())
+        .wrapping_add(127);
     let scale = f32::from_bits(biased << 23);
     let out = y * scale;
     if x < -87.336_55 {
