@@ -300,6 +300,8 @@ fn train_config(g: &Golden) -> TrainConfig {
         warmup_teacher_temp_epochs: g.u("warmup_teacher_temp_epochs"),
         student_temp: g.c("student_temp"),
         center_momentum: g.c("center_momentum"),
+        // The official DINO's centering: the fixtures come from its code.
+        sinkhorn_iterations: 0,
         clip_grad: g.c("clip_grad"),
         freeze_last_layer: g.u("freeze_last_layer"),
         batch_size: g.u("batch_size"),
