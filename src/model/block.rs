@@ -92,18 +92,24 @@ impl Block {
 
     pub fn forward_masked(&self, x: &Tensor, masks: Option<&DropPathMasks>) -> Result<Tensor> {
         let (heads, eps) = (self.attn.num_heads(), self.norm1.eps());
-        if let Some(gammas) = &self.layer_scale {
-            if !crate::ops::fused(x) {
-                return self.forward_scaled(x, masks, gammas);
+        // A LayerScale block takes the fused node with its gammas folded in, else runs scaled
+        // layer by layer (it never takes the portable node, which has no gammas).
+        let folded;
+        let params = match &self.layer_scale {
+            None => self.params(),
+            Some(gammas) => {
+                folded = if crate::ops::fused(x) {
+                    self.folded_params(gammas)?
+                } else {
+                    None
+                };
+                match &folded {
+                    Some(p) => Some(std::array::from_fn(|i| &p[i])),
+                    None => return self.forward_scaled(x, masks, gammas),
+                }
             }
-            if let Some(params) = self.folded_params(gammas)? {
-                let keep = masks.map_or([None, None], |m| [Some(m.attn.as_slice()), Some(m.mlp.as_slice())]);
-                let p: [&Tensor; 12] = std::array::from_fn(|i| &params[i]);
-                return crate::ops::transformer_block(x, p, heads, eps, keep);
-            }
-            return self.forward_scaled(x, masks, gammas);
-        }
-        if let Some(params) = self.params() {
+        };
+        if let Some(params) = params {
             if crate::ops::fused(x) {
                 let keep = masks.map_or([None, None], |m| [Some(m.attn.as_slice()), Some(m.mlp.as_slice())]);
                 return crate::ops::transformer_block(x, params, heads, eps, keep);
