@@ -9,6 +9,10 @@ use candle_core::{Result, Tensor};
 use crate::ops::at_least_f32;
 use crate::schedule::teacher_temp_schedule;
 
+/// Most Sinkhorn-Knopp iterations a loss takes (DINOv2 uses 3): each is two passes over the
+/// (batch, out_dim) targets, and a huge count would stall every step.
+pub const MAX_SINKHORN_ITERATIONS: usize = 1000;
+
 #[derive(Debug, Clone)]
 pub struct DinoLoss {
     pub ncrops: usize,

@@ -215,10 +215,10 @@ impl TrainConfig {
                 "center_momentum must be in [0, 1]".into(),
             ),
             (
-                // Each iteration is two passes over a (batch, out_dim) matrix; DINOv2 uses 3.
-                self.sinkhorn_iterations <= 1000,
+                self.sinkhorn_iterations <= crate::loss::MAX_SINKHORN_ITERATIONS,
                 format!(
-                    "sinkhorn_iterations must be at most 1000, got {}",
+                    "sinkhorn_iterations must be at most {}, got {}",
+                    crate::loss::MAX_SINKHORN_ITERATIONS,
                     self.sinkhorn_iterations
                 ),
             ),

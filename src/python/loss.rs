@@ -42,6 +42,12 @@ impl PyDinoLoss {
                 return Err(PyValueError::new_err(format!("{name} must be positive, got {v}")));
             }
         }
+        if sinkhorn_iterations > crate::loss::MAX_SINKHORN_ITERATIONS {
+            return Err(PyValueError::new_err(format!(
+                "sinkhorn_iterations must be at most {}, got {sinkhorn_iterations}",
+                crate::loss::MAX_SINKHORN_ITERATIONS
+            )));
+        }
         if !(0.0..=1.0).contains(&center_momentum) || out_dim == 0 || nepochs == 0 {
             return Err(PyValueError::new_err(
                 "center_momentum must be in [0, 1]; out_dim and nepochs positive",

@@ -77,3 +77,9 @@ def test_trainer_with_sinkhorn_knopp():
 def test_bad_iterations_are_named(bad):
     with pytest.raises(ValueError, match="sinkhorn_iterations"):
         dr.TrainConfig(sinkhorn_iterations=bad)
+
+
+def test_the_loss_takes_the_same_bound():
+    # The standalone loss too: a huge count would stall every call, not fail.
+    with pytest.raises(ValueError, match="sinkhorn_iterations must be at most 1000, got 1001"):
+        dr.DINOLoss(16, 4, sinkhorn_iterations=1001)
