@@ -574,6 +574,52 @@ fn model_block(
 }
 
 #[test]
+fn cls_only_block_is_row_zero_of_the_block() -> Result<()> {
+    // The last block of a CLS-feature forward pass computes the CLS row only (every token still a
+    // key and value): against row 0 of the whole block in f64, output and every gradient (the
+    // input's patch rows included: they reach the CLS row through k and v), for DINO's block and
+    // a LayerScale one, with and without stochastic depth.
+    let mut rng = ChaCha8Rng::seed_from_u64(29);
+    let (b, n, heads, c) = (4usize, 9usize, 2usize, 12usize);
+    let masks = keep_masks(b);
+    for layer_scale in [false, true] {
+        let mut inputs = block_inputs(&mut rng, b, n, c, 4 * c)?;
+        if layer_scale {
+            inputs.push(randn(&mut rng, &[c], 0.7)?);
+            inputs.push(randn(&mut rng, &[c], 0.7)?);
+        }
+        for keep in [None, Some(&masks)] {
+            let block = |t: &[Tensor]| -> Result<_> {
+                let names = ops::BLOCK_PARAMS.iter().copied().chain(["ls1.gamma", "ls2.gamma"]);
+                let map = names.zip(&t[1..]).map(|(k, p)| (k.to_string(), p.clone())).collect();
+                let vb = candle_nn::VarBuilder::from_tensors(map, t[0].dtype(), &Device::Cpu);
+                let vit = _dino_rs::model::VitConfig {
+                    layer_scale,
+                    .._dino_rs::model::VitConfig::custom(c, 1, heads, 1, 1)
+                };
+                let m = keep.map(|[a, m]| _dino_rs::model::block::DropPathMasks {
+                    attn: a.clone(),
+                    mlp: m.clone(),
+                    on_device: None,
+                });
+                Ok((_dino_rs::model::block::Block::new(&vit, vb)?, m))
+            };
+            let cls_only = |t: &[Tensor]| -> Result<Tensor> {
+                let (block, m) = block(t)?;
+                assert!(ops::fused(&t[0]));
+                block.forward_cls(&t[0], m.as_ref())
+            };
+            let whole = |t: &[Tensor]| -> Result<Tensor> {
+                let (block, m) = block(t)?;
+                block.forward_masked(&t[0], m.as_ref())?.narrow(1, 0, 1)
+            };
+            check(inputs.clone(), cls_only, whole, 5e-5)?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
 fn dinov2_block_runs_fused_with_layer_scale_folded_in() -> Result<()> {
     // A LayerScale block on the fused CPU path (γ folded into proj and fc2) against the same block
     // layer by layer in f64, with and without stochastic depth: output and every gradient, the
@@ -743,4 +789,26 @@ fn every_custom_op_has_a_name_of_its_own() {
             pair[0].1, pair[1].1
         );
     }
+}
+
+#[test]
+fn linear_rows_do_not_depend_on_the_rows_beside_them() -> Result<()> {
+    // gemm changes kernels (and summation order) for one row and for products of at most 16×16
+    // outputs; a CLS row computed alone (a last block on CLS rows only, one image embedded) must
+    // still match the same row in a batch, bit for bit.
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    for (k, n) in [(16usize, 16usize), (16, 32), (16, 64), (64, 16), (32, 128), (48, 384)] {
+        let x = randn(&mut rng, &[24, k], 1.0)?;
+        let w = randn(&mut rng, &[n, k], 0.3)?;
+        let b = randn(&mut rng, &[n], 0.3)?;
+        for bias in [None, Some(&b)] {
+            let full = ops::linear(&x, &w, bias)?;
+            for m in [1usize, 2, 3, 8, 16, 20] {
+                let part = ops::linear(&x.narrow(0, 0, m)?, &w, bias)?;
+                let d = max_abs_diff(&part, &full.narrow(0, 0, m)?)?;
+                assert_eq!(d, 0.0, "k {k} n {n} m {m} bias {}", bias.is_some());
+            }
+        }
+    }
+    Ok(())
 }

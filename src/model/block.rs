@@ -105,7 +105,7 @@ impl Block {
                 };
                 match &folded {
                     Some(p) => Some(std::array::from_fn(|i| &p[i])),
-                    None => return self.forward_scaled(x, masks, gammas),
+                    None => return self.forward_layers(x, masks),
                 }
             }
         };
@@ -135,21 +135,33 @@ impl Block {
     pub fn forward_layers(&self, x: &Tensor, masks: Option<&DropPathMasks>) -> Result<Tensor> {
         // The norms feed the qkv and fc1 layers: under autocast they write bf16 directly.
         let attended = self.attn.attend(&self.norm1.forward_lowered(x)?)?;
-        let x = residual_after(x, self.attn.proj(), &attended, masks, 0)?;
-        let hidden = self.mlp.hidden(&self.norm2.forward_lowered(&x)?)?;
-        residual_after(&x, self.mlp.fc2(), &hidden, masks, 1)
+        self.after_attention(x, &attended, masks)
     }
 
-    /// DINOv2's block: each branch scaled per channel before its residual add.
-    fn forward_scaled(&self, x: &Tensor, masks: Option<&DropPathMasks>, gammas: &[Tensor; 2]) -> Result<Tensor> {
+    /// The block's output for the first (CLS) token only, `(B, 1, D)`, with every token still
+    /// attended to: row 0 of [`Self::forward_masked`]. For a last block whose other rows nobody
+    /// reads (CLS features, the DINO head), it costs the k and v projections of all tokens and
+    /// the rest for one: about a sixth of the block's matmul work.
+    pub fn forward_cls(&self, x: &Tensor, masks: Option<&DropPathMasks>) -> Result<Tensor> {
+        let attended = self.attn.attend_first(&self.norm1.forward_lowered(x)?)?;
+        self.after_attention(&x.narrow(1, 0, 1)?, &attended, masks)
+    }
+
+    /// Everything after the heads' merged outputs `attended`: proj and its residual onto `x`, then
+    /// the MLP's. DINOv2's blocks scale each branch per channel before its add.
+    fn after_attention(&self, x: &Tensor, attended: &Tensor, masks: Option<&DropPathMasks>) -> Result<Tensor> {
+        let Some(gammas) = &self.layer_scale else {
+            let x = residual_after(x, self.attn.proj(), attended, masks, 0)?;
+            let hidden = self.mlp.hidden(&self.norm2.forward_lowered(&x)?)?;
+            return residual_after(&x, self.mlp.fc2(), &hidden, masks, 1);
+        };
         let scaled = |branch: Tensor, gamma: &Tensor| {
             // As PyTorch's `x * gamma` under autocast: the wider dtype.
             let gamma = crate::ops::autocast::promote_to(&branch, gamma)?;
             let branch = crate::ops::autocast::promote_to(&gamma, &branch)?;
             branch.broadcast_mul(&gamma)
         };
-        let attended = self.attn.attend(&self.norm1.forward_lowered(x)?)?;
-        let x = residual(x, scaled(self.attn.proj().forward(&attended)?, &gammas[0])?, masks, 0)?;
+        let x = residual(x, scaled(self.attn.proj().forward(attended)?, &gammas[0])?, masks, 0)?;
         let mlp = self.mlp.forward(&self.norm2.forward_lowered(&x)?)?;
         residual(&x, scaled(mlp, &gammas[1])?, masks, 1)
     }

@@ -307,7 +307,7 @@ impl VisionTransformer {
 
     /// CLS features `(B, D)`. With `rng`, stochastic depth is applied (training the student).
     pub fn forward_t<R: Rng + ?Sized>(&self, x: &Tensor, rng: Option<&mut R>) -> Result<Tensor> {
-        let tokens = self.blocks_forward(x, rng)?;
+        let tokens = self.blocks_forward(x, rng, true)?;
         // LayerNorm is per token: normalising only the CLS token gives the official output.
         self.norm.forward(&tokens.narrow(1, 0, 1)?)?.squeeze(1)
     }
@@ -316,11 +316,12 @@ impl VisionTransformer {
     /// `x_norm_clstoken`, `x_norm_regtokens` and `x_norm_patchtokens` in one), eval mode.
     pub fn forward_tokens(&self, x: &Tensor) -> Result<Tensor> {
         self.norm
-            .forward(&self.blocks_forward::<rand_chacha::ChaCha8Rng>(x, None)?)
+            .forward(&self.blocks_forward::<rand_chacha::ChaCha8Rng>(x, None, false)?)
     }
 
-    /// The stream after the last block.
-    fn blocks_forward<R: Rng + ?Sized>(&self, x: &Tensor, rng: Option<&mut R>) -> Result<Tensor> {
+    /// The stream after the last block; with `cls_only`, only its CLS row `(B, 1, D)` where the
+    /// CPU kernels run (the last block then skips the work for the rows nobody reads).
+    fn blocks_forward<R: Rng + ?Sized>(&self, x: &Tensor, rng: Option<&mut R>, cls_only: bool) -> Result<Tensor> {
         let mut tokens = self.prepare_tokens(x)?;
         let b = tokens.dim(0)?;
         let mut masks: Vec<Option<DropPathMasks>> = match rng {
@@ -332,8 +333,16 @@ impl VisionTransformer {
         if !masks.is_empty() && !crate::ops::fused(&tokens) {
             upload(&mut masks, &tokens)?;
         }
+        let last = self.blocks.len() - 1;
         for (i, block) in self.blocks.iter().enumerate() {
-            tokens = block.forward_masked(&tokens, masks.get(i).and_then(|m| m.as_ref()))?;
+            let m = masks.get(i).and_then(|m| m.as_ref());
+            // CPU f32 only: elsewhere the whole block is one kernel (flash attention, bf16) that
+            // this path has not been measured against.
+            tokens = if i == last && cls_only && crate::ops::fused(&tokens) {
+                block.forward_cls(&tokens, m)?
+            } else {
+                block.forward_masked(&tokens, m)?
+            };
         }
         Ok(tokens)
     }

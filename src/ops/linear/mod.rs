@@ -54,6 +54,9 @@ fn composed(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor
     y.reshape(out)
 }
 
+/// The largest product (m·n outputs) gemm gives to its dot-product kernels.
+const SMALL_PRODUCT: usize = 16 * 16;
+
 /// dst (m×n, row-major) = [dst +] a · b, with `a` stored (m, k) or, transposed, (k, m), and `b`
 /// stored (k, n) or, transposed, (n, k); on the dino_rs pool. Without `accumulate` dst is only
 /// written, never read, so it may be uninitialised.
@@ -73,6 +76,28 @@ pub(super) unsafe fn matmul(
     accumulate: bool,
 ) {
     assert!(a.len() >= m * k && b.len() >= k * n);
+    if (m == 1 || m * n <= SMALL_PRODUCT) && k > 2 {
+        // gemm sums a one-row product with its gemv and one of at most 16×16 outputs with
+        // dot-product kernels, both in another order than the tile kernels it uses for larger
+        // ones: a row's result would depend on how many rows came with it (one image's CLS row
+        // alone would not match the same row in a batch). Zero rows added keep such a product on
+        // the tile kernels; it is small, so the copies cost little.
+        let rows = (SMALL_PRODUCT / n.max(1) + 1).max(2);
+        let mut padded = vec![0.0f32; rows * k];
+        for (r, out) in padded.chunks_exact_mut(k).take(m).enumerate() {
+            for (j, v) in out.iter_mut().enumerate() {
+                *v = if a_t { a[j * m + r] } else { a[r * k + j] };
+            }
+        }
+        let mut out = vec![0.0f32; rows * n];
+        if accumulate {
+            // SAFETY: with `accumulate` the caller makes dst valid for m·n reads.
+            out[..m * n].copy_from_slice(std::slice::from_raw_parts(dst, m * n));
+        }
+        matmul(rows, n, k, &padded, false, b, b_t, out.as_mut_ptr(), accumulate);
+        std::ptr::copy_nonoverlapping(out.as_ptr(), dst, m * n);
+        return;
+    }
     let (a_rs, a_cs) = if a_t { (1, m) } else { (k, 1) };
     let (b_rs, b_cs) = if b_t { (1, k) } else { (n, 1) };
     let dst = SendPtr(dst);
