@@ -18,8 +18,10 @@ Overrides (all optional):
             momentum_teacher, teacher_temp, warmup_teacher_temp, warmup_teacher_temp_epochs,
             student_temp, center_momentum, clip_grad, freeze_last_layer)
     probe_max_iter (lbfgs iterations of the linear probe, default 1000: it can take ~50 s),
-    epochs, seed, batch_size, eval_every, max_train_seconds (stop the run past this many seconds
-    of training; it is then recorded as stopped, with its curve so far), full_data (train on the
+    epochs (the schedule's length), fit_epochs (train only that many of them: a schedule stopped
+    early on purpose, status ok; default all), seed, batch_size, eval_every, max_train_seconds
+    (stop the run past this many seconds of training; it is then recorded as stopped, with its
+    curve so far), full_data (train on the
     60k Fashion-MNIST set instead of the 5k subset; k-NN bank and probe still on the 5k subset).
 """
 
@@ -72,13 +74,16 @@ def resolve(over: Dict[str, Any]) -> Dict[str, Any]:
     train.update(over.get("train", {}))
     cfg = dict(model=model, aug=aug, train=train,
                epochs=int(over.get("epochs", 24)), seed=int(over.get("seed", 0)),
+               fit_epochs=int(over.get("fit_epochs", over.get("epochs", 24))),
                batch_size=int(over.get("batch_size", RECIPE["batch_size"])),
                eval_every=int(over.get("eval_every", 2)),
                max_train_seconds=over.get("max_train_seconds"),
                full_data=bool(over.get("full_data", False)),
                probe_max_iter=int(over.get("probe_max_iter", 1000)))
     cfg["train"]["warmup_epochs"] = min(cfg["train"].get("warmup_epochs", 2), cfg["epochs"])
-    unknown = set(over) - {"model", "aug", "train", "epochs", "seed", "batch_size", "eval_every",
+    if not 1 <= cfg["fit_epochs"] <= cfg["epochs"]:
+        raise ValueError(f"fit_epochs must be in 1..epochs ({cfg['epochs']}), got {cfg['fit_epochs']}")
+    unknown = set(over) - {"model", "aug", "train", "epochs", "fit_epochs", "seed", "batch_size", "eval_every",
                            "max_train_seconds", "full_data", "probe_max_iter"}
     if unknown:
         raise ValueError(f"unknown override keys {sorted(unknown)}")
@@ -182,7 +187,8 @@ def run(args) -> None:
 
         evaluate(0)
         limit = cfg["max_train_seconds"]
-        for epoch in range(1, cfg["epochs"] + 1):
+        last = cfg["fit_epochs"]
+        for epoch in range(1, last + 1):
             t = time.perf_counter()
             h = trainer.fit(epoch)[-1]
             dt = time.perf_counter() - t
@@ -192,9 +198,9 @@ def run(args) -> None:
             print(f"[{args.label}] epoch {epoch}: loss {h['loss']:.4f} ({dt:.1f} s)", flush=True)
             if not np.isfinite(h["loss"]):
                 raise FloatingPointError(f"loss {h['loss']} at epoch {epoch}")
-            if (cfg["eval_every"] and epoch % cfg["eval_every"] == 0) or epoch == cfg["epochs"]:
+            if (cfg["eval_every"] and epoch % cfg["eval_every"] == 0) or epoch == last:
                 evaluate(epoch)
-            if limit is not None and train_seconds > limit and epoch < cfg["epochs"]:
+            if limit is not None and train_seconds > limit and epoch < last:
                 if not curve or curve[-1]["epoch"] != epoch:
                     evaluate(epoch)
                 raise StopRun(f"training time {train_seconds:.0f} s exceeded max_train_seconds={limit} after epoch {epoch}")

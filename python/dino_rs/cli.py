@@ -76,7 +76,8 @@ def add_demo_command(sub: "argparse._SubParsersAction[argparse.ArgumentParser]")
     demo.add_argument("--data", default=None, help="an image folder to train on instead of the bundled images")
     demo.add_argument("--img_size", type=int, default=None, help="image size for --data (default 64)")
     demo.add_argument("--epochs", type=int, default=None,
-                      help="training epochs (default: the small-data recipe's, 24 for the bundled images)")
+                      help="training epochs, a complete schedule (default: the small-data recipe's short run, "
+                      "40 epochs of a 72-epoch schedule for the bundled images)")
     demo.add_argument("--no_progress", action="store_true", help="no progress bar")
     demo.add_argument("--views", action="store_true", help="only write the multi-crop views of the bundled photos")
     demo.add_argument("--images", nargs="*", help="with --views: image files to use instead of the bundled photos")

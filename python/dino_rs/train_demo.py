@@ -130,8 +130,10 @@ def run_training(
     """Trains DINO with :func:`dino_rs.recipes.small_data` on the embedded Fashion-MNIST subset
     (or the image folder ``data``) and reports.
 
-    ``recipe`` overrides entries of the recipe's sections (``{"model": {...}, "trainer": {...}}``);
-    ``epochs`` (default: the recipe's) is the trainer's. Returns a dict with ``raw``, ``init`` and
+    ``recipe`` overrides entries of the recipe's sections (``{"model": {...}, "trainer": {...}}``).
+    The run trains the recipe's short run (``recipe["fit"]["epochs"]`` of the schedule's
+    ``recipe["trainer"]["epochs"]``); ``epochs``, if given, is a complete schedule of that many
+    epochs instead. Returns a dict with ``raw``, ``init`` and
     ``trained`` k-NN top-1 accuracies and ``probe_raw``, ``probe_init``, ``probe_trained`` linear
     probe accuracies (percent; ``raw`` ones only for the embedded data), ``history`` (per-epoch
     dicts, with k-NN every ``eval_every`` epochs) and ``seconds`` of training; writes the attention
@@ -166,8 +168,9 @@ def run_training(
             raise ValueError(f"recipe sections are {sorted(r)}, got {section!r}")
         r[section].update(values)
     if epochs is not None:
-        r["trainer"]["epochs"] = epochs
-    epochs = int(r["trainer"]["epochs"])
+        r["trainer"]["epochs"] = r["fit"]["epochs"] = epochs
+    schedule = int(r["trainer"]["epochs"])
+    epochs = min(int(r["fit"]["epochs"]), schedule)
     m, a = r["model"], r["augmenter"]
     loader = MultiCropLoader(dataset, MultiCropAugmenter(**a), seed=seed, **r["loader"])
     model = DINO(**m, seed=seed, device="cpu")
@@ -177,7 +180,8 @@ def run_training(
         f"model: ViT patch {m['patch_size']}, dim {m['embed_dim']}, depth {m['depth']}, {m['num_heads']} heads; "
         f"DINO head {m['hidden_dim']}/{m['bottleneck_dim']} -> {m['out_dim']}; {m.get('init', 'dino')} init; "
         f"2 x {a['global_size']} px + {a['n_local']} x {a['local_size']} px crops, batch {r['loader']['batch_size']}, "
-        f"{epochs} epochs (recipe: dino_rs.recipes.small_data)"
+        + (f"{epochs} epochs" if epochs == schedule else f"{epochs} of a {schedule}-epoch schedule")
+        + " (recipe: dino_rs.recipes.small_data)"
     )
 
     def knn() -> float:
@@ -210,14 +214,14 @@ def run_training(
         if probing:
             result["probe_init"] = probe()
     trainer_kwargs = dict(r["trainer"])
-    trainer_kwargs["warmup_epochs"] = min(trainer_kwargs.get("warmup_epochs", 0), epochs)
+    trainer_kwargs["warmup_epochs"] = min(trainer_kwargs.get("warmup_epochs", 0), schedule)
     trainer = Trainer(
         model, loader, **trainer_kwargs, progress=progress,
         eval_every=eval_every if labelled else 0,
         eval_data=(train_images, y, test_images, yt) if labelled else None,
     )
     start = time.perf_counter()
-    history = trainer.fit()
+    history = trainer.fit(epochs)
     result["seconds"] = time.perf_counter() - start
     result["history"] = history
     if labelled:

@@ -1,7 +1,7 @@
 """Learning on real data (the README's main job, in full): DINO with the small-data recipe on the
-bundled 5,000 Fashion-MNIST images for 24 epochs on the CPU (a few minutes on 2 cores) must give
-teacher features whose k-NN accuracy and linear probe clearly beat the same network at
-initialisation, with a loss far from the collapsed ln(out_dim)."""
+bundled 5,000 Fashion-MNIST images, 40 epochs of its 72-epoch schedule on the CPU (about 5 minutes
+on 2 cores), must give teacher features whose k-NN accuracy and linear probe clearly beat the same
+network at initialisation, with a loss far from the collapsed ln(out_dim)."""
 
 from __future__ import annotations
 
@@ -19,12 +19,12 @@ def test_dino_learns_fashion_mnist(tmp_path):
     curve = [h["knn_top1"] for h in result["history"] if "knn_top1" in h]
     print(f"k-NN init {init:.1f}% -> trained {trained:.1f}% (curve {curve}); losses {np.round(losses, 3)}")
     # The small-data recipe (dino_rs.recipes.small_data), measured on the CI machine kind (2 cores,
-    # benches/recipe_search, run C4): 62.0% -> 76.2% (70.6, 71.7, 73.1, 74.6, 75.3, 75.7, 76.1,
-    # 76.2, 76.2 every 4 epochs), probe 65.9% -> 79.8%; raw pixels 79.4%. The official recipe's
-    # initialisation gave 59.1% -> 65.3%.
-    assert trained >= init + 7.0, (init, trained, curve)
-    assert result["probe_trained"] > result["probe_init"], result
-    assert len(losses) == 36 and all(math.isfinite(v) for v in losses)
+    # AVX2): 62.0% -> 79.9% (70.4, 71.5, 72.4, 75.1, 75.4, 76.2, 78.4, 78.2, 79.5, 79.9 every 4
+    # epochs), probe 65.9% -> 82.3%; raw pixels 79.4% / 80.6%. The official recipe's initialisation
+    # gave 59.1% -> 65.3%. The margins leave room for other CPUs' rounding (one seed).
+    assert trained >= init + 12.0, (init, trained, curve)
+    assert result["probe_trained"] >= result["probe_init"] + 10.0, result
+    assert len(losses) == 40 and all(math.isfinite(v) for v in losses)
     # Not the uniform-output collapse: the teacher's targets well below ln K's entropy (6.93).
     entropy = result["history"][-1]["teacher_entropy"]
     assert entropy < math.log(1024) - 1.0, (entropy, losses)

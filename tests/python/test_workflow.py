@@ -7,6 +7,7 @@ Tiny models (patch 4, 16 px, embed 16, depth 1, 2 heads) on a few random images:
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import math
 import os
@@ -751,10 +752,14 @@ def test_cli_train_recipe_small_takes_the_recipe_and_explicit_flags_win(folder, 
 def test_recipes_small_data_scales_with_the_data():
     r = dr.recipes.small_data(5000, 28)
     assert r["model"]["patch_size"] == 7 and r["augmenter"] == dict(global_size=28, local_size=14, n_local=4)
-    assert r["trainer"]["epochs"] == 36 and r["model"]["init"] == "torch"
+    assert r["trainer"]["epochs"] == 72 and r["fit"] == dict(epochs=40) and r["model"]["init"] == "torch"
     assert r["trainer"]["sinkhorn_iterations"] == 3 and r["model"]["out_dim"] == 1024
-    assert dr.recipes.small_data(50_000, 28)["trainer"]["epochs"] == 4
-    assert dr.recipes.small_data(1000, 28)["trainer"]["epochs"] == 180
+    # The step budget scales inversely with the images, the short run stays 5/9 of the schedule.
+    big = dr.recipes.small_data(50_000, 28)
+    assert (big["trainer"]["epochs"], big["fit"]["epochs"]) == (7, 4)
+    small = dr.recipes.small_data(1000, 28)
+    assert (small["trainer"]["epochs"], small["fit"]["epochs"]) == (200, 111)
+    assert dr.recipes.small_data(10**7, 28)["fit"]["epochs"] == 2
     assert dr.recipes.small_data(10, 64)["loader"]["batch_size"] == 10
     for bad in ((0, 28), (100, 4), (1.5, 28)):
         with pytest.raises(ValueError):
@@ -763,4 +768,6 @@ def test_recipes_small_data_scales_with_the_data():
     m = dr.DINO(**dict(r["model"], device="cpu"))
     aug = dr.MultiCropAugmenter(**r["augmenter"])
     loader = dr.MultiCropLoader(np.zeros((8, 28, 28, 3), np.uint8), aug, **dict(r["loader"], batch_size=4))
-    dr.Trainer(m, loader, **r["trainer"], progress=False)
+    trainer = dr.Trainer(m, loader, **r["trainer"], progress=False)
+    assert set(r) == {"model", "augmenter", "loader", "trainer", "fit"}
+    inspect.signature(trainer.fit).bind(**r["fit"])
