@@ -2,7 +2,8 @@
 //! distribution of each global view and the student distribution of every other view, averaged
 //! over view pairs and the batch; the centre follows an EMA of the teacher's batch mean.
 //! Optionally the teacher's targets come from DINOv2's Sinkhorn-Knopp centering instead
-//! ([`DinoLoss::sinkhorn_iterations`]).
+//! ([`DinoLoss::sinkhorn_iterations`]), and DINOv2's KoLeo regulariser ([`koleo_loss`]) spreads
+//! the student's features.
 
 use candle_core::{Result, Tensor};
 
@@ -154,6 +155,30 @@ fn sinkhorn_knopp(t: &Tensor, temp: f64, iterations: usize) -> Result<Tensor> {
     (q * b as f64)?.to_dtype(t.dtype())
 }
 
+/// DINOv2's KoLeo regulariser (`KoLeoLoss`, after Sablayrolles et al. 2018, "Spreading vectors
+/// for similarity search"): the mean of −log of each L2-normalised row's distance to its nearest
+/// other row, for `x` (B, D). Minimising it pushes the features of different images apart (a
+/// Kozachenko-Leonenko estimate of their differential entropy, negated). As DINOv2: in f32,
+/// normalised with `max(‖x‖, 1e-8)`, distances `‖a − b + 1e-8‖` (PyTorch's `pairwise_distance`),
+/// `log(d + 1e-8)`; the nearest neighbour is picked on the normalised rows with no gradient.
+pub fn koleo_loss(x: &Tensor) -> Result<Tensor> {
+    const EPS: f64 = 1e-8;
+    let x = at_least_f32(x)?;
+    let n = x.dim(0)?;
+    if n < 2 {
+        candle_core::bail!("the KoLeo loss needs at least 2 rows (a nearest neighbour), got {n}");
+    }
+    let norm = x.sqr()?.sum_keepdim(1)?.sqrt()?.maximum(EPS)?;
+    let x = x.broadcast_div(&norm)?;
+    let dots = x.detach().matmul(&x.detach().t()?)?;
+    // Each row's own product set to −1 (below any other's) so the neighbour is another row.
+    let eye = Tensor::eye(n, dots.dtype(), dots.device())?;
+    let dots = ((dots * (1.0 - &eye)?)? - eye)?;
+    let nearest = x.index_select(&dots.argmax(1)?, 0)?;
+    let dist = ((x - nearest)? + EPS)?.sqr()?.sum(1)?.sqrt()?;
+    (dist + EPS)?.log()?.neg()?.mean_all()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -182,6 +207,58 @@ mod tests {
         }
         let n = rows.len() as f64;
         (h / n, pmax / n, qs)
+    }
+
+    #[test]
+    fn koleo_matches_dinov2() -> Result<()> {
+        // tests/fixtures/make_koleo_fixture.py: DINOv2's KoLeoLoss and its gradient, in float64,
+        // on float32 values; dino_rs computes in f32 as the trainer does.
+        let fixture: serde_json::Value =
+            serde_json::from_str(include_str!("../tests/fixtures/koleo/koleo.json")).expect("fixture JSON");
+        let rows = |v: &serde_json::Value| -> Vec<Vec<f64>> {
+            let rows = v.as_array().expect("rows");
+            rows.iter()
+                .map(|r| {
+                    r.as_array()
+                        .expect("row")
+                        .iter()
+                        .map(|x| x.as_f64().expect("number"))
+                        .collect()
+                })
+                .collect()
+        };
+        let cases = fixture["cases"].as_array().expect("cases");
+        assert_eq!(cases.len(), 4);
+        for case in cases {
+            let name = case["name"].as_str().expect("name");
+            let x = rows(&case["x"]);
+            let (b, d) = (x.len(), x[0].len());
+            let flat: Vec<f32> = x.iter().flatten().map(|&v| v as f32).collect();
+            let var = candle_core::Var::from_vec(flat, (b, d), &Device::Cpu)?;
+            let loss = koleo_loss(var.as_tensor())?;
+            let value = loss.to_scalar::<f32>()? as f64;
+            let want = case["loss"].as_f64().expect("loss");
+            assert!(
+                (value - want).abs() <= 1e-5 * want.abs().max(1.0),
+                "{name}: loss {value} vs {want}"
+            );
+            let grad = loss
+                .backward()?
+                .get(var.as_tensor())
+                .expect("a gradient")
+                .to_vec2::<f32>()?;
+            let want = rows(&case["grad"]);
+            let scale = want.iter().flatten().fold(0f64, |m, v| m.max(v.abs()));
+            for (g, w) in grad.iter().flatten().zip(want.iter().flatten()) {
+                assert!(
+                    (*g as f64 - w).abs() <= 1e-4 * scale,
+                    "{name}: gradient {g} vs {w} (scale {scale})"
+                );
+            }
+        }
+        // One row has no neighbour.
+        assert!(koleo_loss(&Tensor::ones((1, 4), DType::F32, &Device::Cpu)?).is_err());
+        Ok(())
     }
 
     #[test]

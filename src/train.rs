@@ -42,6 +42,11 @@ pub struct TrainConfig {
     /// ([`DinoLoss::sinkhorn_iterations`]). Absent from checkpoints written before it existed.
     #[serde(default)]
     pub sinkhorn_iterations: usize,
+    /// Weight of DINOv2's KoLeo term ([`crate::loss::koleo_loss`]) on the student's global-crop
+    /// CLS features, one term per global view; 0 (DINO's recipe) leaves it out, DINOv2 uses 0.1.
+    /// Absent from checkpoints written before it existed.
+    #[serde(default)]
+    pub koleo_weight: f64,
     /// Per-parameter gradient-norm clip; 0 disables.
     pub clip_grad: f64,
     pub freeze_last_layer: usize,
@@ -66,6 +71,7 @@ impl Default for TrainConfig {
             student_temp: 0.1,
             center_momentum: 0.9,
             sinkhorn_iterations: 0,
+            koleo_weight: 0.0,
             clip_grad: 3.0,
             freeze_last_layer: 1,
             batch_size: 64,
@@ -91,7 +97,7 @@ impl TrainConfig {
     /// values; the other fields (`batch_size`, `niter_per_ep`, `n_local`) come from the loader.
     /// Python's `dino_rs.TrainConfig`, `Trainer`, `DINOEmbedder` and `dino-rs train` take exactly
     /// these, with these defaults.
-    pub fn recipe(&self) -> [(&'static str, Number); 15] {
+    pub fn recipe(&self) -> [(&'static str, Number); 16] {
         use Number::{Float, Int};
         let int = |v: usize| Int(v as i64);
         [
@@ -108,6 +114,7 @@ impl TrainConfig {
             ("student_temp", Float(self.student_temp)),
             ("center_momentum", Float(self.center_momentum)),
             ("sinkhorn_iterations", int(self.sinkhorn_iterations)),
+            ("koleo_weight", Float(self.koleo_weight)),
             ("clip_grad", Float(self.clip_grad)),
             ("freeze_last_layer", int(self.freeze_last_layer)),
         ]
@@ -138,6 +145,7 @@ impl TrainConfig {
             "student_temp" => self.student_temp = real(value),
             "center_momentum" => self.center_momentum = real(value),
             "sinkhorn_iterations" => self.sinkhorn_iterations = count(value)?,
+            "koleo_weight" => self.koleo_weight = real(value),
             "clip_grad" => self.clip_grad = real(value),
             "freeze_last_layer" => self.freeze_last_layer = count(value)?,
             _ => {
@@ -174,7 +182,7 @@ impl TrainConfig {
         let finite_positive = |t: f64| t > 0.0 && t.is_finite();
         let total = self.epochs.checked_mul(self.niter_per_ep);
         let (epochs, niter) = (self.epochs, self.niter_per_ep);
-        let rules: [(bool, String); 13] = [
+        let rules: [(bool, String); 15] = [
             (epochs > 0, "epochs must be at least 1".into()),
             (self.batch_size > 0, "batch_size must be at least 1".into()),
             (
@@ -220,6 +228,17 @@ impl TrainConfig {
                     "sinkhorn_iterations must be at most {}, got {}",
                     crate::loss::MAX_SINKHORN_ITERATIONS,
                     self.sinkhorn_iterations
+                ),
+            ),
+            (
+                self.koleo_weight >= 0.0 && self.koleo_weight.is_finite(),
+                format!("koleo_weight must be finite and >= 0, got {}", self.koleo_weight),
+            ),
+            (
+                self.koleo_weight == 0.0 || self.batch_size >= 2,
+                format!(
+                    "koleo_weight needs batches of at least 2 images (a nearest neighbour), got batch_size {}",
+                    self.batch_size
                 ),
             ),
             (
@@ -370,23 +389,46 @@ impl DinoTrainer {
         let last_layer = head.last_layer_leaf(self.dtype)?;
         // Each block's parameters packed once as a leaf of the graph (crate::ops::pack): their
         // gradients are cut from the packs' after the backward pass, like the last layer's.
-        let (student_out, packs) = crate::ops::pack::leaves(|| {
-            autocast(&mut || student.forward_with(&groups, Some(&mut *rng), Some(last_layer.as_tensor())))
+        let ((feats, student_out), packs) = crate::ops::pack::leaves(|| {
+            crate::ops::autocast::autocast(self.dtype, || {
+                student.forward_features_with(&groups, Some(&mut *rng), Some(last_layer.as_tensor()))
+            })
         })?;
         let student_out = student_out.to_dtype(DType::F32)?;
         mark(&mut clock, "student_forward")?;
         let loss = self.loss.loss(&student_out, &teacher_out, epoch)?;
-        // The loss and the teacher's measures read back together: one synchronisation.
+        // As DINOv2: one term per global view (never between two crops of one image). A last
+        // batch of one image (drop_last=False) has no neighbour, so no term.
+        let b = globals.dim(0)? / 2;
+        let koleo = (self.config.koleo_weight > 0.0 && b >= 2)
+            .then(|| {
+                crate::loss::koleo_loss(&feats.narrow(0, 0, b)?)? + crate::loss::koleo_loss(&feats.narrow(0, b, b)?)?
+            })
+            .transpose()?;
+        drop(feats);
+        // The loss, the KoLeo term and the teacher's measures read back together: one
+        // synchronisation. The reported loss is DINO's alone, so that it less the targets'
+        // entropy stays KL(teacher ‖ student); the KoLeo term is only minimised.
         let stats = self.loss.teacher_stats(&teacher_out, epoch)?;
-        let read = Tensor::cat(&[&loss.reshape(1)?, &stats], 0)?.to_vec1::<f32>()?;
+        let mut parts = vec![loss.reshape(1)?, stats];
+        parts.extend(koleo.as_ref().map(|k| k.reshape(1)).transpose()?);
+        let read = Tensor::cat(&parts, 0)?.to_vec1::<f32>()?;
         let (value, teacher_stats) = (read[0] as f64, [read[1] as f64, read[2] as f64]);
         mark(&mut clock, "loss")?;
-        if !value.is_finite() {
+        if let Some(bad) = [value]
+            .into_iter()
+            .chain(read.get(3).map(|&k| k as f64))
+            .find(|v| !v.is_finite())
+        {
             return Ok(Err(NonFiniteLoss {
                 iteration: it,
-                loss: value,
+                loss: bad,
             }));
         }
+        let loss = match koleo {
+            Some(k) => (loss + (k * self.config.koleo_weight)?)?,
+            None => loss,
+        };
         let grad_store = loss.backward()?;
         let trainable = self.dino.trainable();
         let mut grads: HashMap<String, Tensor> = trainable

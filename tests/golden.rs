@@ -302,6 +302,7 @@ fn train_config(g: &Golden) -> TrainConfig {
         center_momentum: g.c("center_momentum"),
         // The official DINO's centering: the fixtures come from its code.
         sinkhorn_iterations: 0,
+        koleo_weight: 0.0,
         clip_grad: g.c("clip_grad"),
         freeze_last_layer: g.u("freeze_last_layer"),
         batch_size: g.u("batch_size"),

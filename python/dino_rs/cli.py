@@ -167,6 +167,9 @@ def add_train_command(sub: "argparse._SubParsersAction[argparse.ArgumentParser]"
     o.add_argument("--sinkhorn_iterations", type=int, default=DEFAULTS.sinkhorn_iterations,
                    help="0: DINO's centering; n > 0: DINOv2's Sinkhorn-Knopp targets, n iterations "
                         "(DINOv2 uses 3; default %(default)s)")
+    o.add_argument("--koleo_weight", type=float, default=DEFAULTS.koleo_weight,
+                   help="weight of DINOv2's KoLeo regulariser on the student's global-crop CLS features "
+                        "(DINOv2 uses 0.1; default %(default)s: DINO has none)")
     o.add_argument("--optimizer", default="adamw", help="only adamw is supported (default adamw)")
 
     a = p.add_argument_group("multi-crop (main_dino.py)")

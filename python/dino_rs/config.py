@@ -49,6 +49,12 @@ class TrainConfig:
         DINOv2's Sinkhorn-Knopp centering with n iterations (DINOv2 uses 3): the targets of a batch
         are scaled so that every output dimension gets an equal share, which keeps the teacher from
         collapsing without a centre (the centre is then not used). Not part of DINO's recipe.
+    koleo_weight : float
+        0 (the official DINO): no KoLeo term. w > 0: DINOv2's KoLeo regulariser with weight w
+        (DINOv2 uses 0.1) is added to the minimised loss: for each global view, the mean −log
+        distance of each image's L2-normalised student CLS feature to its nearest neighbour in
+        the batch, which spreads the features apart. The reported ``loss`` stays DINO's alone.
+        Needs batches of at least 2 images. Not part of DINO's recipe.
     clip_grad : float
         Per-parameter gradient-norm clipping; 0 turns it off.
     freeze_last_layer : int
@@ -70,6 +76,7 @@ class TrainConfig:
     student_temp: float = _CORE["student_temp"]
     center_momentum: float = _CORE["center_momentum"]
     sinkhorn_iterations: int = _CORE["sinkhorn_iterations"]
+    koleo_weight: float = _CORE["koleo_weight"]
     clip_grad: float = _CORE["clip_grad"]
     freeze_last_layer: int = _CORE["freeze_last_layer"]
 

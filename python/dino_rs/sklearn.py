@@ -87,7 +87,7 @@ norm_last_layer, drop_path_rate, device, seed
         ``arch`` preset for a custom ViT). ``seed`` also seeds the loader's shuffling and augmentation.
     epochs, lr, min_lr, warmup_epochs, weight_decay, weight_decay_end, momentum_teacher, teacher_temp, \
 warmup_teacher_temp, warmup_teacher_temp_epochs, student_temp, center_momentum, sinkhorn_iterations, \
-clip_grad, freeze_last_layer
+koleo_weight, clip_grad, freeze_last_layer
         The training recipe: :class:`dino_rs.TrainConfig`'s options and defaults (official
         ``main_dino.py``'s; an unset ``warmup_epochs`` is 10, or ``epochs`` when there are fewer).
     dtype : {"float32", "bfloat16"}, optional
@@ -164,6 +164,7 @@ clip_grad, freeze_last_layer
         student_temp: float = DEFAULTS.student_temp,
         center_momentum: float = DEFAULTS.center_momentum,
         sinkhorn_iterations: int = DEFAULTS.sinkhorn_iterations,
+        koleo_weight: float = DEFAULTS.koleo_weight,
         clip_grad: float = DEFAULTS.clip_grad,
         freeze_last_layer: int = DEFAULTS.freeze_last_layer,
         dtype: Optional[str] = None,
@@ -203,6 +204,7 @@ clip_grad, freeze_last_layer
         self.student_temp = student_temp
         self.center_momentum = center_momentum
         self.sinkhorn_iterations = sinkhorn_iterations
+        self.koleo_weight = koleo_weight
         self.clip_grad = clip_grad
         self.freeze_last_layer = freeze_last_layer
         self.dtype = dtype

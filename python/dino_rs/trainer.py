@@ -83,7 +83,7 @@ class Trainer:
         The batches of multi-crop views; its batch size scales the learning rate.
     epochs, lr, min_lr, warmup_epochs, weight_decay, weight_decay_end, momentum_teacher, \
 teacher_temp, warmup_teacher_temp, warmup_teacher_temp_epochs, student_temp, center_momentum, \
-sinkhorn_iterations, clip_grad, freeze_last_layer
+sinkhorn_iterations, koleo_weight, clip_grad, freeze_last_layer
         The recipe: :class:`dino_rs.TrainConfig`'s options, names and defaults (``main_dino.py``'s).
         :meth:`fit` trains up to ``epochs`` in total. An unset ``warmup_epochs`` is 10, or
         ``epochs`` when there are fewer.
@@ -137,6 +137,7 @@ sinkhorn_iterations, clip_grad, freeze_last_layer
         student_temp: float = DEFAULTS.student_temp,
         center_momentum: float = DEFAULTS.center_momentum,
         sinkhorn_iterations: int = DEFAULTS.sinkhorn_iterations,
+        koleo_weight: float = DEFAULTS.koleo_weight,
         clip_grad: float = DEFAULTS.clip_grad,
         freeze_last_layer: int = DEFAULTS.freeze_last_layer,
         checkpoint_dir: Optional[PathLike] = None,
@@ -179,6 +180,7 @@ sinkhorn_iterations, clip_grad, freeze_last_layer
                 student_temp=student_temp,
                 center_momentum=center_momentum,
                 sinkhorn_iterations=sinkhorn_iterations,
+                koleo_weight=koleo_weight,
                 clip_grad=clip_grad,
                 freeze_last_layer=freeze_last_layer,
             )

@@ -34,20 +34,32 @@ impl MultiCropWrapper {
     pub fn forward_with<R: Rng + ?Sized>(
         &self,
         groups: &[&Tensor],
-        mut rng: Option<&mut R>,
+        rng: Option<&mut R>,
         last_layer: Option<&Tensor>,
     ) -> Result<Tensor> {
+        Ok(self.forward_features_with(groups, rng, last_layer)?.1)
+    }
+
+    /// [`MultiCropWrapper::forward_with`], also returning the backbone's CLS features of every
+    /// crop, in the same order (what DINOv2's KoLeo term reads).
+    pub fn forward_features_with<R: Rng + ?Sized>(
+        &self,
+        groups: &[&Tensor],
+        mut rng: Option<&mut R>,
+        last_layer: Option<&Tensor>,
+    ) -> Result<(Tensor, Tensor)> {
         let feats = groups
             .iter()
             .map(|g| self.backbone.forward_t(g, rng.as_deref_mut()))
             .collect::<Result<Vec<_>>>()?;
         let feats = Tensor::cat(&feats, 0)?;
-        match (&self.head, last_layer) {
-            (Some(head), Some(w)) => head.forward_with(&feats, w),
-            (Some(head), None) => head.forward(&feats),
+        let out = match (&self.head, last_layer) {
+            (Some(head), Some(w)) => head.forward_with(&feats, w)?,
+            (Some(head), None) => head.forward(&feats)?,
             (None, _) => {
                 candle_core::bail!("this model has no DINO head (a backbone loaded on its own): it cannot be trained")
             }
-        }
+        };
+        Ok((feats, out))
     }
 }

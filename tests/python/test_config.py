@@ -22,7 +22,7 @@ from helpers import make_loader, tiny
 # The official main_dino.py defaults, written out once here as the reference the core must hold.
 OFFICIAL = dict(epochs=100, lr=5e-4, min_lr=1e-6, warmup_epochs=10, weight_decay=0.04, weight_decay_end=0.4,
                 momentum_teacher=0.996, teacher_temp=0.04, warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=0,
-                student_temp=0.1, center_momentum=0.9, sinkhorn_iterations=0, clip_grad=3.0,
+                student_temp=0.1, center_momentum=0.9, sinkhorn_iterations=0, koleo_weight=0.0, clip_grad=3.0,
                 freeze_last_layer=1)
 
 
