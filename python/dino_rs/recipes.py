@@ -47,6 +47,11 @@ def small_data(n_images: int, image_size: int) -> Dict[str, Dict[str, Any]]:
       centre: the teacher's targets for each batch are balanced over the 1,024 outputs, which
       held the small head away from collapse from the first epochs (k-NN 70.6% after 4 epochs
       where the EMA centre gave 67.2%, and 76.2% against 74.7% at the end).
+    * **DINOv2's KoLeo regulariser** at weight 0.03 (``koleo_weight``; DINOv2 uses 0.1): it pushes
+      each image's student feature away from its nearest neighbour in the batch. In the search it
+      raised the k-NN accuracy of the short run from 79.9% to 81.7% and kept the linear probe
+      above the raw pixels' (81.7%); at 0.1 the k-NN was the same (81.6%) but the probe fell to
+      79.9%.
     * **No stochastic depth** (``drop_path_rate=0``): with 4 blocks it only removed signal.
     * **Crops for small images**: global crops at ``image_size``, four local crops at half of it.
     * **A sharper, faster teacher**: teacher temperature 0.01 without warm-up (at 0.02 the loss
@@ -95,7 +100,7 @@ def small_data(n_images: int, image_size: int) -> Dict[str, Dict[str, Any]]:
         "loader": dict(batch_size=batch),
         "trainer": dict(
             epochs=epochs, lr=4e-3, warmup_epochs=min(2, epochs), teacher_temp=0.01, warmup_teacher_temp=0.01,
-            momentum_teacher=0.99, sinkhorn_iterations=3,
+            momentum_teacher=0.99, sinkhorn_iterations=3, koleo_weight=0.03,
         ),
         "fit": dict(epochs=short),
     }

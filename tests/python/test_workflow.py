@@ -754,6 +754,7 @@ def test_recipes_small_data_scales_with_the_data():
     assert r["model"]["patch_size"] == 7 and r["augmenter"] == dict(global_size=28, local_size=14, n_local=4)
     assert r["trainer"]["epochs"] == 72 and r["fit"] == dict(epochs=40) and r["model"]["init"] == "torch"
     assert r["trainer"]["sinkhorn_iterations"] == 3 and r["model"]["out_dim"] == 1024
+    assert r["trainer"]["koleo_weight"] == 0.03
     # The step budget scales inversely with the images, the short run stays 5/9 of the schedule.
     big = dr.recipes.small_data(50_000, 28)
     assert (big["trainer"]["epochs"], big["fit"]["epochs"]) == (7, 4)
