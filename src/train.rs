@@ -391,7 +391,7 @@ impl DinoTrainer {
         // gradients are cut from the packs' after the backward pass, like the last layer's.
         let ((feats, student_out), packs) = crate::ops::pack::leaves(|| {
             crate::ops::autocast::autocast(self.dtype, || {
-                student.forward_features_with(&groups, Some(&mut *rng), Some(last_layer.as_tensor()))
+                student.forward_with(&groups, Some(&mut *rng), Some(last_layer.as_tensor()))
             })
         })?;
         let student_out = student_out.to_dtype(DType::F32)?;

@@ -67,15 +67,12 @@ impl Attention {
     /// and a value, so the result is row 0 of `attend(x)`, for the cost of the k and v projections
     /// (2·D² per token instead of 3·D², and one query's scores instead of N). Differentiable.
     pub fn attend_first(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, n, d) = x.dims3()?;
+        let (b, _, d) = x.dims3()?;
         let (heads, w, bias) = (self.num_heads, self.qkv.weight(), self.qkv.bias());
         let rows = |start: usize, len: usize| bias.map(|t| t.narrow(0, start, len)).transpose();
         let q = crate::ops::linear(&x.narrow(1, 0, 1)?, &w.narrow(0, 0, d)?, rows(0, d)?.as_ref())?;
         let kv = crate::ops::linear(x, &w.narrow(0, d, 2 * d)?, rows(d, 2 * d)?.as_ref())?;
-        let kv = kv
-            .reshape((b, n, 2, heads, d / heads))?
-            .permute((2, 0, 3, 1, 4))?
-            .contiguous()?;
+        let kv = crate::ops::split_heads(&kv, 2, heads)?;
         let (k, v) = (kv.get(0)?, kv.get(1)?);
         // With one token, (B, 1, heads, hd) and (B, heads, 1, hd) are the same memory.
         let q = q.reshape((b, heads, 1, d / heads))?;

@@ -26,23 +26,13 @@ impl MultiCropWrapper {
     /// `groups` are (n·B, 3, S, S) batches of crops sharing a resolution; returns head outputs
     /// for all of them in order. With `rng`, the backbone applies stochastic depth.
     pub fn forward_t<R: Rng + ?Sized>(&self, groups: &[&Tensor], rng: Option<&mut R>) -> Result<Tensor> {
-        self.forward_with(groups, rng, None)
+        Ok(self.forward_with(groups, rng, None)?.1)
     }
 
     /// [`MultiCropWrapper::forward_t`] with `last_layer` as the head's last weight where given
-    /// ([`DinoHead::last_layer_leaf`]).
+    /// ([`DinoHead::last_layer_leaf`]), returning the backbone's CLS features of every crop (what
+    /// DINOv2's KoLeo term reads) beside the head outputs, both in the groups' order.
     pub fn forward_with<R: Rng + ?Sized>(
-        &self,
-        groups: &[&Tensor],
-        rng: Option<&mut R>,
-        last_layer: Option<&Tensor>,
-    ) -> Result<Tensor> {
-        Ok(self.forward_features_with(groups, rng, last_layer)?.1)
-    }
-
-    /// [`MultiCropWrapper::forward_with`], also returning the backbone's CLS features of every
-    /// crop, in the same order (what DINOv2's KoLeo term reads).
-    pub fn forward_features_with<R: Rng + ?Sized>(
         &self,
         groups: &[&Tensor],
         mut rng: Option<&mut R>,

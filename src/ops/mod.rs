@@ -58,6 +58,7 @@ mod softmax;
 mod weight_norm;
 
 pub use attention::attention;
+pub(crate) use attention::flash::split_heads;
 pub use attention::flash::{attention_composed, flash_attention};
 pub use attention::scores::attention_scores;
 pub use bias::add_bias;

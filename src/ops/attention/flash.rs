@@ -95,15 +95,20 @@ pub fn attention_composed(qkv: &Tensor, heads: usize, scale: f64) -> Result<(Ten
     Ok((out, attn))
 }
 
-/// q, k and v, each (B, heads, N, head dim), from `qkv` (B, N, 3·C): one copy into
-/// (3, B, heads, N, head dim), of which they are contiguous slices.
+/// q, k and v, each (B, heads, N, head dim), from `qkv` (B, N, 3·C): contiguous slices of one
+/// copy ([`split_heads`]).
 pub(crate) fn head_major(qkv: &Tensor, heads: usize) -> Result<(Tensor, Tensor, Tensor)> {
-    let (b, n, c3) = qkv.dims3()?;
-    let qkv = qkv
-        .reshape((b, n, 3, heads, c3 / 3 / heads))?
-        .permute((2, 0, 3, 1, 4))?
-        .contiguous()?;
+    let qkv = split_heads(qkv, 3, heads)?;
     Ok((qkv.get(0)?, qkv.get(1)?, qkv.get(2)?))
+}
+
+/// `x` (B, N, parts·C), the projections side by side as the `qkv` layer writes them, as one copy
+/// (parts, B, heads, N, C / heads): each part's heads contiguous.
+pub(crate) fn split_heads(x: &Tensor, parts: usize, heads: usize) -> Result<Tensor> {
+    let (b, n, width) = x.dims3()?;
+    x.reshape((b, n, parts, heads, width / parts / heads))?
+        .permute((2, 0, 3, 1, 4))?
+        .contiguous()
 }
 
 struct FusedAttention {
