@@ -573,6 +573,32 @@ fn model_block(
     Ok((block, masks))
 }
 
+/// A one-block model over `t` = [x, the twelve BLOCK_PARAMS (+ ls1 and ls2 gammas with
+/// `layer_scale`)] in x's dtype, with `keep` as host-side drop-path masks.
+fn host_masked_block(
+    t: &[Tensor],
+    heads: usize,
+    layer_scale: bool,
+    keep: Option<&[Vec<f32>; 2]>,
+) -> Result<(
+    _dino_rs::model::block::Block,
+    Option<_dino_rs::model::block::DropPathMasks>,
+)> {
+    let names = ops::BLOCK_PARAMS.iter().copied().chain(["ls1.gamma", "ls2.gamma"]);
+    let map = names.zip(&t[1..]).map(|(k, p)| (k.to_string(), p.clone())).collect();
+    let vb = candle_nn::VarBuilder::from_tensors(map, t[0].dtype(), &Device::Cpu);
+    let vit = _dino_rs::model::VitConfig {
+        layer_scale,
+        .._dino_rs::model::VitConfig::custom(t[0].dim(2)?, 1, heads, 1, 1)
+    };
+    let masks = keep.map(|[a, m]| _dino_rs::model::block::DropPathMasks {
+        attn: a.clone(),
+        mlp: m.clone(),
+        on_device: None,
+    });
+    Ok((_dino_rs::model::block::Block::new(&vit, vb)?, masks))
+}
+
 #[test]
 fn cls_only_block_is_row_zero_of_the_block() -> Result<()> {
     // The last block of a CLS-feature forward pass computes the CLS row only (every token still a
@@ -589,28 +615,13 @@ fn cls_only_block_is_row_zero_of_the_block() -> Result<()> {
             inputs.push(randn(&mut rng, &[c], 0.7)?);
         }
         for keep in [None, Some(&masks)] {
-            let block = |t: &[Tensor]| -> Result<_> {
-                let names = ops::BLOCK_PARAMS.iter().copied().chain(["ls1.gamma", "ls2.gamma"]);
-                let map = names.zip(&t[1..]).map(|(k, p)| (k.to_string(), p.clone())).collect();
-                let vb = candle_nn::VarBuilder::from_tensors(map, t[0].dtype(), &Device::Cpu);
-                let vit = _dino_rs::model::VitConfig {
-                    layer_scale,
-                    .._dino_rs::model::VitConfig::custom(c, 1, heads, 1, 1)
-                };
-                let m = keep.map(|[a, m]| _dino_rs::model::block::DropPathMasks {
-                    attn: a.clone(),
-                    mlp: m.clone(),
-                    on_device: None,
-                });
-                Ok((_dino_rs::model::block::Block::new(&vit, vb)?, m))
-            };
             let cls_only = |t: &[Tensor]| -> Result<Tensor> {
-                let (block, m) = block(t)?;
+                let (block, m) = host_masked_block(t, heads, layer_scale, keep)?;
                 assert!(ops::fused(&t[0]));
                 block.forward_cls(&t[0], m.as_ref())
             };
             let whole = |t: &[Tensor]| -> Result<Tensor> {
-                let (block, m) = block(t)?;
+                let (block, m) = host_masked_block(t, heads, layer_scale, keep)?;
                 block.forward_masked(&t[0], m.as_ref())?.narrow(1, 0, 1)
             };
             check(inputs.clone(), cls_only, whole, 5e-5)?;
@@ -632,19 +643,7 @@ fn dinov2_block_runs_fused_with_layer_scale_folded_in() -> Result<()> {
     let masks = keep_masks(b);
     for keep in [None, Some(&masks)] {
         let run = |t: &[Tensor]| -> Result<Tensor> {
-            let names = ops::BLOCK_PARAMS.iter().copied().chain(["ls1.gamma", "ls2.gamma"]);
-            let map = names.zip(&t[1..]).map(|(k, p)| (k.to_string(), p.clone())).collect();
-            let vb = candle_nn::VarBuilder::from_tensors(map, t[0].dtype(), &Device::Cpu);
-            let vit = _dino_rs::model::VitConfig {
-                layer_scale: true,
-                .._dino_rs::model::VitConfig::custom(c, 1, heads, 1, 1)
-            };
-            let block = _dino_rs::model::block::Block::new(&vit, vb)?;
-            let m = keep.map(|[a, m]| _dino_rs::model::block::DropPathMasks {
-                attn: a.clone(),
-                mlp: m.clone(),
-                on_device: None,
-            });
+            let (block, m) = host_masked_block(t, heads, true, keep)?;
             assert_eq!(ops::fused(&t[0]), t[0].dtype() == DType::F32);
             block.forward_masked(&t[0], m.as_ref())
         };
