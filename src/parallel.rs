@@ -88,3 +88,37 @@ pub fn install<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     let policy = crate::ops::OpsPolicy::current();
     pool().install(move || policy.with(f))
 }
+
+thread_local! {
+    static ALONE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` as one of several tasks that between them keep the pool busy (one slice of a batch
+/// each): the kernels it calls, gemm included, work on this thread only. Split again across the
+/// pool, each gemm would hand every thread a fixed share and wait at its end for the slowest, while
+/// the other threads have whole tasks of their own to run.
+pub fn alone<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            ALONE.set(self.0);
+        }
+    }
+    let _restore = Restore(ALONE.replace(true));
+    f()
+}
+
+/// Whether this thread runs inside [`alone`].
+pub fn is_alone() -> bool {
+    ALONE.get()
+}
+
+/// The fewest items a parallel loop may hand to another thread (rayon's `with_min_len`): all of
+/// them inside [`alone`], so that the loop runs on this thread without splitting.
+pub fn min_len() -> usize {
+    if is_alone() {
+        usize::MAX
+    } else {
+        1
+    }
+}

@@ -481,6 +481,37 @@ fn transformer_block_backward_recomputes_what_it_did_not_keep() -> Result<()> {
 }
 
 #[test]
+fn block_inference_does_not_depend_on_the_batch_or_the_threads() -> Result<()> {
+    // Inference shares a batch's images out between the threads (whole images each, gemm unsplit),
+    // the images left over split layer by layer; a pass that keeps activations for training runs
+    // the whole batch layer by layer. An image's output must be the same bits whichever way it went.
+    let mut rng = ChaCha8Rng::seed_from_u64(16);
+    // 67 images of 33 tokens: several tasks per thread, and one image left over for 2 and 3 threads.
+    let (b, n, heads, c) = (67usize, 33usize, 2usize, 24usize);
+    let t = block_inputs(&mut rng, b, n, c, 4 * c)?;
+    let (_vars, tracked) = variables(&t)?;
+    let trained = ops::transformer_block(&tracked[0], params(&tracked), heads, 1e-6, [None, None])?;
+    let infer = |x: &Tensor| ops::no_grad(|| ops::transformer_block(x, params(&t), heads, 1e-6, [None, None]));
+    let threads = |n| _dino_rs::set_num_threads(n).map_err(|e| candle_core::Error::Msg(e.to_string()));
+    let before = _dino_rs::num_threads();
+    for pool in [1, 2, 3] {
+        threads(pool)?;
+        let all = infer(&t[0])?;
+        assert_eq!(max_abs_diff(&all, &trained)?, 0.0, "{pool} threads, the whole batch");
+        for (i, len) in [(0, 1), (b - 1, 1), (3, 5)] {
+            let part = infer(&t[0].narrow(0, i, len)?)?;
+            assert_eq!(
+                max_abs_diff(&part, &all.narrow(0, i, len)?)?,
+                0.0,
+                "{pool} threads, images {i}..{}",
+                i + len
+            );
+        }
+    }
+    threads(before)
+}
+
+#[test]
 fn transformer_block_rejects_wrong_shapes() -> Result<()> {
     let mut rng = ChaCha8Rng::seed_from_u64(15);
     let mut t = block_inputs(&mut rng, 2, 5, 8, 32)?;

@@ -178,7 +178,7 @@ fn contiguous<'a, T>(v: &'a [T], l: &Layout, op: &str) -> Result<&'a [T]> {
 /// rows for row-wise kernels) on the dino_rs pool.
 fn par_map(x: &[f32], chunk: usize, f: impl Fn(&[f32], &mut [f32]) + Sync) -> Vec<f32> {
     let mut y = vec![0f32; x.len()];
-    if x.len() <= chunk {
+    if x.len() <= chunk || crate::parallel::is_alone() {
         f(x, &mut y);
         return y;
     }
@@ -193,7 +193,7 @@ fn par_map(x: &[f32], chunk: usize, f: impl Fn(&[f32], &mut [f32]) + Sync) -> Ve
 /// Like [`par_map`] with a second input of the same length.
 fn par_map2(a: &[f32], b: &[f32], chunk: usize, f: impl Fn(&[f32], &[f32], &mut [f32]) + Sync) -> Vec<f32> {
     let mut y = vec![0f32; a.len()];
-    if a.len() <= chunk {
+    if a.len() <= chunk || crate::parallel::is_alone() {
         f(a, b, &mut y);
         return y;
     }

@@ -141,26 +141,29 @@ pub(super) fn forward(qkv: &[f32], d: Dims, scale: f32, keep: bool) -> (Vec<f32>
     let mut kept = vec![0f32; if keep { d.b * d.heads * nn } else { 0 }];
     let kept_ptr = SharedMut(kept.as_mut_ptr());
     crate::parallel::install(|| {
-        (0..d.b * d.heads).into_par_iter().for_each_init(
-            || (vec![0f32; nn], vec![0f32; nn]),
-            |(s, scratch), bh| {
-                let (bi, h) = (bh / d.heads, bh % d.heads);
-                // SAFETY: indices stay inside qkv (B·N·3C), out (B·N·C) and kept (B·heads·N²);
-                // each pair writes only its own head's columns of its own image, and its own
-                // block of `kept`.
-                unsafe {
-                    let p = if keep {
-                        std::slice::from_raw_parts_mut(kept_ptr.ptr().add(bh * nn), nn)
-                    } else {
-                        scratch.as_mut_slice()
-                    };
-                    probabilities(qkv, d, bi, h, scale, s, p);
-                    let v = qkv.as_ptr().add(bi * d.n * c3 + 2 * d.c + h * d.hd);
-                    let o = dst.ptr().add(bi * d.n * d.c + h * d.hd);
-                    mm(d.n, d.hd, d.n, o, d.c, p.as_ptr(), d.n, 1, v, c3, 1, 1.0);
-                }
-            },
-        )
+        (0..d.b * d.heads)
+            .into_par_iter()
+            .with_min_len(crate::parallel::min_len())
+            .for_each_init(
+                || (vec![0f32; nn], vec![0f32; nn]),
+                |(s, scratch), bh| {
+                    let (bi, h) = (bh / d.heads, bh % d.heads);
+                    // SAFETY: indices stay inside qkv (B·N·3C), out (B·N·C) and kept (B·heads·N²);
+                    // each pair writes only its own head's columns of its own image, and its own
+                    // block of `kept`.
+                    unsafe {
+                        let p = if keep {
+                            std::slice::from_raw_parts_mut(kept_ptr.ptr().add(bh * nn), nn)
+                        } else {
+                            scratch.as_mut_slice()
+                        };
+                        probabilities(qkv, d, bi, h, scale, s, p);
+                        let v = qkv.as_ptr().add(bi * d.n * c3 + 2 * d.c + h * d.hd);
+                        let o = dst.ptr().add(bi * d.n * d.c + h * d.hd);
+                        mm(d.n, d.hd, d.n, o, d.c, p.as_ptr(), d.n, 1, v, c3, 1, 1.0);
+                    }
+                },
+            )
     });
     (out, kept)
 }
@@ -173,43 +176,46 @@ pub(super) fn backward(qkv: &[f32], g: &[f32], d: Dims, scale: f32, probs: Optio
     let dst = SharedMut(dqkv.as_mut_ptr());
     let nn = d.n * d.n;
     crate::parallel::install(|| {
-        (0..d.b * d.heads).into_par_iter().for_each_init(
-            || (vec![0f32; nn], vec![0f32; nn], vec![0f32; nn], vec![0f32; nn]),
-            |(s, scratch, dp, ds), bh| {
-                let (bi, h) = (bh / d.heads, bh % d.heads);
-                // SAFETY: as in the forward pass; each pair writes its head's columns of the
-                // q, k and v thirds of its own image's rows.
-                unsafe {
-                    let p: &[f32] = match probs {
-                        Some(all) => &all[bh * nn..(bh + 1) * nn],
-                        None => {
-                            probabilities(qkv, d, bi, h, scale, s, scratch);
-                            scratch
-                        }
-                    };
-                    let base = bi * d.n * c3 + h * d.hd;
-                    let (q, k, v) = (
-                        qkv.as_ptr().add(base),
-                        qkv.as_ptr().add(base + d.c),
-                        qkv.as_ptr().add(base + 2 * d.c),
-                    );
-                    let go = g.as_ptr().add(bi * d.n * d.c + h * d.hd);
-                    let (dq, dk, dv) = (
-                        dst.ptr().add(base),
-                        dst.ptr().add(base + d.c),
-                        dst.ptr().add(base + 2 * d.c),
-                    );
-                    // dV = Pᵀ·dO
-                    mm(d.n, d.hd, d.n, dv, c3, p.as_ptr(), 1, d.n, go, d.c, 1, 1.0);
-                    // dP = dO·Vᵀ, then through the softmax
-                    mm(d.n, d.n, d.hd, dp.as_mut_ptr(), d.n, go, d.c, 1, v, 1, c3, 1.0);
-                    softmax::rows_backward(p, dp, d.n, ds);
-                    // dQ = scale·dS·K, dK = scale·dSᵀ·Q
-                    mm(d.n, d.hd, d.n, dq, c3, ds.as_ptr(), d.n, 1, k, c3, 1, scale);
-                    mm(d.n, d.hd, d.n, dk, c3, ds.as_ptr(), 1, d.n, q, c3, 1, scale);
-                }
-            },
-        )
+        (0..d.b * d.heads)
+            .into_par_iter()
+            .with_min_len(crate::parallel::min_len())
+            .for_each_init(
+                || (vec![0f32; nn], vec![0f32; nn], vec![0f32; nn], vec![0f32; nn]),
+                |(s, scratch, dp, ds), bh| {
+                    let (bi, h) = (bh / d.heads, bh % d.heads);
+                    // SAFETY: as in the forward pass; each pair writes its head's columns of the
+                    // q, k and v thirds of its own image's rows.
+                    unsafe {
+                        let p: &[f32] = match probs {
+                            Some(all) => &all[bh * nn..(bh + 1) * nn],
+                            None => {
+                                probabilities(qkv, d, bi, h, scale, s, scratch);
+                                scratch
+                            }
+                        };
+                        let base = bi * d.n * c3 + h * d.hd;
+                        let (q, k, v) = (
+                            qkv.as_ptr().add(base),
+                            qkv.as_ptr().add(base + d.c),
+                            qkv.as_ptr().add(base + 2 * d.c),
+                        );
+                        let go = g.as_ptr().add(bi * d.n * d.c + h * d.hd);
+                        let (dq, dk, dv) = (
+                            dst.ptr().add(base),
+                            dst.ptr().add(base + d.c),
+                            dst.ptr().add(base + 2 * d.c),
+                        );
+                        // dV = Pᵀ·dO
+                        mm(d.n, d.hd, d.n, dv, c3, p.as_ptr(), 1, d.n, go, d.c, 1, 1.0);
+                        // dP = dO·Vᵀ, then through the softmax
+                        mm(d.n, d.n, d.hd, dp.as_mut_ptr(), d.n, go, d.c, 1, v, 1, c3, 1.0);
+                        softmax::rows_backward(p, dp, d.n, ds);
+                        // dQ = scale·dS·K, dK = scale·dSᵀ·Q
+                        mm(d.n, d.hd, d.n, dq, c3, ds.as_ptr(), d.n, 1, k, c3, 1, scale);
+                        mm(d.n, d.hd, d.n, dk, c3, ds.as_ptr(), 1, d.n, q, c3, 1, scale);
+                    }
+                },
+            )
     });
     dqkv
 }

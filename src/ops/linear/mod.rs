@@ -101,9 +101,10 @@ pub(super) unsafe fn matmul(
     let (a_rs, a_cs) = if a_t { (1, m) } else { (k, 1) };
     let (b_rs, b_cs) = if b_t { (1, k) } else { (n, 1) };
     let dst = SendPtr(dst);
+    let alone = crate::parallel::is_alone();
     crate::parallel::install(move || {
         let threads = rayon::current_num_threads();
-        let par = if threads > 1 {
+        let par = if threads > 1 && !alone {
             Parallelism::Rayon(threads)
         } else {
             Parallelism::None
@@ -193,6 +194,7 @@ pub(super) fn rows_forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, rows: usi
     crate::parallel::install(|| {
         y.spare_capacity_mut()[..rows * n]
             .par_chunks_mut(ROWS_PER_TASK * n)
+            .with_min_len(crate::parallel::min_len())
             .for_each(|c| {
                 for r in c.chunks_exact_mut(n) {
                     for (o, &v) in r.iter_mut().zip(b) {

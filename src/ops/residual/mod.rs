@@ -69,19 +69,22 @@ fn per_sample(n: usize, b: usize, scale: Option<&[f32]>, f: impl Fn(f32, usize, 
     let mut out = vec![0f32; n];
     let per = n / b.max(1);
     crate::parallel::install(|| {
-        out.par_chunks_mut(ELEMS_PER_TASK).enumerate().for_each(|(ci, chunk)| {
-            // A chunk may span samples: split it where the sample changes.
-            let start = ci * ELEMS_PER_TASK;
-            let mut off = 0;
-            while off < chunk.len() {
-                let at = start + off;
-                let sample = at / per.max(1);
-                let end = ((sample + 1) * per - start).min(chunk.len());
-                let a = scale.map_or(1.0, |s| s[sample]);
-                f(a, at, &mut chunk[off..end]);
-                off = end;
-            }
-        })
+        out.par_chunks_mut(ELEMS_PER_TASK)
+            .with_min_len(crate::parallel::min_len())
+            .enumerate()
+            .for_each(|(ci, chunk)| {
+                // A chunk may span samples: split it where the sample changes.
+                let start = ci * ELEMS_PER_TASK;
+                let mut off = 0;
+                while off < chunk.len() {
+                    let at = start + off;
+                    let sample = at / per.max(1);
+                    let end = ((sample + 1) * per - start).min(chunk.len());
+                    let a = scale.map_or(1.0, |s| s[sample]);
+                    f(a, at, &mut chunk[off..end]);
+                    off = end;
+                }
+            })
     });
     out
 }
