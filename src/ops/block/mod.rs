@@ -195,8 +195,8 @@ struct Saved {
 const INFERENCE_ROWS: usize = 2048;
 
 /// The most tokens in one task of an inference batch shared out between threads (see
-/// [`Block::forward_by_images`]): a slice's intermediates stay in cache from one kernel to the
-/// next.
+/// [`Block::forward_by_images`]): a slice's intermediates (fc1's output is 6 MB for ViT-S) stay in
+/// the shared L3 cache from one kernel to the next.
 const TASK_ROWS: usize = 1024;
 
 #[derive(Clone, Copy)]
@@ -238,7 +238,8 @@ impl<'a> Block<'a> {
     /// The block's output, and what the backward pass needs when `save`.
     fn forward(&self, x: &[f32], p: [&[f32]; 12], save: bool) -> Result<(Vec<f32>, Option<Saved>)> {
         let inference = !save && self.keep.iter().all(Option::is_none);
-        if inference && !crate::parallel::is_alone() && self.b >= crate::parallel::num_threads() {
+        let threads = crate::parallel::num_threads();
+        if inference && threads > 1 && self.b >= threads && !crate::parallel::is_alone() {
             return Ok((self.forward_by_images(x, p)?, None));
         }
         // With nothing to keep (inference, the teacher), a large batch goes through in slices of
@@ -296,30 +297,32 @@ impl<'a> Block<'a> {
     /// each thread a fixed part and waited for the slowest at its end, and the element-wise passes
     /// between them had a barrier each: on a VM whose cores run at uneven speeds, both threads were
     /// busy only ~91% of a DINOv2 ViT-S/14 forward pass. The slices shrink towards the end of the
-    /// queue (at most [`TASK_ROWS`] tokens, at most a (2·threads)th of the images left), so that
-    /// the threads run out of work close together. Images the threads cannot share (fewer than
-    /// one per thread) go through split layer by layer afterwards. The gemm's sums run in the same
-    /// order either way (its depth blocking depends on the sizes, not on the threads), so the
-    /// values are the same.
+    /// queue (at most [`TASK_ROWS`] tokens, about a (2·threads)th of the images left), so that the
+    /// threads run out of work close together. Images the threads cannot share (fewer than one per
+    /// thread) go through split layer by layer afterwards. The values are the same either way:
+    /// gemm's depth blocking depends on k, not on the rows or the threads (except for products of
+    /// at most 64×64 outputs with k > 512, which a block only has at widths of 64 or less with an
+    /// MLP more than 8 times as wide).
     fn forward_by_images(&self, x: &[f32], p: [&[f32]; 12]) -> Result<Vec<f32>> {
         use std::sync::atomic::{AtomicUsize, Ordering};
-        let threads = crate::parallel::num_threads();
         let image = self.n * self.sizes.c;
-        let shared = self.b / threads * threads;
-        let most = (TASK_ROWS / self.n).max(1);
         let mut y: Vec<f32> = Vec::with_capacity(x.len());
-        let (mut input, mut out) = (&x[..shared * image], &mut y.spare_capacity_mut()[..shared * image]);
-        let mut queue = Vec::new();
-        while !input.is_empty() {
-            let images = (input.len() / image).div_ceil(2 * threads).min(most);
-            let (xs, rest) = input.split_at(images * image);
-            let (ys, rest_out) = std::mem::take(&mut out).split_at_mut(images * image);
-            (input, out) = (rest, rest_out);
-            queue.push(Mutex::new(Some((xs, ys))));
-        }
-        let next = AtomicUsize::new(0);
-        let failed = Mutex::new(None);
-        crate::parallel::install(|| {
+        // Sized inside the pool it runs on, which `set_num_threads` may have replaced meanwhile.
+        let shared = crate::parallel::install(|| -> Result<usize> {
+            let threads = rayon::current_num_threads();
+            let shared = self.b / threads * threads;
+            let most = (TASK_ROWS / self.n).max(1);
+            let (mut input, mut out) = (&x[..shared * image], &mut y.spare_capacity_mut()[..shared * image]);
+            let mut queue = Vec::new();
+            while !input.is_empty() {
+                let images = (input.len() / image).div_ceil(2 * threads).min(most);
+                let (xs, rest) = input.split_at(images * image);
+                let (ys, rest_out) = std::mem::take(&mut out).split_at_mut(images * image);
+                (input, out) = (rest, rest_out);
+                queue.push(Mutex::new(Some((xs, ys))));
+            }
+            let next = AtomicUsize::new(0);
+            let failed = Mutex::new(None);
             rayon::broadcast(|_| {
                 while let Some(task) = queue.get(next.fetch_add(1, Ordering::Relaxed)) {
                     let Some((xs, ys)) = task.lock().unwrap_or_else(|e| e.into_inner()).take() else {
@@ -329,24 +332,30 @@ impl<'a> Block<'a> {
                         b: xs.len() / image,
                         ..*self
                     };
-                    match crate::parallel::alone(|| slice.forward(xs, p, false)) {
-                        Ok((v, _)) => {
+                    let result = match crate::parallel::alone(|| slice.forward(xs, p, false)) {
+                        Ok((v, _)) if v.len() == ys.len() => {
                             for (o, v) in ys.iter_mut().zip(v) {
                                 o.write(v);
                             }
+                            continue;
                         }
-                        Err(e) => {
-                            failed.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(e);
-                        }
-                    }
+                        Ok((v, _)) => candle_core::Error::Msg(format!(
+                            "transformer block: {} outputs for a slice of {}",
+                            v.len(),
+                            ys.len()
+                        )),
+                        Err(e) => e,
+                    };
+                    failed.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(result);
                 }
-            })
-        });
-        if let Some(e) = failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
-            return Err(e);
-        }
-        // SAFETY: every task ran without error, and between them they wrote the first `shared`
-        // images.
+            });
+            match failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
+                Some(e) => Err(e),
+                None => Ok(shared),
+            }
+        })?;
+        // SAFETY: every task ran without error and wrote its whole slice (its output's length was
+        // checked); between them the slices cover the first `shared` images.
         unsafe { y.set_len(shared * image) };
         if shared < self.b {
             let rest = Block {
