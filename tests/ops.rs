@@ -566,51 +566,16 @@ fn linear_residual_equals_linear_then_residual_bit_for_bit() -> Result<()> {
     Ok(())
 }
 
-/// A model block whose parameters are `t[1..]` (the tensors themselves, so that gradients reach
-/// them), and the per-sample masks `keep` as the model passes them off the fused CPU path.
-fn model_block(
-    t: &[Tensor],
-    heads: usize,
-    keep: Option<&[Vec<f32>; 2]>,
-) -> Result<(
-    _dino_rs::model::block::Block,
-    Option<_dino_rs::model::block::DropPathMasks>,
-)> {
-    let map = ops::BLOCK_PARAMS
-        .iter()
-        .zip(&t[1..])
-        .map(|(name, p)| (name.to_string(), p.clone()))
-        .collect();
-    let vb = candle_nn::VarBuilder::from_tensors(map, DType::F32, &Device::Cpu);
-    let c = t[0].dim(2)?;
-    let ratio = t[10].elem_count() as f64 / c as f64;
-    let vit = _dino_rs::model::VitConfig {
-        mlp_ratio: ratio,
-        .._dino_rs::model::VitConfig::custom(c, 1, heads, 1, 1)
-    };
-    let block = _dino_rs::model::block::Block::new(&vit, vb)?;
-    let masks = keep
-        .map(|[a, m]| -> Result<_> {
-            Ok(_dino_rs::model::block::DropPathMasks {
-                attn: a.clone(),
-                mlp: m.clone(),
-                on_device: Some([
-                    Tensor::new(a.as_slice(), &Device::Cpu)?,
-                    Tensor::new(m.as_slice(), &Device::Cpu)?,
-                ]),
-            })
-        })
-        .transpose()?;
-    Ok((block, masks))
-}
-
 /// A one-block model over `t` = [x, the twelve BLOCK_PARAMS (+ ls1 and ls2 gammas with
-/// `layer_scale`)] in x's dtype, with `keep` as host-side drop-path masks.
-fn host_masked_block(
+/// `layer_scale`)] in x's dtype (the tensors themselves, so that gradients reach them), and the
+/// per-sample masks `keep` as drop-path masks: on the host only, as the fused CPU path takes them,
+/// or with `on_device` copies too, as the model passes them off that path.
+fn model_block(
     t: &[Tensor],
     heads: usize,
     layer_scale: bool,
     keep: Option<&[Vec<f32>; 2]>,
+    on_device: bool,
 ) -> Result<(
     _dino_rs::model::block::Block,
     Option<_dino_rs::model::block::DropPathMasks>,
@@ -618,16 +583,27 @@ fn host_masked_block(
     let names = ops::BLOCK_PARAMS.iter().copied().chain(["ls1.gamma", "ls2.gamma"]);
     let map = names.zip(&t[1..]).map(|(k, p)| (k.to_string(), p.clone())).collect();
     let vb = candle_nn::VarBuilder::from_tensors(map, t[0].dtype(), &Device::Cpu);
+    let c = t[0].dim(2)?;
     let vit = _dino_rs::model::VitConfig {
         layer_scale,
-        .._dino_rs::model::VitConfig::custom(t[0].dim(2)?, 1, heads, 1, 1)
+        mlp_ratio: t[10].elem_count() as f64 / c as f64,
+        .._dino_rs::model::VitConfig::custom(c, 1, heads, 1, 1)
     };
-    let masks = keep.map(|[a, m]| _dino_rs::model::block::DropPathMasks {
-        attn: a.clone(),
-        mlp: m.clone(),
-        on_device: None,
-    });
-    Ok((_dino_rs::model::block::Block::new(&vit, vb)?, masks))
+    let block = _dino_rs::model::block::Block::new(&vit, vb)?;
+    let masks = keep
+        .map(|[a, m]| -> Result<_> {
+            let copies = [
+                Tensor::new(a.as_slice(), &Device::Cpu)?,
+                Tensor::new(m.as_slice(), &Device::Cpu)?,
+            ];
+            Ok(_dino_rs::model::block::DropPathMasks {
+                attn: a.clone(),
+                mlp: m.clone(),
+                on_device: on_device.then_some(copies),
+            })
+        })
+        .transpose()?;
+    Ok((block, masks))
 }
 
 #[test]
@@ -647,12 +623,12 @@ fn cls_only_block_is_row_zero_of_the_block() -> Result<()> {
         }
         for keep in [None, Some(&masks)] {
             let cls_only = |t: &[Tensor]| -> Result<Tensor> {
-                let (block, m) = host_masked_block(t, heads, layer_scale, keep)?;
+                let (block, m) = model_block(t, heads, layer_scale, keep, false)?;
                 assert!(ops::fused(&t[0]));
                 block.forward_cls(&t[0], m.as_ref())
             };
             let whole = |t: &[Tensor]| -> Result<Tensor> {
-                let (block, m) = host_masked_block(t, heads, layer_scale, keep)?;
+                let (block, m) = model_block(t, heads, layer_scale, keep, false)?;
                 block.forward_masked(&t[0], m.as_ref())?.narrow(1, 0, 1)
             };
             check(inputs.clone(), cls_only, whole, 5e-5)?;
@@ -674,7 +650,7 @@ fn dinov2_block_runs_fused_with_layer_scale_folded_in() -> Result<()> {
     let masks = keep_masks(b);
     for keep in [None, Some(&masks)] {
         let run = |t: &[Tensor]| -> Result<Tensor> {
-            let (block, m) = host_masked_block(t, heads, true, keep)?;
+            let (block, m) = model_block(t, heads, true, keep, false)?;
             assert_eq!(ops::fused(&t[0]), t[0].dtype() == DType::F32);
             block.forward_masked(&t[0], m.as_ref())
         };
@@ -698,7 +674,7 @@ fn portable_transformer_block_equals_its_layers_bit_for_bit() -> Result<()> {
         let dtype = DType::BF16;
         for masks in [None, Some(&keep)] {
             let node = |t: &[Tensor]| {
-                let (_, m) = model_block(t, heads, masks)?;
+                let (_, m) = model_block(t, heads, false, masks, true)?;
                 let dev = m.as_ref().and_then(|m| m.on_device.as_ref()).map(|[a, b]| [a, b]);
                 ops::autocast::autocast(dtype, || {
                     let y = ops::transformer_block_portable(&t[0], params(t), heads, 1e-6, dev)?;
@@ -706,7 +682,7 @@ fn portable_transformer_block_equals_its_layers_bit_for_bit() -> Result<()> {
                 })
             };
             let layers = |t: &[Tensor]| {
-                let (block, m) = model_block(t, heads, masks)?;
+                let (block, m) = model_block(t, heads, false, masks, true)?;
                 ops::autocast::autocast(dtype, || block.forward_layers(&t[0], m.as_ref()))
             };
             let what = format!("{dtype:?}, masks {}", masks.is_some());
